@@ -1,0 +1,42 @@
+"""Test set-up: no hub access; Triton kernels run in the interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before any @triton.jit module is imported, so this runs
+at conftest import time, before test modules are collected.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon18-industrial"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_shared = pytest.mark.skip(reason=f"../shared data not present at {SHARED_DATA}")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "shared" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(skip_shared)
+
+
+@pytest.fixture
+def shared_data_dir():
+    return SHARED_DATA
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")
