@@ -1,0 +1,57 @@
+"""Semantic-ID token strings: the one place that knows the MiniOneRec spelling.
+
+An SID of L codes is written ``<a_12><b_3><c_200>``: level l uses the l-th letter of
+``LEVEL_PREFIXES``. SID tokens form one contiguous block of token ids, level by level:
+token(l, c) = start + K_0 + ... + K_{l-1} + c (see ../shared/DESIGN.md).
+"""
+from __future__ import annotations
+
+import re
+from typing import List, Sequence
+
+LEVEL_PREFIXES = "abcdefgh"
+_TOKEN_RE = re.compile(r"<([a-h])_(\d+)>")
+
+
+def token_string(level: int, code: int) -> str:
+    if not 0 <= level < len(LEVEL_PREFIXES):
+        raise ValueError(f"SID level {level} out of range 0..{len(LEVEL_PREFIXES) - 1}")
+    if code < 0:
+        raise ValueError(f"SID code must be >= 0, got {code} at level {level}")
+    return f"<{LEVEL_PREFIXES[level]}_{int(code)}>"
+
+
+def sid_string(codes: Sequence[int]) -> str:
+    """``[12, 3, 200]`` -> ``"<a_12><b_3><c_200>"``."""
+    return "".join(token_string(level, int(c)) for level, c in enumerate(codes))
+
+
+def sid_tokens(codes: Sequence[int]) -> List[str]:
+    """``[12, 3, 200]`` -> ``["<a_12>", "<b_3>", "<c_200>"]`` (the index.json form)."""
+    return [token_string(level, int(c)) for level, c in enumerate(codes)]
+
+
+def parse_sid(sid) -> List[int]:
+    """Parse ``"<a_12><b_3><c_200>"`` or ``["<a_12>", "<b_3>", "<c_200>"]`` into codes.
+
+    Levels must appear in order a, b, c, ... with nothing else in the string.
+    """
+    text = "".join(sid) if isinstance(sid, (list, tuple)) else str(sid)
+    codes: List[int] = []
+    pos = 0
+    for m in _TOKEN_RE.finditer(text):
+        if m.start() != pos:
+            break
+        level = LEVEL_PREFIXES.index(m.group(1))
+        if level != len(codes):
+            raise ValueError(f"malformed SID {text!r}: level '{m.group(1)}' found at position {len(codes)}")
+        codes.append(int(m.group(2)))
+        pos = m.end()
+    if pos != len(text.strip()) or not codes:
+        raise ValueError(f"malformed SID {text!r}: expected tokens like <a_12><b_3><c_200>")
+    return codes
+
+
+def sid_token_strings(codebook_sizes: Sequence[int]) -> List[str]:
+    """All SID token strings in block order (level by level, code by code)."""
+    return [token_string(level, c) for level, k in enumerate(codebook_sizes) for c in range(int(k))]
