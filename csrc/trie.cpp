@@ -1,0 +1,303 @@
+// genrec_fast._trie: a static trie over Semantic IDs (L codes per item).
+//
+// Built from an [N, L] int32 code table: rows are sorted lexicographically (LSD radix sort on a
+// packed key when the codes fit in 64 bits, a comparison sort otherwise), then one pass numbers
+// the nodes of every depth from "the first position where the sorted rows differ". Nodes of depth
+// d (= prefixes of length d) are numbered 0..n_d-1 in sorted order, so the children of one node
+// are a contiguous run of ids at depth d+1: the CSR entry j of depth d *is* child node j.
+// No torch here: arrays go out as numpy buffers (see ../shared/DESIGN.md, "The trie").
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+std::string sid_repr(const int32_t* row, int L) {
+  std::ostringstream os;
+  os << "(";
+  for (int l = 0; l < L; ++l) os << (l ? ", " : "") << row[l];
+  os << ")";
+  return os.str();
+}
+
+int bits_for(int64_t k) {  // bits needed to store codes 0..k-1
+  int b = 0;
+  while ((int64_t(1) << b) < k) ++b;
+  return b;
+}
+
+}  // namespace
+
+class Trie {
+ public:
+  Trie(py::array_t<int32_t, py::array::c_style> codes, std::vector<int64_t> codebook_sizes,
+       py::array_t<int64_t, py::array::c_style> item_ids, bool allow_duplicates) {
+    if (codes.ndim() != 2) throw std::invalid_argument("codes must be a 2-D array [N, L]");
+    N_ = codes.shape(0);
+    L_ = static_cast<int>(codes.shape(1));
+    if (N_ == 0) throw std::invalid_argument("empty catalogue: codes has no rows");
+    if (L_ == 0) throw std::invalid_argument("codes has zero levels (shape [N, 0])");
+    if (static_cast<int>(codebook_sizes.size()) != L_) {
+      std::ostringstream os;
+      os << "codebook_sizes has " << codebook_sizes.size() << " entries, codes has " << L_ << " levels";
+      throw std::invalid_argument(os.str());
+    }
+    for (int l = 0; l < L_; ++l)
+      if (codebook_sizes[l] <= 0 || codebook_sizes[l] > (int64_t(1) << 30)) {
+        std::ostringstream os;
+        os << "codebook size of level " << l << " must be in 1..2^30, got " << codebook_sizes[l];
+        throw std::invalid_argument(os.str());
+      }
+    if (item_ids.ndim() != 1 || item_ids.shape(0) != N_) {
+      std::ostringstream os;
+      os << "item_ids must be 1-D with " << N_ << " entries";
+      throw std::invalid_argument(os.str());
+    }
+    K_ = codebook_sizes;
+    const int32_t* c = codes.data();
+    const int64_t* ids = item_ids.data();
+
+    // 1. range check, naming the first offending rows
+    {
+      std::vector<int64_t> bad;
+      for (int64_t i = 0; i < N_ && bad.size() < 5; ++i)
+        for (int l = 0; l < L_; ++l) {
+          int32_t v = c[i * L_ + l];
+          if (v < 0 || v >= K_[l]) {
+            bad.push_back(i);
+            break;
+          }
+        }
+      if (!bad.empty()) {
+        std::ostringstream os;
+        os << "codes out of range [0, codebook_size) in row(s)";
+        for (auto i : bad) os << " " << i << " " << sid_repr(c + i * L_, L_);
+        os << "; codebook_sizes = (";
+        for (int l = 0; l < L_; ++l) os << (l ? ", " : "") << K_[l];
+        os << ")";
+        throw std::invalid_argument(os.str());
+      }
+    }
+
+    // 2. sort rows (stable: equal SIDs keep construction order)
+    order_.resize(N_);
+    std::iota(order_.begin(), order_.end(), 0);
+    int total_bits = 0;
+    for (int l = 0; l < L_; ++l) total_bits += bits_for(K_[l]);
+    if (total_bits <= 64) {
+      std::vector<uint64_t> key(N_);
+      for (int64_t i = 0; i < N_; ++i) {
+        uint64_t k = 0;
+        for (int l = 0; l < L_; ++l) k = (k << bits_for(K_[l])) | static_cast<uint64_t>(c[i * L_ + l]);
+        key[i] = k;
+      }
+      // LSD radix sort, 16-bit digits, on (key, index) — stable, so ties stay in index order
+      std::vector<int64_t> tmp(N_);
+      std::vector<int64_t> count(1 << 16);
+      for (int shift = 0; shift < total_bits; shift += 16) {
+        std::fill(count.begin(), count.end(), 0);
+        for (int64_t i = 0; i < N_; ++i) ++count[(key[order_[i]] >> shift) & 0xFFFF];
+        int64_t sum = 0;
+        for (auto& x : count) {
+          int64_t t = x;
+          x = sum;
+          sum += t;
+        }
+        for (int64_t i = 0; i < N_; ++i) tmp[count[(key[order_[i]] >> shift) & 0xFFFF]++] = order_[i];
+        order_.swap(tmp);
+      }
+    } else {
+      std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+        return std::lexicographical_compare(c + a * L_, c + a * L_ + L_, c + b * L_, c + b * L_ + L_);
+      });
+    }
+    sorted_codes_.resize(N_ * L_);
+    sorted_items_.resize(N_);
+    for (int64_t s = 0; s < N_; ++s) {
+      std::copy(c + order_[s] * L_, c + order_[s] * L_ + L_, sorted_codes_.begin() + s * L_);
+      sorted_items_[s] = ids[order_[s]];
+    }
+
+    // 3. one pass: new nodes from the first differing position
+    n_nodes_.assign(L_ + 1, 0);
+    n_nodes_[0] = 1;
+    indptr_.assign(L_, {});
+    child_codes_.assign(L_, {});
+    indptr_[0].push_back(0);
+    std::vector<std::pair<int64_t, int64_t>> dups;
+    for (int64_t s = 0; s < N_; ++s) {
+      const int32_t* row = sorted_codes_.data() + s * L_;
+      int f = 0;
+      if (s > 0) {
+        const int32_t* prev = row - L_;
+        while (f < L_ && prev[f] == row[f]) ++f;
+      }
+      if (f == L_) {  // same SID as the previous row
+        if (!allow_duplicates && dups.size() < 5) dups.emplace_back(order_[s - 1], order_[s]);
+        continue;
+      }
+      for (int d = f; d < L_; ++d) {
+        n_nodes_[d + 1]++;
+        child_codes_[d].push_back(row[d]);
+        if (d + 1 < L_) indptr_[d + 1].push_back(n_nodes_[d + 2]);
+      }
+      leaf_ptr_.push_back(s);
+    }
+    if (!dups.empty()) {
+      std::ostringstream os;
+      os << "duplicate SIDs (pass allow_duplicates=True to keep them):";
+      for (auto& p : dups) os << " rows " << p.first << " and " << p.second << " share " << sid_repr(c + p.second * L_, L_) << ";";
+      throw std::invalid_argument(os.str());
+    }
+    for (int d = 0; d < L_; ++d) indptr_[d].push_back(n_nodes_[d + 1]);
+    leaf_ptr_.push_back(N_);
+    max_branch_.assign(L_, 0);
+    for (int d = 0; d < L_; ++d)
+      for (int64_t p = 0; p < n_nodes_[d]; ++p)
+        max_branch_[d] = std::max<int64_t>(max_branch_[d], indptr_[d][p + 1] - indptr_[d][p]);
+  }
+
+  int64_t num_items() const { return N_; }
+  int num_levels() const { return L_; }
+  std::vector<int64_t> codebook_sizes() const { return K_; }
+  int64_t num_nodes(int depth) const {
+    if (depth < 0 || depth > L_) throw py::index_error("depth must be in 0.." + std::to_string(L_));
+    return n_nodes_[depth];
+  }
+  int64_t max_branch(int depth) const {
+    if (depth < 0 || depth >= L_) throw py::index_error("depth must be in 0.." + std::to_string(L_ - 1));
+    return max_branch_[depth];
+  }
+
+  // child of node p (depth d) with code c, or -1
+  int64_t child(int d, int64_t p, int32_t code) const {
+    const auto& cc = child_codes_[d];
+    auto b = cc.begin() + indptr_[d][p], e = cc.begin() + indptr_[d][p + 1];
+    auto it = std::lower_bound(b, e, code);
+    return (it != e && *it == code) ? (it - cc.begin()) : -1;
+  }
+
+  // node of a prefix, or -1 when absent
+  int64_t walk(const int32_t* prefix, int n) const {
+    int64_t node = 0;
+    for (int d = 0; d < n && node >= 0; ++d) node = child(d, node, prefix[d]);
+    return node;
+  }
+
+  py::array_t<int32_t> allowed(const std::vector<int64_t>& prefix) const {
+    int n = static_cast<int>(prefix.size());
+    if (n > L_) throw std::invalid_argument("prefix longer than the SID length " + std::to_string(L_));
+    int64_t node = 0;
+    for (int d = 0; d < n; ++d) {
+      int64_t code = prefix[d];
+      node = (code < 0 || code >= K_[d]) ? -1 : child(d, node, static_cast<int32_t>(code));
+      if (node < 0) throw py::key_error("prefix not in trie: " + prefix_repr(prefix, d + 1));
+    }
+    if (n == L_) return py::array_t<int32_t>(0);
+    const auto& cc = child_codes_[n];
+    int64_t b = indptr_[n][node], e = indptr_[n][node + 1];
+    py::array_t<int32_t> out(e - b);
+    std::copy(cc.begin() + b, cc.begin() + e, out.mutable_data());
+    return out;
+  }
+
+  py::array_t<int64_t> lookup(py::array_t<int32_t, py::array::c_style> q) const {
+    check_query(q);
+    int64_t M = q.shape(0);
+    py::array_t<int64_t> out(M);
+    const int32_t* d = q.data();
+    int64_t* o = out.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      for (int64_t i = 0; i < M; ++i) {
+        const int32_t* row = d + i * L_;
+        bool ok = true;
+        for (int l = 0; l < L_; ++l) ok = ok && row[l] >= 0 && row[l] < K_[l];
+        o[i] = ok ? walk(row, L_) : -1;
+      }
+    }
+    return out;
+  }
+
+  py::array_t<int64_t> leaf_items(int64_t leaf) const {
+    if (leaf < 0 || leaf >= n_nodes_[L_]) throw py::index_error("leaf id " + std::to_string(leaf) + " out of range");
+    int64_t b = leaf_ptr_[leaf], e = leaf_ptr_[leaf + 1];
+    py::array_t<int64_t> out(e - b);
+    std::copy(sorted_items_.begin() + b, sorted_items_.begin() + e, out.mutable_data());
+    return out;
+  }
+
+  // exports (copies into numpy)
+  py::array_t<int64_t> indptr(int d) const { return to_np(indptr_.at(d)); }
+  py::array_t<int32_t> child_codes(int d) const { return to_np(child_codes_.at(d)); }
+  py::array_t<int64_t> leaf_ptr() const { return to_np(leaf_ptr_); }
+  py::array_t<int64_t> sorted_items() const { return to_np(sorted_items_); }
+  py::array_t<int64_t> order() const { return to_np(order_); }
+
+ private:
+  template <typename T>
+  static py::array_t<T> to_np(const std::vector<T>& v) {
+    py::array_t<T> out(v.size());
+    std::copy(v.begin(), v.end(), out.mutable_data());
+    return out;
+  }
+  static std::string prefix_repr(const std::vector<int64_t>& p, int n) {
+    std::ostringstream os;
+    os << "(";
+    for (int i = 0; i < n; ++i) os << (i ? ", " : "") << p[i];
+    os << ")";
+    return os.str();
+  }
+  void check_query(const py::array_t<int32_t, py::array::c_style>& q) const {
+    if (q.ndim() != 2 || q.shape(1) != L_) {
+      std::ostringstream os;
+      os << "query codes must have shape [M, " << L_ << "], got ndim " << q.ndim();
+      if (q.ndim() == 2) os << " shape [" << q.shape(0) << ", " << q.shape(1) << "]";
+      throw std::invalid_argument(os.str());
+    }
+  }
+
+  int64_t N_ = 0;
+  int L_ = 0;
+  std::vector<int64_t> K_;
+  std::vector<int64_t> order_;
+  std::vector<int32_t> sorted_codes_;
+  std::vector<int64_t> sorted_items_;
+  std::vector<int64_t> n_nodes_;
+  std::vector<std::vector<int64_t>> indptr_;
+  std::vector<std::vector<int32_t>> child_codes_;
+  std::vector<int64_t> leaf_ptr_;
+  std::vector<int64_t> max_branch_;
+};
+
+PYBIND11_MODULE(_trie, m) {
+  m.doc() = "Static Semantic-ID trie (see genrec_fast.trie.SIDTrie for the public API)";
+  py::class_<Trie>(m, "Trie")
+      .def(py::init<py::array_t<int32_t, py::array::c_style>, std::vector<int64_t>,
+                    py::array_t<int64_t, py::array::c_style>, bool>(),
+           py::arg("codes"), py::arg("codebook_sizes"), py::arg("item_ids"), py::arg("allow_duplicates"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("num_items", &Trie::num_items)
+      .def("num_levels", &Trie::num_levels)
+      .def("codebook_sizes", &Trie::codebook_sizes)
+      .def("num_nodes", &Trie::num_nodes, py::arg("depth"))
+      .def("max_branch", &Trie::max_branch, py::arg("depth"))
+      .def("allowed", &Trie::allowed, py::arg("prefix"))
+      .def("lookup", &Trie::lookup, py::arg("codes"))
+      .def("leaf_items", &Trie::leaf_items, py::arg("leaf"))
+      .def("indptr", &Trie::indptr, py::arg("depth"))
+      .def("child_codes", &Trie::child_codes, py::arg("depth"))
+      .def("leaf_ptr", &Trie::leaf_ptr)
+      .def("sorted_items", &Trie::sorted_items)
+      .def("order", &Trie::order);
+}
