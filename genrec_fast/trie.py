@@ -41,6 +41,12 @@ def _as_codes(codes, name: str = "codes") -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """int64 -> int32 when every value fits (device arrays are read-only index tables)."""
+    i32 = np.iinfo(np.int32)
+    return a.astype(np.int32) if a.size == 0 or (a.min() >= i32.min and a.max() <= i32.max) else a
+
+
 @dataclass
 class TrieLevel:
     """Arrays of one depth d (parents at depth d, children at depth d+1)."""
@@ -60,8 +66,8 @@ class TrieLevel:
 @dataclass
 class TrieDeviceArrays:
     levels: List[TrieLevel]
-    leaf_ptr: torch.Tensor  # [num_leaves + 1] int64
-    leaf_items: torch.Tensor  # [N] int64
+    leaf_ptr: torch.Tensor  # [num_leaves + 1] int32 (int64 past 2^31 items)
+    leaf_items: torch.Tensor  # [N] int32 when the item ids fit, else int64
     codebook_sizes: Tuple[int, ...] = field(default=())
 
     @property
@@ -242,8 +248,8 @@ class SIDTrie:
                                         indptr=torch.from_numpy(indptr.astype(np.int32)).to(device),
                                         codes=torch.from_numpy(codes).to(device)))
         return TrieDeviceArrays(levels=levels,
-                                leaf_ptr=torch.from_numpy(self._t.leaf_ptr()).to(device),
-                                leaf_items=torch.from_numpy(self._t.sorted_items()).to(device),
+                                leaf_ptr=torch.from_numpy(_narrow(self._t.leaf_ptr())).to(device),
+                                leaf_items=torch.from_numpy(_narrow(self._t.sorted_items())).to(device),
                                 codebook_sizes=self.codebook_sizes)
 
     # ---- persistence ------------------------------------------------------------------------
