@@ -1,0 +1,89 @@
+"""Response log-probabilities of SID responses, and the frozen reference model.
+
+A response is the L SID tokens that follow a (left-padded) prompt; its log-prob is the sum
+over those L tokens of log softmax over the whole vocabulary — the same quantity a
+``score="full_vocab"`` beam search ranks by, so a beam's score equals the log-prob this
+module recomputes for it. Shared by S-DPO and GRPO.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+
+
+def join_prompt_response(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append ``response_ids`` [R, L] to left-padded prompts [R, P].
+
+    Returns (input_ids, attention_mask, position_ids) [R, P+L]; positions count real tokens
+    only (as HF generate does for left padding), so a prompt's logits do not depend on its padding.
+    """
+    if prompt_ids.dim() != 2 or response_ids.dim() != 2:
+        raise ValueError(
+            f"prompt_ids and response_ids must be 2-D, got {tuple(prompt_ids.shape)} and {tuple(response_ids.shape)}"
+        )
+    if prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}")
+    if prompt_ids.shape[0] != response_ids.shape[0]:
+        raise ValueError(f"{prompt_ids.shape[0]} prompts but {response_ids.shape[0]} responses")
+    if bool((prompt_mask[:, -1] == 0).any()):
+        rows = torch.nonzero(prompt_mask[:, -1] == 0).flatten().tolist()
+        raise ValueError(f"prompts must be LEFT padded; rows {rows[:10]} end in padding")
+    input_ids = torch.cat([prompt_ids, response_ids.to(prompt_ids)], dim=1)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(response_ids, dtype=prompt_mask.dtype)], dim=1)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+) -> torch.Tensor:
+    """Sum over the response tokens of log p(token | prompt, previous tokens): [R] float32.
+
+    Gradients flow to ``model`` unless called under ``torch.no_grad()``. Only the L+1 last
+    positions' logits are computed (``logits_to_keep``), in float32 for the log-sum-exp.
+    """
+    input_ids, attention_mask, position_ids = join_prompt_response(prompt_ids, prompt_mask, response_ids)
+    num_resp = response_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=num_resp + 1,
+    )
+    logits = out.logits[:, -(num_resp + 1) : -1].float()  # positions predicting the response tokens
+    targets = response_ids.to(logits.device).long().unsqueeze(-1)
+    token_logps = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_logps.sum(dim=1)
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class ReferenceModel:
+    """The frozen reference π_ref of DPO/KL terms.
+
+    A full model gets a frozen eval-mode copy taken now (normally right after SFT); a peft
+    (LoRA) model is its own reference with the adapter disabled, so no second copy is held.
+    Pass the *unwrapped* policy (not the DDP/DeepSpeed wrapper).
+    """
+
+    def __init__(self, policy: torch.nn.Module):
+        self.policy = policy
+        self.uses_adapter = _is_peft(policy)
+        self.model = None
+        if not self.uses_adapter:
+            self.model = copy.deepcopy(policy).eval()
+            self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+        if self.uses_adapter:
+            with self.policy.disable_adapter():
+                return sequence_logprobs(self.policy, prompt_ids, prompt_mask, response_ids)
+        return sequence_logprobs(self.model, prompt_ids, prompt_mask, response_ids)

@@ -1,0 +1,84 @@
+"""Response log-probs (shared by S-DPO and GRPO) and the frozen reference."""
+import pytest
+import torch
+import transformers
+
+from genrec_fast.train.logprobs import ReferenceModel, join_prompt_response, sequence_logprobs
+
+
+def _tiny(seed=0, vocab=40):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+    )
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def _left_pad(rows, pad=0):
+    p = max(len(r) for r in rows)
+    ids = torch.full((len(rows), p), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), p), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, p - len(r):] = torch.tensor(r)
+        mask[i, p - len(r):] = 1
+    return ids, mask
+
+
+def test_sequence_logprobs_matches_unpadded_forward():
+    model = _tiny()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 40, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    resp = torch.randint(1, 40, (3, 3), generator=g)
+    ids, mask = _left_pad(prompts)
+    got = sequence_logprobs(model, ids, mask, resp)
+    for i, p in enumerate(prompts):
+        full = torch.tensor([p + resp[i].tolist()])
+        with torch.no_grad():
+            logp = model(full).logits[0].float().log_softmax(-1)
+        want = sum(logp[len(p) - 1 + j, resp[i, j]] for j in range(3))
+        assert got[i].item() == pytest.approx(want.item(), abs=1e-4)
+    assert got.requires_grad
+
+
+def test_join_rejects_right_padding_and_bad_shapes():
+    ids, mask = torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        join_prompt_response(ids, mask, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 prompts but 3 responses"):
+        join_prompt_response(ids, torch.ones_like(ids), torch.ones(3, 3, dtype=torch.long))
+    _, _, pos = join_prompt_response(ids, torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.ones(2, 2, dtype=torch.long))
+    assert pos.tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]]
+
+
+def test_reference_is_a_frozen_copy():
+    model = _tiny()
+    ref = ReferenceModel(model)
+    ids, mask = _left_pad([[3, 4, 5], [6, 7]])
+    resp = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    before = ref.logprobs(ids, mask, resp)
+    torch.testing.assert_close(before, sequence_logprobs(model, ids, mask, resp).detach())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    (-sequence_logprobs(model, ids, mask, resp).sum()).backward()
+    opt.step()
+    after_policy = sequence_logprobs(model, ids, mask, resp).detach()
+    assert (after_policy > before + 1e-3).all()  # the policy moved ...
+    torch.testing.assert_close(ref.logprobs(ids, mask, resp), before)  # ... the reference did not
+    assert not any(p.requires_grad for p in ref.model.parameters())
+
+
+def test_reference_under_lora_is_the_adapter_disabled_policy():
+    peft = pytest.importorskip("peft")
+    base = _tiny()
+    ids, mask = _left_pad([[3, 4, 5], [6, 7]])
+    resp = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        base_lp = sequence_logprobs(base, ids, mask, resp)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    policy = peft.get_peft_model(base, cfg)
+    ref = ReferenceModel(policy)
+    assert ref.model is None
+    with torch.no_grad():
+        pol_lp = sequence_logprobs(policy, ids, mask, resp)
+    assert (pol_lp - base_lp).abs().max() > 1e-4  # the (random) adapter changes the policy
+    torch.testing.assert_close(ref.logprobs(ids, mask, resp), base_lp)
