@@ -1,0 +1,249 @@
+"""Full-catalogue evaluation of a generative recommender by constrained beam search.
+
+Each sample's prompt (``genrec_fast.prompts.rec_prompt``) is decoded into ``num_beams`` SIDs,
+best first. The ranked item list walks the beams in order; a beam whose SID several items share
+contributes all of them in ascending item index; repeats are dropped. A hit counts on the target
+ITEM, not on a shared SID string. The invalid rate is the share of returned beams whose SID is not
+an item of the trie, checked from the generated codes (0 when the search is constrained).
+
+Under ``accelerate launch`` the samples are split over the processes (contiguous shards), each
+process decodes its shard, the per-sample results are gathered and every process computes the
+same metrics; only the main process should write files (``is_main_process``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from genrec_fast.eval.baselines import baseline_metrics
+from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, format_table, ranking_metrics
+
+
+# ---- trie over a catalogue -------------------------------------------------------------------
+
+def catalog_trie(catalog):
+    """The SIDTrie of a catalogue's codes; item ids are catalogue indices; shared SIDs are kept."""
+    from genrec_fast.trie import SIDTrie
+
+    if catalog.codes is None:
+        raise ValueError("the catalogue has no Semantic IDs (catalog.codes is None); build them first")
+    return SIDTrie(catalog.codes, codebook_sizes=catalog.codebook_sizes, allow_duplicates=True)
+
+
+# ---- beams -> ranked items -------------------------------------------------------------------
+
+class BeamRanker:
+    """Turns beam codes into ranked, deduplicated item lists using the trie (host side)."""
+
+    def __init__(self, trie):
+        self.trie = trie
+        self.sizes = np.asarray(trie.codebook_sizes, dtype=np.int64)
+        self._leaf_cache: Dict[int, List[int]] = {}
+
+    def _items_of_leaf(self, leaf: int) -> List[int]:
+        items = self._leaf_cache.get(leaf)
+        if items is None:
+            items = sorted(int(x) for x in self.trie.leaf_items(leaf))
+            self._leaf_cache[leaf] = items
+        return items
+
+    def rank(self, codes: np.ndarray, scores: np.ndarray, top_n: int) -> Tuple[List[List[int]], np.ndarray, np.ndarray]:
+        """codes [P, B, L], scores [P, B] (best first; -inf marks padding beams).
+
+        Returns (ranked item lists truncated to ``top_n``, returned beams per row [P],
+        invalid beams per row [P]).
+        """
+        codes = np.asarray(codes, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        P, B, L = codes.shape
+        if L != len(self.sizes):
+            raise ValueError(f"beam codes have {L} levels, the trie {len(self.sizes)}")
+        returned = ~np.isneginf(scores)
+        in_range = ((codes >= 0) & (codes < self.sizes[None, None, :])).all(-1)
+        leaf = np.full((P, B), -1, dtype=np.int64)
+        ask = returned & in_range
+        if ask.any():
+            leaf[ask] = self.trie.lookup(codes[ask].astype(np.int32))
+        valid = leaf >= 0
+        lists = []
+        for p in range(P):
+            ranked: List[int] = []
+            seen = set()
+            for b in np.nonzero(valid[p])[0]:
+                for item in self._items_of_leaf(int(leaf[p, b])):
+                    if item not in seen:
+                        seen.add(item)
+                        ranked.append(item)
+                if len(ranked) >= top_n:
+                    break
+            lists.append(ranked[:top_n])
+        return lists, returned.sum(1), (returned & ~valid).sum(1)
+
+
+# ---- sharding --------------------------------------------------------------------------------
+
+def shard_range(n: int, num_processes: int, process_index: int) -> range:
+    """Contiguous shard of ``range(n)`` for one process; shard sizes differ by at most one."""
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"bad process index {process_index} of {num_processes} processes")
+    base, extra = divmod(n, num_processes)
+    start = process_index * base + min(process_index, extra)
+    return range(start, start + base + (1 if process_index < extra else 0))
+
+
+def _dist_state():
+    """(num_processes, process_index, gather_object or None) of the accelerate run, if any."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    return state.num_processes, state.process_index, (gather_object if state.num_processes > 1 else None)
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
+            batch_size: int = 16, top_n: int = 50, score: str = "full_vocab", backend: str = "auto",
+            max_prompt_length: Optional[int] = None, progress: bool = False,
+            indices: Optional[Iterable[int]] = None) -> List[dict]:
+    """Decode ``samples`` (those at ``indices``, default all) and rank items for each.
+
+    Returns one record per decoded sample: {"index", "target", "ranked" (<= top_n item indices),
+    "num_beams" (returned), "num_invalid"}, in index order. Prompts are batched by length.
+    """
+    from genrec_fast.decode import beam_search
+    from genrec_fast.model import encode_prompts
+    from genrec_fast.prompts import rec_prompt
+
+    if num_beams < 1 or batch_size < 1 or top_n < 1:
+        raise ValueError(f"num_beams, batch_size and top_n must be >= 1 (got {num_beams}, {batch_size}, {top_n})")
+    idx = list(range(len(samples))) if indices is None else [int(i) for i in indices]
+    if not idx:
+        return []
+    prompts = {i: rec_prompt(samples[i].history, catalog) for i in idx}
+    lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in idx}
+    order = sorted(idx, key=lambda i: (lengths[i], i))
+    ranker = BeamRanker(trie)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    records = []
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch")
+    try:
+        for batch in batches:
+            ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch], max_length=max_prompt_length)
+            res = beam_search(model, ids.to(device), mask.to(device), trie, sid_vocab, num_beams,
+                              score=score, backend=backend)
+            lists, n_ret, n_bad = ranker.rank(res.codes.cpu().numpy(), res.scores.float().cpu().numpy(), top_n)
+            for j, i in enumerate(batch):
+                records.append({"index": i, "target": int(samples[i].target), "ranked": lists[j],
+                                "num_beams": int(n_ret[j]), "num_invalid": int(n_bad[j])})
+    finally:
+        model.train(was_training)
+    records.sort(key=lambda r: r["index"])
+    return records
+
+
+def metrics_from_records(records: Sequence[dict], ks: Iterable[int] = DEFAULT_KS) -> Dict[str, float]:
+    """HR@K, NDCG@K, invalid_rate and num_samples of per-sample prediction records."""
+    out = ranking_metrics([r["ranked"] for r in records], [r["target"] for r in records], ks)
+    beams = sum(r["num_beams"] for r in records)
+    out["invalid_rate"] = float(sum(r["num_invalid"] for r in records) / beams) if beams else 0.0
+    out["num_beams_returned"] = int(beams)
+    return out
+
+
+def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
+             batch_size: int = 16, ks: Iterable[int] = DEFAULT_KS, score: str = "full_vocab",
+             backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
+             return_records: bool = False):
+    """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
+
+    Sharded over processes under ``accelerate launch``; every process returns the full result.
+    With ``return_records`` also returns the per-sample records (ranked item lists).
+    """
+    ks = check_ks(ks)
+    if len(samples) == 0:
+        raise ValueError("evaluate: no samples")
+    world, rank, gather = _dist_state()
+    shard = shard_range(len(samples), world, rank)
+    t0 = time.perf_counter()
+    records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
+                      batch_size=batch_size, top_n=max(ks), score=score, backend=backend,
+                      max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard)
+    if gather is not None:
+        records = sorted(gather(records), key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(len(samples))):
+        raise RuntimeError(f"gathered {len(records)} prediction records for {len(samples)} samples")
+    out = metrics_from_records(records, ks)
+    out["num_beams"] = int(num_beams)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return (out, records) if return_records else out
+
+
+# ---- model + baselines on one split, written as JSON -----------------------------------------
+
+def write_json_atomic(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_beams: int = 50,
+                   batch_size: int = 16, ks: Iterable[int] = DEFAULT_KS, max_samples: Optional[int] = None,
+                   seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
+                   **decode_kwargs) -> dict:
+    """The model and both baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
+
+    ``max_samples`` evaluates a fixed random subset (seeded) — the baselines use the same subset.
+    With ``out`` the main process writes the result as JSON (atomically). Prints the table.
+    """
+    ks = check_ks(ks)
+    samples = list(getattr(data, split))
+    if max_samples is not None and max_samples < len(samples):
+        keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
+        samples = [samples[i] for i in keep]
+    trie = catalog_trie(data.catalog) if trie is None else trie
+    model_metrics = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
+                             batch_size=batch_size, ks=ks, **decode_kwargs)
+    result = {"split": split, "num_samples": len(samples), "model": model_metrics,
+              "baselines": baseline_metrics(data, split, samples, ks)}
+    if is_main_process():
+        if out is not None:
+            write_json_atomic(out, result)
+        if print_table:
+            print(results_table(result, ks))
+    return result
+
+
+def results_table(result: dict, ks: Iterable[int] = DEFAULT_KS) -> str:
+    rows = {"model": result["model"], **{f"{k} baseline": v for k, v in result["baselines"].items()}}
+    return f"{result.get('split', '')} ({result['model']['num_samples']} samples)\n" + format_table(rows, ks)
