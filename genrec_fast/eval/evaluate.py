@@ -13,15 +13,13 @@ same metrics; only the main process should write files (``is_main_process``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from genrec_fast.data.io import atomic_write_text
 from genrec_fast.eval.baselines import baseline_metrics
 from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, format_table, ranking_metrics
 
@@ -202,19 +200,8 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
 # ---- model + baselines on one split, written as JSON -----------------------------------------
 
 def write_json_atomic(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``obj`` as indented JSON, atomically (temp file in the same folder, then os.replace)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_beams: int = 50,
