@@ -1,0 +1,208 @@
+"""Trie-constrained beam search over Semantic IDs for any HF causal LM.
+
+One prefill per prompt (``P`` rows, not ``P * B``). Level 0 is scored from the prefill's last
+hidden state with one beam per prompt; its top-B codes seed the B beams, and the KV cache is
+expanded to ``P * B`` rows by the same parent-index gather that reorders it at later levels.
+Each level l: hidden state of the last position -> logits of the level's K_l SID rows of the
+LM head only -> (score="full_vocab") log-sum-exp over all V rows, computed in column chunks
+so [R, V] never exists at once -> trie mask + log-softmax + parent score
+(``ops.beam.trie_log_softmax``) -> per-prompt top-B over B x K_l candidates
+(``ops.beam.grouped_topk``: parent, code, score, next trie node). The last level needs no
+forward pass, so a search costs one prefill and L - 1 cached one-token steps.
+
+Ranking equals HF ``generate(num_beams=B, num_return_sequences=B, max_new_tokens=L,
+length_penalty=0, do_sample=False, prefix_allowed_tokens_fn=<trie>)`` with score="full_vocab":
+HF adds the full-vocabulary log-softmax of each step, masked to -inf outside the allowed
+set, and keeps the top B of the B x V sums per prompt; here only the allowed SID columns
+are ever formed. The model's own generation config (temperature, penalties, ...) is not
+applied.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genrec_fast.decode.vocab import SIDVocab
+from genrec_fast.ops.backend import resolve_backend
+from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
+
+SCORES = ("full_vocab", "sid")
+LSE_CHUNK_ELEMS = 1 << 26  # rows x vocab columns per logits chunk of the log-sum-exp
+_UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+_device_arrays_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class BeamSearchResult:
+    """Per prompt, B beams best first.
+
+    codes [batch, B, L] long (-1 rows for padding), scores [batch, B] float32 (sum of the
+    per-level log-probs; -inf for padding), leaf_ids [batch, B] long (trie leaf, -1 for
+    padding), all on the input's device. ``item_ids[p][b]`` is the np.ndarray of item ids
+    whose SID is beam b's (empty for padding), computed on first access.
+    """
+
+    def __init__(self, codes: torch.Tensor, scores: torch.Tensor, leaf_ids: torch.Tensor, trie):
+        self.codes = codes
+        self.scores = scores
+        self.leaf_ids = leaf_ids
+        self._trie = trie
+
+    @functools.cached_property
+    def item_ids(self) -> List[List[np.ndarray]]:
+        empty = np.zeros(0, dtype=np.int64)
+        leaves = self.leaf_ids.cpu().tolist()
+        return [[self._trie.leaf_items(leaf) if leaf >= 0 else empty for leaf in row] for row in leaves]
+
+    def __repr__(self) -> str:
+        return f"BeamSearchResult(batch={self.codes.shape[0]}, beams={self.codes.shape[1]}, levels={self.codes.shape[2]})"
+
+
+def trie_device_arrays(trie, device: torch.device):
+    """``trie.device_arrays(device)``, built once per (trie, device) and kept while the trie lives."""
+    per_trie = _device_arrays_cache.setdefault(trie, {})
+    key = str(torch.device(device))
+    if key not in per_trie:
+        per_trie[key] = trie.device_arrays(device)
+    return per_trie[key]
+
+
+def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   chunk_elems: int = LSE_CHUNK_ELEMS) -> torch.Tensor:
+    """log-sum-exp over all V rows of the LM head: ``logsumexp(hidden @ weight.T + bias)`` in fp32.
+
+    Logits are formed in the model dtype (as the model's own forward does) and reduced in fp32,
+    ``chunk_elems // R`` vocabulary columns at a time.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    cols = max(1024, chunk_elems // max(rows, 1))
+    if cols >= vocab:
+        return torch.logsumexp(F.linear(hidden, weight, bias).float(), dim=1)
+    parts = [
+        torch.logsumexp(F.linear(hidden, weight[s:s + cols], None if bias is None else bias[s:s + cols]).float(), dim=1)
+        for s in range(0, vocab, cols)
+    ]
+    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+
+
+def _lm_parts(model):
+    """(base transformer, LM-head weight, LM-head bias) of an HF causal LM (PEFT wrappers unwrapped)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    for attr in _UNSUPPORTED_HEAD_CONFIG:
+        value = getattr(model.config, attr, None)
+        if value not in (None, 1.0):
+            raise ValueError(f"beam_search: models whose logits are rescaled ({attr}={value}) are not supported")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"beam_search: the LM head must be a plain torch.nn.Linear (logits = head(last hidden state)), "
+            f"got {type(head).__name__}; merge adapters on the head before decoding"
+        )
+    base = model.base_model
+    if base is model:
+        raise ValueError(f"beam_search: {type(model).__name__} has no separate base transformer (model.base_model)")
+    return base, head.weight, head.bias
+
+
+def _forward(base, input_ids, attention_mask, position_ids, cache):
+    """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H])."""
+    # transformers 5 names the cache argument/output ``cache``, 4.x ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+               **{name: cache})
+    return getattr(out, name), out.last_hidden_state[:, -1]
+
+
+def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, vocab_rows):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"beam_search: input_ids must be a [batch, T] tensor with T >= 1, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"beam_search: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    not_left = torch.nonzero(attention_mask[:, -1] == 0).flatten()
+    if not_left.numel():
+        raise ValueError(
+            f"beam_search: prompts must be LEFT padded (last position attended); row(s) {not_left[:5].tolist()} end in padding"
+        )
+    if score not in SCORES:
+        raise ValueError(f"beam_search: score must be one of {SCORES}, got {score!r}")
+    if int(num_beams) < 1:
+        raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
+    if tuple(sid_vocab.codebook_sizes) != tuple(trie.codebook_sizes):
+        raise ValueError(
+            f"beam_search: sid_vocab codebook sizes {sid_vocab.codebook_sizes} differ from the trie's {trie.codebook_sizes}"
+        )
+    if sid_vocab.end > vocab_rows:
+        raise ValueError(f"beam_search: SID token ids reach {sid_vocab.end - 1} but the LM head has {vocab_rows} rows")
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
+                num_beams: int, score: str = "full_vocab", backend: str = "auto") -> BeamSearchResult:
+    """Constrained beam search of ``num_beams`` SIDs per prompt (see the module doc).
+
+    input_ids / attention_mask: [batch, T], LEFT padded, each prompt ending exactly where the
+    SID response starts. trie: ``SIDTrie`` of the catalogue. score: "full_vocab" (HF-equal
+    ranking) or "sid" (normalise each level over its allowed SID tokens only).
+    Prompts with fewer than ``num_beams`` SIDs get all of them, then padding (-1 / -inf).
+    """
+    base, weight, bias = _lm_parts(model)
+    device = weight.device
+    input_ids = input_ids.to(device)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    _check_inputs(input_ids, mask, trie, sid_vocab, num_beams, score, weight.shape[0])
+    backend = resolve_backend(backend, device)
+    da = trie_device_arrays(trie, device)
+    P, B, L = input_ids.shape[0], int(num_beams), trie.num_levels
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache, hidden = _forward(base, input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), None)
+        lengths = mask.sum(-1)
+        mask_rep = mask.repeat_interleave(B, dim=0)
+        rows = torch.arange(P, device=device)[:, None]
+
+        scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
+        nodes = torch.zeros(P, dtype=torch.long, device=device)
+        nb = 1
+        codes = torch.zeros((P, 1, 0), dtype=torch.long, device=device)
+        parent = code = None
+        for level in range(L):
+            if level > 0:
+                cache.reorder_cache((rows * nb + parent.clamp_min(0)).reshape(-1))  # level 1: expands P -> P*B rows
+                nb = B
+                token = (sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)).reshape(-1, 1)
+                step_mask = torch.cat([mask_rep, mask_rep.new_ones((P * B, level))], dim=1)
+                position = (lengths + level - 1).repeat_interleave(B)[:, None]
+                cache, hidden = _forward(base, token, step_mask, position, cache)
+            lo, hi = sid_vocab.level_range(level)
+            logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
+            lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
+            allowed, child = da.step(level, nodes)
+            stuck = (nodes >= 0) & ~allowed.any(dim=1)
+            if bool(stuck.any()):
+                beams = torch.nonzero(stuck).flatten()[:5].tolist()
+                raise RuntimeError(
+                    f"beam_search: trie state with no allowed continuation at level {level} "
+                    f"(prompt, beam) = {[(r // nb, r % nb) for r in beams]}; the trie is inconsistent"
+                )
+            cand = trie_log_softmax(logits, allowed, scores, lse, backend=backend)
+            K = hi - lo
+            parent, code, top_scores, top_nodes = grouped_topk(cand.view(P, nb, K), child.view(P, nb, K), B,
+                                                               backend=backend)
+            history = torch.gather(codes, 1, parent.clamp_min(0)[..., None].expand(P, B, level))
+            codes = torch.cat([history, code[..., None]], dim=2)
+            scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
+        del cache
+    finally:
+        model.train(was_training)
+    leaf_ids = nodes.view(P, B)
+    codes = torch.where(leaf_ids[..., None] >= 0, codes, torch.full_like(codes, -1))
+    return BeamSearchResult(codes, scores.view(P, B), leaf_ids, trie)

@@ -1,0 +1,120 @@
+"""Beam-search ops of the constrained decoder: ``trie_log_softmax`` and ``grouped_topk``.
+
+Each op has a Triton kernel (``genrec_fast.kernels.beam``) and a plain-torch reference here
+with the same signature and semantics; ``backend`` ("auto" | "triton" | "torch") picks one.
+
+``trie_log_softmax(logits, allowed, parent_scores, lse=None)``
+    Per row r of R beam rows over one SID level (K codes):
+    ``out[r, c] = logits[r, c] - norm[r] + parent_scores[r]`` where ``allowed[r, c]``, else -inf.
+    ``norm[r]`` is ``lse[r]`` when given (the log-sum-exp over the WHOLE vocabulary,
+    score="full_vocab") or the log-sum-exp of the allowed entries of the row (score="sid").
+    A row with nothing allowed, or with parent score -inf (a padding beam), is all -inf.
+
+``grouped_topk(scores, child, k)``
+    scores [P, NB, K] (P prompts, NB parent beams, K codes), child [P, NB, K] int (the trie
+    node each candidate leads to). Per prompt, the k best of its NB*K candidates, best first:
+    (parent beam [P, k] long, code [P, k] long, score [P, k] float32, node [P, k] int32).
+    Ties: lower code first, then lower parent beam (parent beams are themselves ordered best
+    first). Candidates with score -inf are not valid: when a prompt has fewer than k valid
+    candidates the tail is padded with parent -1, code -1, score -inf, node -1.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from genrec_fast.ops.backend import resolve_backend
+
+TopK = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _check_log_softmax_inputs(logits, allowed, parent_scores, lse) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"trie_log_softmax: logits must be a 2-D tensor [R, K], got {getattr(logits, 'shape', type(logits))}")
+    if not logits.is_floating_point():
+        raise ValueError(f"trie_log_softmax: logits must be floating point, got {logits.dtype}")
+    shape = tuple(logits.shape)
+    if not isinstance(allowed, torch.Tensor) or tuple(allowed.shape) != shape or allowed.dtype != torch.bool:
+        raise ValueError(
+            f"trie_log_softmax: allowed must be a bool tensor of shape {shape}, got "
+            f"{getattr(allowed, 'dtype', type(allowed))} {tuple(getattr(allowed, 'shape', ()))}"
+        )
+    if not isinstance(parent_scores, torch.Tensor) or tuple(parent_scores.shape) != (shape[0],):
+        raise ValueError(f"trie_log_softmax: parent_scores must have shape ({shape[0]},), got {tuple(getattr(parent_scores, 'shape', ()))}")
+    if lse is not None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (shape[0],)):
+        raise ValueError(f"trie_log_softmax: lse must have shape ({shape[0]},), got {tuple(getattr(lse, 'shape', ()))}")
+    for name, t in (("allowed", allowed), ("parent_scores", parent_scores), ("lse", lse)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"trie_log_softmax: {name} on {t.device} but logits on {logits.device}")
+
+
+def trie_log_softmax_ref(logits: torch.Tensor, allowed: torch.Tensor, parent_scores: torch.Tensor,
+                         lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Torch reference of :func:`trie_log_softmax` (fp32 math, [R, K] float32 out)."""
+    x = logits.float()
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    if lse is None:
+        norm = torch.logsumexp(torch.where(allowed, x, neg_inf), dim=1)
+    else:
+        norm = lse.float()
+    return torch.where(allowed, x - norm[:, None] + parent_scores.float()[:, None], neg_inf)
+
+
+def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores: torch.Tensor,
+                     lse: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Trie-masked log-softmax over one level's SID slice plus the parent beam score (see module doc)."""
+    _check_log_softmax_inputs(logits, allowed, parent_scores, lse)
+    if resolve_backend(backend, logits.device) == "torch":
+        return trie_log_softmax_ref(logits, allowed, parent_scores, lse)
+    from genrec_fast.kernels import beam as beam_kernels  # lazy: imports triton
+
+    return beam_kernels.trie_log_softmax(logits, allowed, parent_scores, lse)
+
+
+def _check_topk_inputs(scores, child, k) -> None:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
+        raise ValueError(f"grouped_topk: scores must be a 3-D tensor [P, NB, K], got {getattr(scores, 'shape', type(scores))}")
+    if scores.dtype != torch.float32:
+        raise ValueError(f"grouped_topk: scores must be float32, got {scores.dtype}")
+    if not isinstance(child, torch.Tensor) or child.shape != scores.shape or child.is_floating_point() or child.dtype == torch.bool:
+        raise ValueError(
+            f"grouped_topk: child must be an integer tensor of shape {tuple(scores.shape)}, got "
+            f"{getattr(child, 'dtype', type(child))} {tuple(getattr(child, 'shape', ()))}"
+        )
+    if child.device != scores.device:
+        raise ValueError(f"grouped_topk: child on {child.device} but scores on {scores.device}")
+    if int(k) < 1:
+        raise ValueError(f"grouped_topk: k must be >= 1, got {k}")
+
+
+def grouped_topk_ref(scores: torch.Tensor, child: torch.Tensor, k: int) -> TopK:
+    """Torch reference of :func:`grouped_topk`: one stable descending sort per prompt."""
+    P, NB, K = scores.shape
+    n = NB * K
+    flat = scores.transpose(1, 2).reshape(P, n)  # code-major: index = code * NB + parent
+    vals, order = torch.sort(flat, dim=1, descending=True, stable=True)  # stable: ties keep (code, parent) order
+    vals, order = vals[:, :k], order[:, :k]
+    code, parent = order // NB, order % NB
+    node = child.reshape(P, n)[torch.arange(P, device=scores.device)[:, None], parent * K + code].to(torch.int32)
+    valid = vals > float("-inf")
+    code = torch.where(valid, code, torch.full_like(code, -1))
+    parent = torch.where(valid, parent, torch.full_like(parent, -1))
+    node = torch.where(valid, node, torch.full_like(node, -1))
+    if k > n:  # fewer candidates than asked for: pad
+        pad = k - n
+        parent = torch.cat([parent, parent.new_full((P, pad), -1)], 1)
+        code = torch.cat([code, code.new_full((P, pad), -1)], 1)
+        vals = torch.cat([vals, vals.new_full((P, pad), float("-inf"))], 1)
+        node = torch.cat([node, node.new_full((P, pad), -1)], 1)
+    return parent, code, vals, node
+
+
+def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int, backend: str = "auto") -> TopK:
+    """Per-prompt top-k over NB x K beam candidates (see module doc)."""
+    _check_topk_inputs(scores, child, k)
+    if resolve_backend(backend, scores.device) == "torch":
+        return grouped_topk_ref(scores, child, int(k))
+    from genrec_fast.kernels import beam as beam_kernels  # lazy: imports triton
+
+    return beam_kernels.grouped_topk(scores, child, int(k))
