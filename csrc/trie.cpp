@@ -93,39 +93,74 @@ class Trie {
     order_.resize(N_);
     std::iota(order_.begin(), order_.end(), 0);
     int total_bits = 0;
-    for (int l = 0; l < L_; ++l) total_bits += bits_for(K_[l]);
+    std::vector<int> bits(L_);
+    for (int l = 0; l < L_; ++l) total_bits += (bits[l] = bits_for(K_[l]));
     if (total_bits <= 64) {
-      std::vector<uint64_t> key(N_);
-      for (int64_t i = 0; i < N_; ++i) {
-        uint64_t k = 0;
-        for (int l = 0; l < L_; ++l) k = (k << bits_for(K_[l])) | static_cast<uint64_t>(c[i * L_ + l]);
-        key[i] = k;
-      }
-      // LSD radix sort, 16-bit digits, on (key, index) — stable, so ties stay in index order
-      std::vector<int64_t> tmp(N_);
-      std::vector<int64_t> count(1 << 16);
-      for (int shift = 0; shift < total_bits; shift += 16) {
-        std::fill(count.begin(), count.end(), 0);
-        for (int64_t i = 0; i < N_; ++i) ++count[(key[order_[i]] >> shift) & 0xFFFF];
-        int64_t sum = 0;
-        for (auto& x : count) {
-          int64_t t = x;
-          x = sum;
-          sum += t;
+      // LSD radix sort of one uint64 per row: packed codes in the high bits, the row index in the
+      // low bits (8 bytes moved per row, cache friendly). Digits of at most 12 bits keep the
+      // histogram in L1. Only the code bits are sorted on, and LSD is stable, so equal SIDs keep
+      // their construction order. Falls back to (key, index) pairs when both do not fit in 64 bits.
+      const int idx_bits = std::max(1, bits_for(N_));
+      const int passes = (total_bits + 11) / 12;
+      const int width = passes ? (total_bits + passes - 1) / passes : 0;
+      std::vector<int64_t> count(size_t(1) << width);
+      auto radix = [&](auto& a, auto& b, auto key_of, int base_shift) {
+        const uint64_t mask = (uint64_t(1) << width) - 1;
+        for (int pass = 0, shift = base_shift; pass < passes; ++pass, shift += width) {
+          std::fill(count.begin(), count.end(), 0);
+          for (int64_t i = 0; i < N_; ++i) ++count[(key_of(a[i]) >> shift) & mask];
+          int64_t sum = 0;
+          for (auto& x : count) {
+            int64_t t = x;
+            x = sum;
+            sum += t;
+          }
+          for (int64_t i = 0; i < N_; ++i) b[count[(key_of(a[i]) >> shift) & mask]++] = a[i];
+          a.swap(b);
         }
-        for (int64_t i = 0; i < N_; ++i) tmp[count[(key[order_[i]] >> shift) & 0xFFFF]++] = order_[i];
-        order_.swap(tmp);
+      };
+      auto pack = [&](int64_t i) {
+        uint64_t k = 0;
+        for (int l = 0; l < L_; ++l) k = (k << bits[l]) | static_cast<uint64_t>(c[i * L_ + l]);
+        return k;
+      };
+      sorted_codes_.resize(N_ * L_);
+      sorted_items_.resize(N_);
+      auto emit = [&](int64_t s, uint64_t k, int64_t idx) {
+        // the sorted keys hold the codes: decode them instead of gathering rows at random
+        order_[s] = idx;
+        sorted_items_[s] = ids[idx];
+        for (int l = L_ - 1; l >= 0; --l) {
+          sorted_codes_[s * L_ + l] = static_cast<int32_t>(k & ((uint64_t(1) << bits[l]) - 1));
+          k >>= bits[l];
+        }
+      };
+      if (total_bits + idx_bits <= 64) {
+        std::vector<uint64_t> a(N_), b(N_);
+        for (int64_t i = 0; i < N_; ++i) a[i] = (pack(i) << idx_bits) | static_cast<uint64_t>(i);
+        radix(a, b, [](uint64_t v) { return v; }, idx_bits);
+        const uint64_t imask = (uint64_t(1) << idx_bits) - 1;
+        for (int64_t s = 0; s < N_; ++s) emit(s, a[s] >> idx_bits, static_cast<int64_t>(a[s] & imask));
+      } else {
+        struct KI {
+          uint64_t key;
+          int64_t idx;
+        };
+        std::vector<KI> a(N_), b(N_);
+        for (int64_t i = 0; i < N_; ++i) a[i] = {pack(i), i};
+        radix(a, b, [](const KI& v) { return v.key; }, 0);
+        for (int64_t s = 0; s < N_; ++s) emit(s, a[s].key, a[s].idx);
       }
     } else {
       std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
         return std::lexicographical_compare(c + a * L_, c + a * L_ + L_, c + b * L_, c + b * L_ + L_);
       });
-    }
-    sorted_codes_.resize(N_ * L_);
-    sorted_items_.resize(N_);
-    for (int64_t s = 0; s < N_; ++s) {
-      std::copy(c + order_[s] * L_, c + order_[s] * L_ + L_, sorted_codes_.begin() + s * L_);
-      sorted_items_[s] = ids[order_[s]];
+      sorted_codes_.resize(N_ * L_);
+      sorted_items_.resize(N_);
+      for (int64_t s = 0; s < N_; ++s) {
+        std::copy(c + order_[s] * L_, c + order_[s] * L_ + L_, sorted_codes_.begin() + s * L_);
+        sorted_items_[s] = ids[order_[s]];
+      }
     }
 
     // 3. one pass: new nodes from the first differing position
@@ -134,6 +169,11 @@ class Trie {
     indptr_.assign(L_, {});
     child_codes_.assign(L_, {});
     indptr_[0].push_back(0);
+    for (int d = 0; d < L_; ++d) {
+      child_codes_[d].reserve(N_);
+      if (d + 1 < L_) indptr_[d + 1].reserve(N_ + 1);
+    }
+    leaf_ptr_.reserve(N_ + 1);
     std::vector<std::pair<int64_t, int64_t>> dups;
     for (int64_t s = 0; s < N_; ++s) {
       const int32_t* row = sorted_codes_.data() + s * L_;

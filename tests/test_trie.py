@@ -226,3 +226,18 @@ def test_torch_inputs_and_defaults():
     assert trie.codebook_sizes == (4, 3)
     assert trie.item_ids.tolist() == [0, 1] and trie.codes.dtype == np.int32
     assert trie.items([3, 0]).tolist() == [0]
+
+
+@pytest.mark.parametrize("levels, k", [(3, 1 << 20), (4, 1 << 20), (2, 1 << 30), (6, 2)])
+def test_every_sort_path(levels, k):
+    """Packed-key radix (small keys), (key, index) radix (key + index > 64 bits) and the comparison
+    sort (key > 64 bits) must all give the same trie as the dict model, duplicates in order."""
+    rng = np.random.default_rng(levels)
+    base = rng.integers(0, min(k, 50), size=(120, levels))
+    codes = np.concatenate([base, base[:30]])  # duplicates
+    trie = SIDTrie(codes, k, allow_duplicates=True)
+    ref = DictTrie(codes, np.arange(len(codes)))
+    for prefix, nxt in ref.next.items():
+        assert trie.allowed(prefix).tolist() == sorted(nxt)
+    for sid, items in ref.items.items():
+        assert trie.items(sid).tolist() == items
