@@ -1,0 +1,131 @@
+"""Beam ops: Triton kernels (interpreter on CPU) vs the torch references, and the references vs
+their definitions (full-vocabulary log-softmax; brute-force sorted candidate lists)."""
+import pytest
+import torch
+
+from genrec_fast.ops.beam import grouped_topk, trie_log_softmax, trie_log_softmax_ref
+
+NEG_INF = float("-inf")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _dtypes(device):
+    # the interpreter has no bf16
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+def _random_rows(R, K, gen, device, dtype=torch.float32):
+    logits = (torch.randn(R, K, generator=gen) * 3).to(device=device, dtype=dtype)
+    allowed = (torch.rand(R, K, generator=gen) < 0.4).to(device)
+    parent = (torch.randn(R, generator=gen) * 5).to(device)
+    if R > 2:
+        allowed[1] = False  # a row with nothing allowed
+        parent[2] = NEG_INF  # a padding beam
+    allowed[0, K - 1] = True
+    return logits, allowed, parent
+
+
+@pytest.mark.parametrize("R,K", [(1, 1), (7, 13), (33, 130), (5, 257)])
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_trie_log_softmax_triton_matches_ref(R, K, with_lse, device):
+    gen = torch.Generator().manual_seed(R * 1000 + K)
+    for dtype in _dtypes(device):
+        logits, allowed, parent = _random_rows(R, K, gen, device, dtype)
+        lse = (torch.randn(R, generator=gen).to(device) + 4) if with_lse else None
+        ref = trie_log_softmax(logits, allowed, parent, lse, backend="torch")
+        tri = trie_log_softmax(logits, allowed, parent, lse, backend="triton")
+        assert tri.dtype == ref.dtype == torch.float32 and tri.shape == (R, K)
+        finite = torch.isfinite(ref)
+        assert torch.equal(finite, torch.isfinite(tri))
+        assert torch.equal(ref[~finite], tri[~finite])  # all -inf, never NaN
+        if finite.any():
+            torch.testing.assert_close(tri[finite], ref[finite], rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_trie_log_softmax_full_vocab_equals_masked_log_softmax(device):
+    gen = torch.Generator().manual_seed(1)
+    R, V, lo, K = 6, 50, 17, 11
+    full = (torch.randn(R, V, generator=gen) * 4).to(device)
+    allowed = (torch.rand(R, K, generator=gen) < 0.5).to(device)
+    allowed[:, 3] = True
+    parent = torch.randn(R, generator=gen).to(device)
+    out = trie_log_softmax_ref(full[:, lo:lo + K], allowed, parent, torch.logsumexp(full, 1))
+    expect = torch.log_softmax(full, 1)[:, lo:lo + K] + parent[:, None]
+    torch.testing.assert_close(out[allowed], expect[allowed])
+    assert torch.isneginf(out[~allowed]).all()
+
+
+def test_trie_log_softmax_sid_normalises_over_allowed(device):
+    gen = torch.Generator().manual_seed(2)
+    logits, allowed, parent = _random_rows(9, 20, gen, device)
+    for backend in ("torch", "triton"):
+        out = trie_log_softmax(logits, allowed, parent, None, backend=backend)
+        live = allowed.any(1) & torch.isfinite(parent)
+        mass = torch.exp(out - parent[:, None]).sum(1)
+        torch.testing.assert_close(mass[live], torch.ones_like(mass[live]))
+        assert torch.isneginf(out[~live]).all()
+
+
+def _brute_topk(scores, child, k):
+    """Python sort of every candidate by (-score, code, parent); -inf ones dropped, then padded."""
+    P, NB, K = scores.shape
+    rows = []
+    for p in range(P):
+        cands = [(-scores[p, b, c].item(), c, b) for b in range(NB) for c in range(K) if scores[p, b, c] > NEG_INF]
+        cands.sort()
+        picked = [(b, c, -s, int(child[p, b, c])) for s, c, b in cands[:k]]
+        picked += [(-1, -1, NEG_INF, -1)] * (k - len(picked))
+        rows.append(picked)
+    return rows
+
+
+@pytest.mark.parametrize("P,NB,K,k", [(1, 1, 1, 1), (3, 1, 9, 5), (4, 5, 7, 5), (2, 3, 4, 20), (5, 6, 33, 6)])
+def test_grouped_topk_triton_matches_ref_and_brute_force(P, NB, K, k, device):
+    gen = torch.Generator().manual_seed(P * 97 + NB * 13 + K)
+    # integer-valued scores: many exact ties exercise the (code, parent) tie order
+    scores = torch.randint(-3, 4, (P, NB, K), generator=gen).float()
+    scores[torch.rand(P, NB, K, generator=gen) < 0.3] = NEG_INF
+    if P > 1:
+        scores[1] = NEG_INF
+        scores[1, 0, K - 1] = 0.5  # a prompt with one valid candidate
+    child = torch.randint(0, 1000, (P, NB, K), generator=gen, dtype=torch.int32)
+    scores, child = scores.to(device), child.to(device)
+    ref = grouped_topk(scores, child, k, backend="torch")
+    tri = grouped_topk(scores, child, k, backend="triton")
+    for name, a, b in zip(("parent", "code", "score", "node"), ref, tri):
+        assert a.shape == (P, k) and a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+    brute = _brute_topk(scores.cpu(), child.cpu(), k)
+    got = [list(zip(*(t[p].cpu().tolist() for t in ref))) for p in range(P)]
+    assert got == [[tuple(x) for x in row] for row in brute]
+
+
+def test_grouped_topk_random_float_scores(device):
+    gen = torch.Generator().manual_seed(5)
+    P, NB, K, k = 6, 10, 41, 10
+    scores = (torch.randn(P, NB, K, generator=gen) * 10).to(device)
+    scores[torch.rand(P, NB, K, generator=gen).to(device) < 0.7] = NEG_INF
+    child = torch.arange(P * NB * K, dtype=torch.int32).view(P, NB, K).to(device)
+    ref = grouped_topk(scores, child, k, backend="torch")
+    tri = grouped_topk(scores, child, k, backend="triton")
+    for a, b in zip(ref, tri):
+        assert torch.equal(a, b)
+    parent, code, best, node = ref
+    assert (best[:, :-1] >= best[:, 1:]).all()  # best first
+    flat_idx = (torch.arange(P, device=device)[:, None] * NB + parent) * K + code
+    assert torch.equal(node.long(), flat_idx)  # node is the candidate's own child entry
+    torch.testing.assert_close(best, scores.view(P, -1).gather(1, parent * K + code))
+
+
+def test_op_input_errors():
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="allowed must be a bool tensor"):
+        trie_log_softmax(x, torch.ones(3, 4, dtype=torch.int32), torch.zeros(3))
+    with pytest.raises(ValueError, match="parent_scores must have shape"):
+        trie_log_softmax(x, torch.ones(3, 4, dtype=torch.bool), torch.zeros(4))
+    with pytest.raises(ValueError, match="scores must be a 3-D tensor"):
+        grouped_topk(x, x.int(), 2)
+    with pytest.raises(ValueError, match="child must be an integer tensor"):
+        grouped_topk(x[None], x[None], 2)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        grouped_topk(x[None], x[None].int(), 0)
