@@ -1,0 +1,194 @@
+"""S-DPO and GRPO trainers end to end on a tiny synthetic dataset and a tiny random Qwen2.
+
+``make_tiny_run`` is also used by tests/test_distributed.py.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genrec_fast.data import Catalog, RecData, Sample, save_minionerec
+
+NUM_ITEMS = 40
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64)
+
+
+def make_tiny_run(root: Path):
+    """A MiniOneRec-format dataset (40 items, SIDs 3 x 4 codes, items 38/39 sharing a SID; next item =
+    last + 1) and a saved tiny model with the SID tokens. Returns (data_dir, model_dir)."""
+    from genrec_fast.model import load_model_and_tokenizer
+
+    rng = np.random.default_rng(0)
+    flat = rng.choice(64, size=NUM_ITEMS - 1, replace=False)
+    flat[:4] = [0, 21, 42, 63]  # every code 0..3 appears at every level
+    codes = np.stack([flat // 16, (flat // 4) % 4, flat % 4], axis=1).astype(np.int32)
+    codes = np.concatenate([codes, codes[-1:]])  # item 39 shares item 38's SID
+    titles = [f"item {i} tool" for i in range(NUM_ITEMS)]
+    catalog = Catalog(item_ids=[str(i) for i in range(NUM_ITEMS)], titles=titles, texts=titles,
+                      codes=codes, codebook_sizes=(4, 4, 4))
+
+    def samples(n, seed):
+        r = np.random.default_rng(seed)
+        out = []
+        for u in range(n):
+            start = int(r.integers(NUM_ITEMS))
+            hist = [(start + k) % NUM_ITEMS for k in range(int(r.integers(1, 4)))]
+            out.append(Sample(user_id=f"u{seed}_{u}", history=hist, target=(hist[-1] + 1) % NUM_ITEMS))
+        return out
+
+    data = RecData(catalog=catalog, train=samples(64, 1), valid=samples(12, 2), test=samples(12, 3))
+    data_dir = save_minionerec(data, root / "data")
+    model, tok, _ = load_model_and_tokenizer("tiny", (4, 4, 4), corpus=titles + ["Recommend the next item."],
+                                             tokenizer_vocab_size=300, model_overrides=TINY_MODEL, seed=0)
+    model_dir = root / "sft"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return data_dir, model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("posttrain"))
+
+
+COMMON = dict(batch_size=4, eval_samples=8, eval_beams=4, eval_batch_size=8, log_every=5, mixed_precision="no")
+
+
+def _reload_logps(model_dir, data_dir, samples):
+    """Log-probs of the targets' SIDs under a saved model (proves the checkpoint is the trained policy)."""
+    from genrec_fast.data import load_minionerec
+    from genrec_fast.model import encode_prompts, load_model_and_tokenizer
+    from genrec_fast.prompts import rec_prompt
+    from genrec_fast.train import sequence_logprobs
+
+    data = load_minionerec(data_dir)
+    model, tok, vocab = load_model_and_tokenizer(str(model_dir), data.catalog.codebook_sizes)
+    ids, mask = encode_prompts(tok, [rec_prompt(s.history, data.catalog) for s in samples])
+    resp = vocab.token_ids(torch.as_tensor(data.catalog.codes[[s.target for s in samples]], dtype=torch.long))
+    with torch.no_grad():
+        return sequence_logprobs(model.eval(), ids, mask, resp)
+
+
+def test_sdpo_trains_and_saves(tiny_run, tmp_path):
+    from genrec_fast.train import SDPOConfig, train_sdpo
+
+    data_dir, model_dir = tiny_run
+    out = tmp_path / "sdpo"
+    cfg = SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(out), steps=20, lr=3e-3, beta=1.0,
+                     num_negatives=3, train_samples=8, **COMMON)
+    res = train_sdpo(cfg)
+    log = res["log"]
+    assert len(log) == 4 and log[-1]["step"] == 20
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05  # preference loss goes down
+    assert log[-1]["margin"] > log[0]["margin"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["before"]) == {"valid", "test"} and set(saved["after"]) == {"valid", "test"}
+    assert 0.0 <= saved["after"]["test"]["NDCG@10"] <= 1.0 and saved["after"]["test"]["invalid_rate"] == 0.0
+    train = res["session"].train  # the 8 samples it was trained on
+    gain = _reload_logps(out / "model", data_dir, train) - _reload_logps(model_dir, data_dir, train)
+    assert gain.mean() > 0.1  # the saved policy prefers the chosen SIDs more than the SFT model
+
+
+def test_sdpo_mined_negatives_exclude_target(tiny_run, tmp_path):
+    from genrec_fast.train.post_training import Session
+    from genrec_fast.train.sdpo import SDPOConfig, mined_negative_codes, random_negatives
+
+    data_dir, model_dir = tiny_run
+    cfg = SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), negatives="mined",
+                     num_negatives=4, **COMMON)
+    s = Session(cfg)
+    samples = s.train[:6]
+    ids, mask = s.prompts(samples)
+    codes = mined_negative_codes(s, ids, mask, samples, 4)
+    assert codes.shape == (6, 4, 3)
+    leaves = s.trie.lookup(codes.reshape(-1, 3).numpy().astype(np.int32)).reshape(6, 4)
+    for g, smp in enumerate(samples):
+        assert s.item_leaf[smp.target] not in leaves[g]
+        assert len(set(leaves[g].tolist())) == 4
+    neg = random_negatives(np.random.default_rng(0), s.item_leaf, samples, 5)
+    for g, smp in enumerate(samples):
+        neg_leaves = s.item_leaf[neg[g]]
+        banned = {s.item_leaf[smp.target], *(s.item_leaf[h] for h in smp.history)}
+        assert not banned & set(neg_leaves.tolist()) and len(set(neg_leaves.tolist())) == 5
+    with pytest.raises(ValueError, match="cannot draw"):
+        random_negatives(np.random.default_rng(0), s.item_leaf, samples[:1], 39)
+
+
+def test_grpo_trains_with_ranking_reward(tiny_run, tmp_path):
+    from genrec_fast.train import GRPOConfig, train_grpo
+
+    data_dir, model_dir = tiny_run
+    out = tmp_path / "rl"
+    cfg = GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(out), steps=20, lr=3e-3, beta=0.01,
+                     group_size=8, num_updates=2, inject_target=True, train_samples=8, **COMMON)
+    res = train_grpo(cfg)
+    log = res["log"]
+    assert {"reward", "hit_rate", "no_signal", "kl", "clip_frac"} <= set(log[0])
+    assert log[0]["no_signal"] == 0.0  # every group has the injected target, hence signal
+    assert log[-1]["kl"] > 0.0
+    assert log[-1]["hit_rate"] > log[0]["hit_rate"]  # the policy finds the target among its beams more often
+    assert (out / "model" / "config.json").is_file() and (out / "metrics.json").is_file()
+
+
+def test_grpo_rollout_injection_and_no_signal(tiny_run, tmp_path):
+    from genrec_fast.train.grpo import GRPOConfig, rollout
+    from genrec_fast.train.post_training import Session
+    from genrec_fast.train.rewards import group_rewards, make_reward, no_signal_share
+
+    data_dir, model_dir = tiny_run
+    cfg = GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), group_size=4, **COMMON)
+    s = Session(cfg)
+    samples = s.train[:8]
+    ids, mask = s.prompts(samples)
+    plain = rollout(s, ids, mask, samples, inject=False)
+    injected = rollout(s, ids, mask, samples, inject=True)
+    targets = [x.target for x in samples]
+    r_plain = group_rewards(make_reward("ranking"), plain.beam_items, targets)
+    r_inj = group_rewards(make_reward("ranking"), injected.beam_items, targets)
+    missed = [g for g, h in enumerate(plain.hits) if h is None]
+    assert missed, "a random tiny model should miss some targets among 4 of 64 SIDs"
+    for g in missed:
+        assert (r_plain[g] == 0).all()
+        assert r_inj[g, -1] == 1.0 and (r_inj[g, :-1] < 0).all()
+        assert injected.codes[g, -1].tolist() == s.data.catalog.codes[targets[g]].tolist()
+    assert no_signal_share(r_plain) == pytest.approx(len(missed) / 8)
+    assert no_signal_share(r_inj) == 0.0
+    # beam search scores are the full-vocabulary sequence log-probs the update recomputes
+    from genrec_fast.train import sequence_logprobs
+
+    res = s.beam_search(ids, mask, 4)
+    with torch.no_grad():
+        lp = sequence_logprobs(s.unwrapped.eval(), ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0),
+                               s.response_tokens(res.codes))
+    torch.testing.assert_close(lp.view(8, 4), res.scores.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_cli_config_parsing(tiny_run, tmp_path):
+    from genrec_fast.cli import _apply_config, build_parser
+    from genrec_fast.train.grpo import GRPOConfig
+    from genrec_fast.train.post_training import config_from_args
+
+    cfg_file = tmp_path / "rl.yaml"
+    cfg_file.write_text("group_size: 6\nreward: rule\ninject_target: true\neval_splits: [test]\n")
+    parser = build_parser("rl")
+    args = _apply_config(parser, ["--config", str(cfg_file), "--model", "m", "--data", "d", "--out", "o",
+                                  "--lr", "1e-4", "--max-prompt-length", "none"])
+    cfg = config_from_args(GRPOConfig, args)
+    assert (cfg.group_size, cfg.reward, cfg.inject_target, cfg.eval_splits, cfg.lr) == (6, "rule", True, ("test",), 1e-4)
+    assert cfg.max_prompt_length is None
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        GRPOConfig(model="m", data="d", out="o", group_size=1)
+    with pytest.raises(ValueError, match="'model' is required"):
+        GRPOConfig(data="d", out="o")
