@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU check in one call (meant for a lent H100/H200, < 5 minutes):
+#   install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
+#   on the GPU, then each GPU bench. Tables go to stdout; JSON and logs under $OUT (default runs/gpu).
+# Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET
+export OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+LOG="$OUT/run_gpu.log"
+: > "$LOG"
+t0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
+
+stamp "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
+
+stamp "install (editable, C++ trie for this interpreter)"
+if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
+  echo "install failed"; tail -30 "$LOG"; exit 1
+fi
+
+status=0
+stamp "GPU tests (kernels compiled for the device, not the interpreter)"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -x \
+  tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_rq.py 2>&1 | tee -a "$LOG" | tail -15 || status=1
+
+for b in rq decode sft rl; do
+  [ -f "benches/bench_$b.py" ] || continue
+  stamp "bench_$b"
+  timeout 200 $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" 2>&1 | tee -a "$LOG" | grep -v '^\s*$' | tail -40 || status=1
+done
+stamp "done (status $status)"
+exit $status
