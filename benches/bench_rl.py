@@ -1,0 +1,125 @@
+"""One GRPO (ReRe) step split into rollout and update, and rollouts/s of our engine vs HF generate
+with the Python dict callback (how MiniOneRec and ReRe roll out), measured in the same run.
+
+A step = rollout (one constrained beam search per prompt, B beams = the group) + rewards and
+group advantages + update (reference log-probs, policy log-probs with gradient, clipped policy
+loss + β·k3 KL, backward, AdamW step). The HF rollout is
+``generate(num_beams=B, num_return_sequences=B, prefix_allowed_tokens_fn=dict lookup)``; the
+rows report both rollouts, the update, and the step time each rollout engine gives.
+
+CPU setting: tiny random Qwen2, 8 prompts x 16 beams over 3k items, prompt 64.
+GPU setting: Qwen2.5-0.5B shapes with random weights, bf16, 8 prompts x 16 beams over 3.7k
+items, prompt 128. L = 3 levels of 256 codes. Models, catalogues and the HF baseline come
+from bench_decode.py.
+
+  python benches/bench_rl.py [--device cpu|cuda] [--json PATH]
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import CPU_MODEL, GPU_MODEL, SIZES, build_model, hf_generate, prefix_dict, prompts, random_catalogue  # noqa: E402
+from common import bench_parser, print_table, sync, timeit, write_json  # noqa: E402
+
+from genrec_fast import SIDTrie  # noqa: E402
+from genrec_fast.decode import beam_search  # noqa: E402
+from genrec_fast.train import (clipped_policy_loss, group_advantages, group_rewards, k3_kl,  # noqa: E402
+                               make_reward, sequence_logprobs)
+
+# device type -> (prompts per step, beams, items, prompt length, repeats of the HF rollout, repeats of ours)
+SETTINGS = {
+    "cpu": (8, 16, 3000, 64, 3, 5),
+    "cuda": (8, 16, 3700, 128, 3, 10),
+}
+
+
+def run(device: torch.device) -> dict:
+    groups, beams, items, length, hf_repeat, our_repeat = SETTINGS[device.type]
+    spec = GPU_MODEL if device.type == "cuda" else CPU_MODEL
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    policy, vocab = build_model(spec, device, dtype)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    codes = random_catalogue(items, seed=1)
+    trie = SIDTrie(codes, SIZES)
+    allowed = prefix_dict(codes, vocab)
+    ids, mask = prompts(groups, length, spec["base_vocab"], device, seed=2)
+    targets = np.random.default_rng(3).integers(0, items, groups).tolist()
+    reward_fn = make_reward("ranking")
+    L = len(SIZES)
+    state = {}
+
+    def rollout():
+        policy.eval()
+        with torch.no_grad():
+            state["res"] = beam_search(policy, ids, mask, trie, vocab, beams, score="full_vocab")
+        policy.train()
+
+    def hf_rollout():
+        policy.eval()
+        with torch.no_grad():
+            hf_generate(policy, ids, mask, beams, L, allowed)
+        policy.train()
+
+    def update():
+        res = state["res"]
+        rewards = group_rewards(reward_fn, res.item_ids, targets)
+        adv = group_advantages(rewards).flatten().to(device)
+        responses = vocab.token_ids(res.codes.reshape(-1, L).cpu()).to(device)
+        rep_ids, rep_mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
+        with torch.no_grad():
+            ref = sequence_logprobs(reference, rep_ids, rep_mask, responses)
+        logps = sequence_logprobs(policy, rep_ids, rep_mask, responses)
+        pg, _ = clipped_policy_loss(logps, logps.detach(), adv, 0.2)
+        loss = (pg + 0.04 * k3_kl(logps, ref)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t_ours = timeit(rollout, device, repeat=our_repeat, warmup=2)
+    t_update = timeit(update, device, repeat=our_repeat, warmup=1)
+    t_hf = timeit(hf_rollout, device, repeat=hf_repeat, warmup=1)
+    seqs = groups * beams
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "prompts": groups, "beams": beams, "items": items,
+        "prompt_len": length,
+        "rollout_s_ours": t_ours, "rollout_s_hf_callback": t_hf, "update_s": t_update,
+        "step_s_ours": t_ours + t_update, "step_s_hf_callback": t_hf + t_update,
+        "rollouts_per_s_ours": seqs / t_ours, "rollouts_per_s_hf_callback": seqs / t_hf,
+        "rollout_speedup": t_hf / t_ours, "step_speedup": (t_hf + t_update) / (t_ours + t_update),
+    }
+
+
+def main(argv=None) -> int:
+    args = bench_parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in SETTINGS:
+        raise SystemExit(f"bench_rl: no setting for device type {device.type!r}")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    row = run(device)
+    sync(device)
+    print_table([{k: row[k] for k in ("prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback",
+                                      "update_s", "step_s_ours", "step_s_hf_callback", "rollouts_per_s_ours",
+                                      "rollouts_per_s_hf_callback", "rollout_speedup", "step_speedup")}],
+                title=f"GRPO step ({row['device']}, {row['dtype']})")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    write_json("bench_rl", {"bench": "rl", "rows": [row]}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
