@@ -192,3 +192,22 @@ def test_cli_config_parsing(tiny_run, tmp_path):
         GRPOConfig(model="m", data="d", out="o", group_size=1)
     with pytest.raises(ValueError, match="'model' is required"):
         GRPOConfig(data="d", out="o")
+
+
+def test_sdpo_with_lora_reference_is_the_sft_model(tiny_run, tmp_path):
+    from genrec_fast.train import SDPOConfig, train_sdpo
+
+    data_dir, model_dir = tiny_run
+    out = tmp_path / "lora"
+    cfg = SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(out), steps=4, lr=1e-2, lora_r=4,
+                     train_samples=8, **{**COMMON, "eval_before": False, "log_every": 4})
+    res = train_sdpo(cfg)
+    session = res["session"]
+    assert session.reference.uses_adapter and session.reference.model is None
+    samples = session.train
+    ids, mask = session.prompts(samples)
+    resp = session.response_tokens(session.data.catalog.codes[[s.target for s in samples]])
+    ref = session.reference.logprobs(ids, mask, resp)
+    torch.testing.assert_close(ref, _reload_logps(model_dir, data_dir, samples), atol=1e-4, rtol=1e-4)
+    merged = _reload_logps(out / "model", data_dir, samples)  # saved with the adapter merged in
+    assert (merged - ref).abs().max() > 1e-3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -143,8 +144,12 @@ class Session:
 
     @contextlib.contextmanager
     def rollout_model(self):
-        """The policy for beam search: unwrapped, eval mode, autocast, no grad; under ZeRO-3
-        the sharded weights are gathered for the duration (the search reads the LM head directly)."""
+        """The policy for beam search and evaluation: unwrapped, eval mode, autocast, no grad.
+
+        Under ZeRO-3 the sharded weights are gathered for the duration (the search reads the LM
+        head directly). Under LoRA a merged copy is searched: the beam search needs a plain
+        linear LM head, and the adapter wraps it (the SID rows of the tied embedding train).
+        """
         model = self.unwrapped
         gather = contextlib.nullcontext()
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -156,7 +161,7 @@ class Session:
         model.eval()
         try:
             with gather, torch.no_grad(), self.accelerator.autocast():
-                yield model
+                yield copy.deepcopy(model).merge_and_unload() if self.reference.uses_adapter else model
         finally:
             model.train(was_training)
 
@@ -201,12 +206,13 @@ class Session:
 
         out = {}
         for split in self.cfg.eval_splits:
-            res = evaluate_split(
-                self.unwrapped, self.tokenizer, self.sid_vocab, self.data, split,
-                num_beams=self.cfg.eval_beams, batch_size=self.cfg.eval_batch_size,
-                max_samples=self.cfg.eval_samples, seed=self.cfg.seed, trie=self.trie,
-                max_prompt_length=self.cfg.max_prompt_length, print_table=False,
-            )
+            with self.rollout_model() as model:
+                res = evaluate_split(
+                    model, self.tokenizer, self.sid_vocab, self.data, split,
+                    num_beams=self.cfg.eval_beams, batch_size=self.cfg.eval_batch_size,
+                    max_samples=self.cfg.eval_samples, seed=self.cfg.seed, trie=self.trie,
+                    max_prompt_length=self.cfg.max_prompt_length, print_table=False,
+                )
             out[split] = res["model"]
         return out
 
@@ -218,7 +224,7 @@ class Session:
         if acc.is_main_process:
             model = self.unwrapped
             if self.reference.uses_adapter:
-                model = model.merge_and_unload()  # adapter folded in: a plain checkpoint
+                model = copy.deepcopy(model).merge_and_unload()  # adapter folded in: a plain checkpoint
                 state = None
             tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir))
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
