@@ -6,7 +6,8 @@ import torch
 import transformers
 
 from genrec_fast import SIDTrie
-from genrec_fast.decode import BeamSearchResult, SIDVocab, beam_search
+from genrec_fast.decode import BeamSearchResult, SIDVocab, beam_search, full_vocab_lse
+from genrec_fast.decode import search as search_module
 from genrec_fast.decode.search import trie_device_arrays
 from genrec_fast.sid_tokens import sid_token_strings
 
@@ -15,9 +16,9 @@ START = 40  # SID block 40..57; eos 1, pad 0, bos 2 lie outside it
 VOCAB = START + sum(SIZES) + 3
 
 
-def tiny_model(family: str, seed: int) -> torch.nn.Module:
+def tiny_model(family: str, seed: int, vocab_size: int = VOCAB) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    common = dict(vocab_size=vocab_size, eos_token_id=1, pad_token_id=0, bos_token_id=2)
     if family == "qwen2":
         cfg = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=64, **common)
@@ -34,12 +35,12 @@ def tiny_model(family: str, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def random_trie(seed: int, n: int = 60, allow_duplicates: bool = False) -> SIDTrie:
+def random_trie(seed: int, n: int = 60, allow_duplicates: bool = False, sizes=SIZES) -> SIDTrie:
     rng = np.random.default_rng(seed)
-    codes = np.stack([rng.integers(0, k, n) for k in SIZES], 1)
+    codes = np.stack([rng.integers(0, k, n) for k in sizes], 1)
     if not allow_duplicates:
         codes = np.unique(codes, axis=0)
-    return SIDTrie(codes, SIZES, allow_duplicates=allow_duplicates)
+    return SIDTrie(codes, sizes, allow_duplicates=allow_duplicates)
 
 
 def left_padded_prompts(P: int, T: int, seed: int):
@@ -119,6 +120,23 @@ def test_parity_with_hf_constrained_generate(family, backend):
     assert trie.contains(res.codes.reshape(-1, 3).numpy()).all()  # invalid rate 0
     assert (res.leaf_ids >= 0).all()
     assert torch.equal(torch.as_tensor(trie.lookup(res.codes.reshape(-1, 3).numpy())).view(3, B), res.leaf_ids)
+
+
+def test_four_levels_beam_buffer_and_generic_cache_path_match_hf(monkeypatch):
+    """4 levels (KV tail of 2 generated positions to reorder); the in-place beam KV buffer and the
+    generic ``cache.reorder_cache`` path give HF's ranking."""
+    sizes = (5, 6, 7, 4)
+    model = tiny_model("llama", 13, vocab_size=START + sum(sizes) + 2)
+    trie = random_trie(13, n=120, sizes=sizes)
+    vocab = SIDVocab(START, sizes)
+    ids, mask = left_padded_prompts(3, 8, 13)
+    fast = beam_search(model, ids, mask, trie, vocab, 10, backend="torch")
+    monkeypatch.setattr(search_module, "DynamicLayer", None)  # every cache takes the generic path
+    generic = beam_search(model, ids, mask, trie, vocab, 10, backend="torch")
+    hf_tokens, hf_scores = hf_constrained(model, ids, mask, trie, vocab, 10)
+    for res in (fast, generic):
+        assert torch.equal(res.codes, vocab.codes(hf_tokens))
+        torch.testing.assert_close(res.scores, hf_scores, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("score", ["full_vocab", "sid"])
@@ -268,3 +286,12 @@ def test_cuda_triton_matches_torch_backend_and_hf():
     torch.testing.assert_close(a.scores, hf_scores, rtol=0, atol=1e-4)
     bf = beam_search(model.to(torch.bfloat16), ids, mask, trie, vocab, 8, backend="triton")
     assert trie.contains(bf.codes.reshape(-1, 3).cpu().numpy()).all()
+
+
+def test_full_vocab_lse_chunked_equals_logsumexp():
+    gen = torch.Generator().manual_seed(3)
+    h, w, b = torch.randn(7, 16, generator=gen), torch.randn(5000, 16, generator=gen), torch.randn(5000, generator=gen)
+    expect = torch.logsumexp(h @ w.T + b, dim=1)
+    for chunk in (1, 7 * 1024, 1 << 26):  # 1024-column chunks (the floor), 1024 again, one chunk
+        torch.testing.assert_close(full_vocab_lse(h, w, b, chunk_elems=chunk), expect)
+    torch.testing.assert_close(full_vocab_lse(h, w, None, chunk_elems=1), torch.logsumexp(h @ w.T, dim=1))

@@ -28,6 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+try:  # transformers >= 4.54: per-layer cache objects
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: always use cache.reorder_cache
+    DynamicLayer = None
+
 from genrec_fast.decode.vocab import SIDVocab
 from genrec_fast.ops.backend import resolve_backend
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
@@ -73,6 +78,11 @@ def trie_device_arrays(trie, device: torch.device):
     return per_trie[key]
 
 
+def _lse(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_0 - log_softmax(x)_0."""
+    return logits[:, 0].float() - torch.log_softmax(logits, dim=1, dtype=torch.float32)[:, 0]
+
+
 def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    chunk_elems: int = LSE_CHUNK_ELEMS) -> torch.Tensor:
     """log-sum-exp over all V rows of the LM head: ``logsumexp(hidden @ weight.T + bias)`` in fp32.
@@ -83,12 +93,66 @@ def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     rows, vocab = hidden.shape[0], weight.shape[0]
     cols = max(1024, chunk_elems // max(rows, 1))
     if cols >= vocab:
-        return torch.logsumexp(F.linear(hidden, weight, bias).float(), dim=1)
-    parts = [
-        torch.logsumexp(F.linear(hidden, weight[s:s + cols], None if bias is None else bias[s:s + cols]).float(), dim=1)
-        for s in range(0, vocab, cols)
-    ]
+        return _lse(F.linear(hidden, weight, bias))
+    parts = [_lse(F.linear(hidden, weight[s:s + cols], None if bias is None else bias[s:s + cols]))
+             for s in range(0, vocab, cols)]
     return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+
+
+if DynamicLayer is not None:
+
+    class _BeamLayer(DynamicLayer):
+        """A prompt's dynamic KV layer expanded to its B beams, in a buffer with room for the SID steps.
+
+        Appends write in place (no torch.cat of the whole cache per step), and since every beam's
+        parent belongs to the same prompt, whose B rows hold identical prompt positions, a reorder
+        only gathers the generated tail (positions >= the prompt length).
+        """
+
+        def __init__(self, layer: "DynamicLayer", repeats: int, extra: int):
+            super().__init__()
+            rows, heads, length = layer.keys.shape[:3]
+            self.device, self.prompt_len, self.length = layer.keys.device, length, length
+            self._k = layer.keys.new_empty((rows * repeats, heads, length + extra, layer.keys.shape[-1]))
+            self._v = layer.values.new_empty((rows * repeats, heads, length + extra, layer.values.shape[-1]))
+            for buf, src in ((self._k, layer.keys), (self._v, layer.values)):
+                buf.view(rows, repeats, *buf.shape[1:])[:, :, :, :length] = src[:, None]
+            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self._k.shape[-2]:
+                raise RuntimeError(f"beam KV buffer full: {end} > {self._k.shape[-2]} positions")
+            self._k[:, :, self.length:end] = key_states
+            self._v[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def reorder_tail(self, index: torch.Tensor) -> None:
+            t = self.prompt_len
+            self._k[:, :, t:self.length] = self._k[index, :, t:self.length]
+            self._v[:, :, t:self.length] = self._v[index, :, t:self.length]
+
+
+def _expand_cache(cache, beams: int, extra: int) -> None:
+    """P prompt rows -> P * beams rows (row p*beams + b is beam b of prompt p)."""
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is not None and layers and all(type(ly) is DynamicLayer and ly.is_initialized for ly in layers):
+        cache.layers = [_BeamLayer(ly, beams, extra) for ly in layers]
+    else:
+        cache.batch_repeat_interleave(beams)
+
+
+def _reorder_cache(cache, index: torch.Tensor) -> None:
+    """Gather the cache rows of the chosen parent beams (``index``: flat row per beam)."""
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is not None and layers and all(type(ly) is _BeamLayer for ly in layers):
+        for ly in layers:
+            ly.reorder_tail(index)
+    else:
+        cache.reorder_cache(index)
 
 
 def _lm_parts(model):
@@ -176,7 +240,10 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         parent = code = None
         for level in range(L):
             if level > 0:
-                cache.reorder_cache((rows * nb + parent.clamp_min(0)).reshape(-1))  # level 1: expands P -> P*B rows
+                if level == 1:  # every beam's parent is its prompt's single row: expand P -> P*B rows
+                    _expand_cache(cache, B, L - 1)
+                else:
+                    _reorder_cache(cache, (rows * B + parent.clamp_min(0)).reshape(-1))
                 nb = B
                 token = (sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)).reshape(-1, 1)
                 step_mask = torch.cat([mask_rep, mask_rep.new_ones((P * B, level))], dim=1)

@@ -89,14 +89,29 @@ def _check_topk_inputs(scores, child, k) -> None:
 
 
 def grouped_topk_ref(scores: torch.Tensor, child: torch.Tensor, k: int) -> TopK:
-    """Torch reference of :func:`grouped_topk`: one stable descending sort per prompt."""
+    """Torch reference of :func:`grouped_topk`.
+
+    ``torch.topk`` finds the k-th best value t; every candidate above t is taken, and of those
+    equal to t the first ones in (code, parent) order; a stable sort of the k picks then orders
+    them best first with ties still in (code, parent) order.
+    """
     P, NB, K = scores.shape
     n = NB * K
     flat = scores.transpose(1, 2).reshape(P, n)  # code-major: index = code * NB + parent
-    vals, order = torch.sort(flat, dim=1, descending=True, stable=True)  # stable: ties keep (code, parent) order
-    vals, order = vals[:, :k], order[:, :k]
-    code, parent = order // NB, order % NB
-    node = child.reshape(P, n)[torch.arange(P, device=scores.device)[:, None], parent * K + code].to(torch.int32)
+    kk = min(k, n)
+    kth = torch.topk(flat, kk, dim=1).values[:, -1:]
+    above = flat > kth
+    tie = flat == kth
+    take = above | (tie & (tie.cumsum(1) <= kk - above.sum(1, keepdim=True)))
+    idx = torch.nonzero(take)[:, 1]  # row-major: ascending index within each row
+    if idx.numel() != P * kk:
+        raise ValueError("grouped_topk: scores contain NaN")
+    idx = idx.view(P, kk)
+    vals = flat.gather(1, idx)
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    idx = idx.gather(1, order)
+    code, parent = idx // NB, idx % NB
+    node = child.reshape(P, n).gather(1, parent * K + code).to(torch.int32)
     valid = vals > float("-inf")
     code = torch.where(valid, code, torch.full_like(code, -1))
     parent = torch.where(valid, parent, torch.full_like(parent, -1))
