@@ -1,0 +1,217 @@
+"""Generic interaction logs (user, item, timestamp) + item metadata -> next-item samples.
+
+Each user's interactions are ordered by time (ties keep file order); every position t >= 1
+gives a sample (history = the previous ``max_history`` items, target = item t). Splits:
+``"leave_one_out"`` (per user: last sample -> test, second to last -> valid, rest -> train)
+or ``"temporal"`` (all samples ordered globally by the target's timestamp, cut 80/10/10 by
+default, as in the MiniOneRec release).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from genrec_fast.data.minionerec import DataFormatError
+from genrec_fast.data.types import Catalog, RecData, Sample
+
+SPLIT_MODES = ("leave_one_out", "temporal")
+ItemText = Callable[[Dict[str, str]], Tuple[str, str]]
+
+
+def build_samples(
+    users: Sequence[str],
+    items: Sequence[int],
+    timestamps: Sequence[float],
+    max_history: int = 10,
+    split: str = "leave_one_out",
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+) -> Tuple[List[Sample], List[Sample], List[Sample]]:
+    """Turn parallel arrays of interactions into (train, valid, test) samples."""
+    if split not in SPLIT_MODES:
+        raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+    if max_history < 1:
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
+    if not (len(users) == len(items) == len(timestamps)):
+        raise ValueError(f"users/items/timestamps lengths differ: {len(users)}, {len(items)}, {len(timestamps)}")
+    order = np.lexsort((np.arange(len(users)), np.asarray(timestamps, dtype=np.float64)))
+    seqs: Dict[str, List[Tuple[int, float]]] = {}
+    for i in order:
+        seqs.setdefault(str(users[i]), []).append((int(items[i]), float(timestamps[i])))
+    train: List[Sample] = []
+    valid: List[Sample] = []
+    test: List[Sample] = []
+    timed: List[Tuple[float, int, Sample]] = []
+    for user, seq in seqs.items():
+        ids = [it for it, _ in seq]
+        for t in range(1, len(ids)):
+            s = Sample(user_id=user, history=ids[max(0, t - max_history):t], target=ids[t])
+            if split == "temporal":
+                timed.append((seq[t][1], len(timed), s))
+            elif t == len(ids) - 1:
+                test.append(s)
+            elif t == len(ids) - 2:
+                valid.append(s)
+            else:
+                train.append(s)
+    if split == "temporal":
+        if not (0 <= valid_frac < 1 and 0 <= test_frac < 1 and valid_frac + test_frac < 1):
+            raise ValueError(f"valid_frac={valid_frac} and test_frac={test_frac} must be in [0, 1) and sum below 1")
+        timed.sort(key=lambda x: (x[0], x[1]))
+        n = len(timed)
+        n_test, n_valid = int(round(n * test_frac)), int(round(n * valid_frac))
+        n_train = n - n_test - n_valid
+        train = [s for _, _, s in timed[:n_train]]
+        valid = [s for _, _, s in timed[n_train:n_train + n_valid]]
+        test = [s for _, _, s in timed[n_train + n_valid:]]
+    return train, valid, test
+
+
+def _reader(path: Path, sep: Optional[str]):
+    if sep is None:
+        sep = "\t" if path.suffix.lower() in (".tsv", ".inter", ".item", ".txt") else ","
+    f = path.open(encoding="utf-8", newline="")
+    reader = csv.reader(f, delimiter=sep)
+    header = next(reader, None)
+    if header is None:
+        f.close()
+        raise DataFormatError(f"{path}:1: empty file, expected a header row")
+    # RecBole atomic files write 'name:type' headers
+    header = [h.strip().split(":")[0] for h in header]
+    return f, reader, header
+
+
+def _columns(path: Path, header: List[str], wanted: Sequence[str]) -> Dict[str, int]:
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataFormatError(f"{path}:1: missing column(s) {missing}; header is {header}")
+    return {c: header.index(c) for c in header}
+
+
+def _default_item_text(title_col: str) -> ItemText:
+    def item_text(row: Dict[str, str]) -> Tuple[str, str]:
+        title = row.get(title_col, "").strip()
+        text = ". ".join(v.strip() for k, v in row.items() if v.strip() and k != "item_id" and k != title_col)
+        return title, f"{title}. {text}" if text else title
+
+    return item_text
+
+
+def load_interactions(
+    interactions: Union[str, Path],
+    items: Union[str, Path, None] = None,
+    *,
+    sep: Optional[str] = None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+    title_col: str = "title",
+    item_text: Optional[ItemText] = None,
+    max_history: int = 10,
+    split: str = "leave_one_out",
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+    max_users: Optional[int] = None,
+    max_interactions_per_user: Optional[int] = None,
+    seed: int = 0,
+) -> RecData:
+    """Read a header-ed CSV/TSV interaction log (+ optional item metadata file) into :class:`RecData`.
+
+    ``item_text(row) -> (title, text)`` builds an item's title and embedding text from its
+    metadata row (default: the ``title_col`` column, and all columns joined). ``max_users``
+    keeps a seeded random subset of users; ``max_interactions_per_user`` keeps each user's
+    most recent interactions. The catalogue holds the items that occur in the kept
+    interactions, in metadata-file order (else first-seen order), indexed 0..N-1.
+    """
+    inter_path = Path(interactions)
+    users: List[str] = []
+    item_keys: List[str] = []
+    times: List[float] = []
+    lines: List[int] = []
+    f, reader, header = _reader(inter_path, sep)
+    with f:
+        col = _columns(inter_path, header, (user_col, item_col, time_col))
+        ui, ii, ti = col[user_col], col[item_col], col[time_col]
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataFormatError(f"{inter_path}:{reader.line_num}: {len(row)} fields, expected {len(header)}")
+            try:
+                ts = float(row[ti])
+            except ValueError:
+                raise DataFormatError(
+                    f"{inter_path}:{reader.line_num}: timestamp {row[ti]!r} is not a number"
+                ) from None
+            users.append(row[ui].strip())
+            item_keys.append(row[ii].strip())
+            times.append(ts)
+            lines.append(reader.line_num)
+    if not users:
+        raise DataFormatError(f"{inter_path}: no interactions")
+    keep = np.ones(len(users), dtype=bool)
+    if max_users is not None:
+        uniq = sorted(set(users))
+        if max_users < len(uniq):
+            chosen = set(np.random.default_rng(seed).choice(len(uniq), size=max_users, replace=False).tolist())
+            chosen_users = {uniq[i] for i in chosen}
+            keep &= np.fromiter((u in chosen_users for u in users), dtype=bool, count=len(users))
+    if max_interactions_per_user is not None:
+        order = np.lexsort((np.arange(len(users)), np.asarray(times)))[::-1]
+        counts: Dict[str, int] = {}
+        for i in order:
+            if keep[i]:
+                c = counts.get(users[i], 0)
+                keep[i] = c < max_interactions_per_user
+                counts[users[i]] = c + 1
+    idx = np.flatnonzero(keep)
+    used = {item_keys[i] for i in idx}
+
+    meta_rows: Dict[str, Dict[str, str]] = {}
+    meta_order: List[str] = []
+    if items is not None:
+        item_path = Path(items)
+        f, reader, header = _reader(item_path, sep)
+        with f:
+            _columns(item_path, header, (item_col,))
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataFormatError(f"{item_path}:{reader.line_num}: {len(row)} fields, expected {len(header)}")
+                rec = dict(zip(header, row))
+                key = rec[item_col].strip()
+                if key in meta_rows:
+                    raise DataFormatError(f"{item_path}:{reader.line_num}: item {key!r} listed twice")
+                meta_rows[key] = rec
+                meta_order.append(key)
+        for i in idx:
+            if item_keys[i] not in meta_rows:
+                raise DataFormatError(
+                    f"{inter_path}:{lines[i]}: item {item_keys[i]!r} has no row in {item_path}"
+                )
+        ids = [k for k in meta_order if k in used]
+    else:
+        seen = set()
+        ids = [k for k in (item_keys[i] for i in idx) if not (k in seen or seen.add(k))]
+    text_fn = item_text or _default_item_text(title_col)
+    titles, texts = [], []
+    for k in ids:
+        row = meta_rows.get(k, {item_col: k})
+        title, text = text_fn(row) if k in meta_rows else (k, k)
+        titles.append(title or k)
+        texts.append(text or title or k)
+    catalog = Catalog(item_ids=ids, titles=titles, texts=texts)
+    train, valid, test = build_samples(
+        [users[i] for i in idx],
+        [catalog.index(item_keys[i]) for i in idx],
+        [times[i] for i in idx],
+        max_history=max_history,
+        split=split,
+        valid_frac=valid_frac,
+        test_frac=test_frac,
+    )
+    return RecData(catalog=catalog, train=train, valid=valid, test=test)

@@ -1,0 +1,236 @@
+"""Reader and writer for the MiniOneRec release format.
+
+A directory holds ``train.csv``, ``valid.csv``, ``test.csv`` (columns ``user_id,
+history_item_title, item_title, history_item_id, item_id, history_item_sid, item_sid``;
+history columns are Python list literals, oldest first), ``index.json`` (item id -> list
+of SID tokens), ``item.json`` (item id -> {title, description, brand, categories}) and
+``info.txt`` (``SID<TAB>title<TAB>item_id`` per item). List literals are parsed with
+``ast.literal_eval``; a malformed row raises an error naming the file and line.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from genrec_fast.data.io import atomic_write_text
+from genrec_fast.data.types import Catalog, RecData, Sample
+from genrec_fast.sid_tokens import parse_sid, sid_string, sid_tokens
+
+SPLITS = ("train", "valid", "test")
+CSV_COLUMNS = (
+    "user_id",
+    "history_item_title",
+    "item_title",
+    "history_item_id",
+    "item_id",
+    "history_item_sid",
+    "item_sid",
+)
+REQUIRED_COLUMNS = ("user_id", "history_item_id", "item_id")
+
+
+class DataFormatError(ValueError):
+    """A malformed input file; the message names the file and line."""
+
+
+def _item_text(entry: dict) -> str:
+    if entry.get("text"):
+        return str(entry["text"])
+    parts = [str(entry.get("title", "")).strip()]
+    for key in ("brand", "categories", "description"):
+        value = entry.get(key)
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(v) for v in value)
+        value = str(value or "").strip()
+        if value:
+            parts.append(value)
+    return ". ".join(p for p in parts if p)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _read_info(path: Path) -> Dict[str, tuple]:
+    out: Dict[str, tuple] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 3:
+                raise DataFormatError(f"{path}:{lineno}: expected 'SID<TAB>title<TAB>item_id', got {line[:80]!r}")
+            try:
+                codes = parse_sid(parts[0])
+            except ValueError as e:
+                raise DataFormatError(f"{path}:{lineno}: {e}") from None
+            out[parts[-1].strip()] = (codes, "\t".join(parts[1:-1]))
+    return out
+
+
+def _sorted_ids(ids) -> List[str]:
+    ids = [str(i) for i in ids]
+    if all(i.isdigit() for i in ids):
+        return sorted(ids, key=int)
+    return ids
+
+
+def load_catalog(directory: Union[str, Path]) -> Catalog:
+    """The catalogue of a release directory: SIDs from index.json (else info.txt), text from item.json."""
+    d = Path(directory)
+    index_path, item_path, info_path = d / "index.json", d / "item.json", d / "info.txt"
+    info = _read_info(info_path) if info_path.is_file() else {}
+    meta = _read_json(item_path) if item_path.is_file() else {}
+    if index_path.is_file():
+        index = _read_json(index_path)
+        sids = {}
+        for item, toks in index.items():
+            try:
+                sids[str(item)] = parse_sid(toks)
+            except ValueError as e:
+                raise DataFormatError(f"{index_path}: item {item!r}: {e}") from None
+    elif info:
+        sids = {item: codes for item, (codes, _) in info.items()}
+    else:
+        raise FileNotFoundError(f"{d}: neither index.json nor info.txt found (MiniOneRec release format)")
+    ids = _sorted_ids(sids)
+    levels = {len(c) for c in sids.values()}
+    if len(levels) != 1:
+        raise DataFormatError(f"{index_path}: SIDs of different lengths {sorted(levels)}")
+    for item, (codes, _) in info.items():
+        if item in sids and list(codes) != list(sids[item]):
+            raise DataFormatError(
+                f"{info_path}: item {item!r} has SID {sid_string(codes)} but index.json says {sid_string(sids[item])}"
+            )
+    titles, texts = [], []
+    for item in ids:
+        entry = meta.get(item) or {}
+        title = str(entry.get("title") or (info[item][1] if item in info else item))
+        titles.append(title)
+        texts.append(_item_text({**entry, "title": title}))
+    codes = np.asarray([sids[i] for i in ids], dtype=np.int32)
+    return Catalog(item_ids=ids, titles=titles, texts=texts, codes=codes)
+
+
+def _parse_list(value: str, what: str, where: str) -> list:
+    try:
+        out = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+        raise DataFormatError(f"{where}: column {what} is not a Python list literal ({e}): {value[:80]!r}") from None
+    if not isinstance(out, (list, tuple)):
+        raise DataFormatError(f"{where}: column {what} must be a list, got {type(out).__name__}")
+    return list(out)
+
+
+def read_split(path: Union[str, Path], catalog: Catalog, check_sids: bool = True) -> List[Sample]:
+    """Samples of one split csv; items are mapped to catalogue indices."""
+    path = Path(path)
+    samples: List[Sample] = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataFormatError(f"{path}:1: empty file, expected a header row")
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DataFormatError(f"{path}:1: missing column(s) {missing} in header {header}")
+        col = {name: i for i, name in enumerate(header)}
+        has_sid = check_sids and catalog.codes is not None and "item_sid" in col and "history_item_sid" in col
+        start = reader.line_num
+        for row in reader:
+            where = f"{path}:{start + 1}"
+            start = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataFormatError(f"{where}: {len(row)} fields, expected {len(header)}")
+            try:
+                hist_ids = [str(int(x)) if not isinstance(x, str) else x for x in
+                            _parse_list(row[col["history_item_id"]], "history_item_id", where)]
+                hist = [catalog.index(i) for i in hist_ids]
+                target = catalog.index(row[col["item_id"]].strip())
+            except KeyError as e:
+                raise DataFormatError(f"{where}: {e.args[0]}") from None
+            if has_sid:
+                hist_sids = _parse_list(row[col["history_item_sid"]], "history_item_sid", where)
+                if len(hist_sids) != len(hist):
+                    raise DataFormatError(
+                        f"{where}: {len(hist)} history items but {len(hist_sids)} history SIDs"
+                    )
+                for idx, s in zip((*hist, target), (*hist_sids, row[col["item_sid"]])):
+                    if sid_string(catalog.codes[idx]) != str(s).strip():
+                        raise DataFormatError(
+                            f"{where}: item {catalog.item_ids[idx]} has SID {s!r} here but "
+                            f"{sid_string(catalog.codes[idx])} in the catalogue"
+                        )
+            samples.append(Sample(user_id=row[col["user_id"]], history=hist, target=target))
+    return samples
+
+
+def load_minionerec(directory: Union[str, Path], check_sids: bool = True) -> RecData:
+    """Read a MiniOneRec release directory into :class:`RecData` (items indexed 0..N-1)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"MiniOneRec data directory not found: {d}")
+    catalog = load_catalog(d)
+    splits = {}
+    for split in SPLITS:
+        p = d / f"{split}.csv"
+        if not p.is_file():
+            raise FileNotFoundError(f"{d}: {split}.csv missing (MiniOneRec release format)")
+        splits[split] = read_split(p, catalog, check_sids=check_sids)
+    return RecData(catalog=catalog, **splits)
+
+
+def _split_csv(samples: Sequence[Sample], catalog: Catalog) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for s in samples:
+        w.writerow([
+            s.user_id,
+            repr([catalog.titles[i] for i in s.history]),
+            catalog.titles[s.target],
+            repr([int(catalog.item_ids[i]) if catalog.item_ids[i].isdigit() else catalog.item_ids[i] for i in s.history]),
+            catalog.item_ids[s.target],
+            repr([sid_string(catalog.codes[i]) for i in s.history]),
+            sid_string(catalog.codes[s.target]),
+        ])
+    return buf.getvalue()
+
+
+def save_minionerec(data: RecData, directory: Union[str, Path]) -> Path:
+    """Write ``data`` (with SIDs) in the release format; every file is written atomically."""
+    cat = data.catalog
+    if cat.codes is None:
+        raise ValueError("save_minionerec needs a catalogue with SIDs (catalog.codes is None)")
+    data.validate()
+    d = Path(directory)
+    for split in SPLITS:
+        atomic_write_text(d / f"{split}.csv", _split_csv(getattr(data, split), cat))
+    atomic_write_text(d / "index.json", json.dumps({i: sid_tokens(c) for i, c in zip(cat.item_ids, cat.codes)}))
+    atomic_write_text(
+        d / "item.json",
+        json.dumps({i: {"title": t, "text": x} for i, t, x in zip(cat.item_ids, cat.titles, cat.texts)}, indent=1),
+    )
+    atomic_write_text(
+        d / "info.txt",
+        "".join(f"{sid_string(c)}\t{t}\t{i}\n" for i, t, c in zip(cat.item_ids, cat.titles, cat.codes)),
+    )
+    return d

@@ -1,0 +1,206 @@
+"""Model and tokenizer: any HF causal LM (by name or path) or the ``tiny`` preset, with SID tokens.
+
+SID tokens (``<a_0>`` ... per level, ``genrec_fast.sid_tokens``) are added as ONE contiguous
+block of token ids in block order; this is checked, the embeddings are resized, and the
+block is described by a :class:`genrec_fast.decode.SIDVocab`. ``tiny`` builds a small Qwen2
+from scratch with a byte-level BPE tokenizer trained (deterministically, offline) on the
+catalogue titles and the prompt template, for CPU runs and tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from genrec_fast.sid_tokens import sid_token_strings
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+# the tiny preset's shape; override any field with ``model_overrides``
+TINY_CONFIG: Dict[str, int] = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=384,
+    max_position_embeddings=2048,
+)
+TINY_VOCAB_SIZE = 3000
+
+
+def pick_attn_implementation(device) -> str:
+    """flash_attention_2 on CUDA when flash-attn is importable, else sdpa."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE):
+    """A byte-level BPE tokenizer trained on ``corpus`` (same corpus -> same tokenizer), with pad/eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left", clean_up_tokenization_spaces=False
+    )
+
+
+def _sid_block_start(tokenizer, strings: List[str]) -> Optional[int]:
+    """Start id of the SID block if all strings are already tokens, contiguous and in order; None if none are."""
+    ids = tokenizer.convert_tokens_to_ids(strings)
+    unk = tokenizer.unk_token_id
+    present = [i is not None and i != unk for i in ids]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [s for s, p in zip(strings, present) if not p][:5]
+        raise ValueError(f"tokenizer has only part of the SID token block (missing e.g. {missing})")
+    start = ids[0]
+    bad = [k for k, i in enumerate(ids) if i != start + k]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"SID tokens are not one contiguous ordered block: {strings[k]} has id {ids[k]}, expected {start + k}"
+        )
+    return start
+
+
+def add_sid_tokens(tokenizer, codebook_sizes: Optional[Sequence[int]], model=None, pad_to_multiple_of: Optional[int] = 64):
+    """Add the SID token block (if absent), check it is contiguous, resize ``model``'s embeddings; return the SIDVocab.
+
+    ``codebook_sizes`` None: the block must already be in the tokenizer (read off it).
+    """
+    from genrec_fast.decode import SIDVocab
+
+    if codebook_sizes is None:
+        return SIDVocab.from_tokenizer(tokenizer)
+    strings = sid_token_strings(codebook_sizes)
+    start = _sid_block_start(tokenizer, strings)
+    if start is None:
+        before = len(tokenizer)
+        added = tokenizer.add_tokens(strings)
+        if added != len(strings):
+            raise ValueError(f"added {added} of {len(strings)} SID tokens; some already exist as tokens")
+        start = _sid_block_start(tokenizer, strings)
+        if start != before:
+            raise ValueError(f"SID block starts at {start}, expected right after the vocabulary ({before})")
+    if model is not None:
+        emb = model.get_input_embeddings().weight.shape[0]
+        if emb < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    vocab = SIDVocab.from_tokenizer(tokenizer, tuple(int(k) for k in codebook_sizes))
+    if vocab.start != start:
+        raise ValueError(f"SIDVocab start {vocab.start} differs from the block start {start}")
+    return vocab
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    codebook_sizes: Optional[Sequence[int]] = None,
+    *,
+    corpus: Optional[Iterable[str]] = None,
+    tokenizer_vocab_size: int = TINY_VOCAB_SIZE,
+    model_overrides: Optional[dict] = None,
+    lora: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    device=None,
+    torch_dtype=None,
+    attn_implementation: Optional[str] = None,
+    seed: int = 0,
+):
+    """Return ``(model, tokenizer, sid_vocab)``.
+
+    ``"tiny"``: a Qwen2 (``TINY_CONFIG`` + ``model_overrides``) made from scratch with ``seed``,
+    and a tokenizer trained on ``corpus`` (required). Anything else goes to
+    ``AutoModelForCausalLM/AutoTokenizer.from_pretrained`` (a saved run of ours included; its
+    SID tokens are found again). ``codebook_sizes`` None reads them off the tokenizer.
+    ``lora`` wraps the model with peft LoRA on all linear layers, the SID token rows of the
+    embedding trainable too.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    attn = attn_implementation or pick_attn_implementation(device)
+    if name_or_path == "tiny":
+        if codebook_sizes is None:
+            raise ValueError("the tiny preset needs codebook_sizes")
+        if corpus is None:
+            raise ValueError("the tiny preset needs a corpus to train its tokenizer on")
+        tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size)
+        vocab = add_sid_tokens(tokenizer, codebook_sizes)
+        cfg = dict(TINY_CONFIG)
+        cfg.update(model_overrides or {})
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            use_cache=True,
+            **cfg,
+        )
+        config._attn_implementation = attn
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        kw = {"attn_implementation": attn}
+        if torch_dtype is not None:
+            kw["dtype"] = torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+        if model_overrides:
+            raise ValueError("model_overrides only apply to the tiny preset")
+        vocab = add_sid_tokens(tokenizer, codebook_sizes, model)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        sid_ids = list(range(vocab.start, vocab.end))
+        model = get_peft_model(model, LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
+            task_type="CAUSAL_LM", trainable_token_indices={"embed_tokens": sid_ids},
+        ))
+    return model, tokenizer, vocab
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], max_length: Optional[int] = None):
+    """Tokenize prompts (no special tokens) and LEFT pad them; over-long prompts keep their last tokens.
+
+    Returns ``(input_ids, attention_mask)`` LongTensors [batch, T].
+    """
+    if len(texts) == 0:
+        raise ValueError("encode_prompts: no texts")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token")
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        rows = [r[-max_length:] for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask

@@ -1,0 +1,521 @@
+"""Multi-task SFT: a plain accelerate loop over packed, response-only-loss batches.
+
+* Examples come from the task registry (``genrec_fast.prompts``); each is tokenized as
+  ``prompt + response + eos`` and the loss covers the response tokens only.
+* Packing: examples are laid end to end in rows of ``pack_length`` tokens with position ids
+  restarting per example and no attention mask, so HF attention keeps the examples apart
+  (flash-attn varlen or a block-diagonal sdpa mask); no padding is computed except a row's
+  tail. ``packing=False`` uses length-bucketed padded batches instead.
+* Logits are computed only at the positions that predict a response token
+  (``logits_to_keep`` as a boolean mask), then an fp32 cross-entropy: the [tokens, vocab]
+  logits of the prompt are never formed.
+* bf16 autocast on GPU; checkpoints hold model, optimizer, scheduler, RNG states and the data
+  position (epoch + batch), so a resumed run continues exactly; tqdm progress; early stopping
+  on valid NDCG@10 from ``genrec_fast.eval.evaluate`` (constrained beam search) on a fixed
+  valid subset; a PNG of the loss and valid-metric curves (``curves.png``).
+
+Python API: ``train_sft(SFTConfig(...), data=RecData)``; CLI: ``genrec-fast sft``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from genrec_fast.data.io import atomic_write_text
+from genrec_fast.prompts import DEFAULT_TASKS, check_tasks
+
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig:
+    data: Optional[str] = None  # a MiniOneRec-format directory (or pass data= to train_sft)
+    model: str = "tiny"  # "tiny" or an HF name/path
+    output_dir: str = "runs/sft"
+    tasks: Tuple[str, ...] = DEFAULT_TASKS
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_tokens: int = 8192  # tokens per micro-batch (packed) / padded-token budget (bucketed)
+    pack_length: int = 512  # tokens per packed row
+    grad_accum: int = 1
+    max_length: int = 512  # tokens per example (prompt cut from the left)
+    packing: bool = True
+    bf16: Optional[bool] = None  # None: bf16 autocast on CUDA only
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps between valid evals; 0: once per epoch; <0: never
+    eval_samples: int = 256
+    eval_beams: int = 20
+    eval_batch_size: int = 32
+    patience: int = 3  # evals without a better valid NDCG@10 before stopping
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at every eval
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir if any
+    log_every: int = 10
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    model_overrides: Dict[str, int] = field(default_factory=dict)
+    tokenizer_vocab_size: int = 3000
+    test: bool = False  # after training, evaluate the selected model on the test split (+ baselines)
+    test_beams: int = 50
+    test_batch_size: int = 32
+    progress: bool = True
+
+    def __post_init__(self):
+        self.tasks = tuple(check_tasks(self.tasks))
+        if self.pack_length > self.batch_tokens:
+            raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
+        if self.max_length > self.pack_length and self.packing:
+            raise ValueError(f"max_length {self.max_length} exceeds pack_length {self.pack_length}")
+
+
+@dataclass
+class SFTResult:
+    model: object
+    tokenizer: object
+    sid_vocab: object
+    output_dir: Path
+    model_dir: Path  # the selected model (best on valid NDCG@10, else the last), HF save_pretrained
+    curves_png: Path
+    history: dict
+    test_metrics: Optional[dict] = None
+
+
+# ---- tokenization and batching -------------------------------------------------------------------
+
+def tokenize_examples(tokenizer, examples, max_length: int) -> List[Tuple[List[int], int]]:
+    """(ids, n_prompt) per example: prompt + response + eos, the prompt cut from the left to fit."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token")
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, r in zip(prompts, responses):
+        r = (r + [eos])[: max_length - 1]
+        p = p[len(p) - (max_length - len(r)):] if len(p) + len(r) > max_length else p
+        out.append((p + r, len(p)))
+    return out
+
+
+def epoch_batches(lengths: Sequence[int], epoch: int, seed: int, batch_tokens: int, pack_length: int,
+                  packing: bool) -> List[List[List[int]]]:
+    """The micro-batches of one epoch: lists of rows, a row a list of example indices.
+
+    A deterministic function of (lengths, epoch, seed): a resumed run rebuilds the same batches.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    if packing:
+        rows, row, used = [], [], 0
+        for i in order:
+            n = lengths[i]
+            if row and used + n > pack_length:
+                rows.append(row)
+                row, used = [], 0
+            row.append(int(i))
+            used += n
+        if row:
+            rows.append(row)
+        per = max(1, batch_tokens // pack_length)
+        return [rows[s:s + per] for s in range(0, len(rows), per)]
+    # length bucketing: sort within windows of ~50 batches, cut by padded size, shuffle the batches
+    batches, window = [], max(1, 50 * batch_tokens // max(1, int(np.mean(lengths))))
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window].tolist(), key=lambda i: lengths[i])
+        cur: List[int] = []
+        for i in chunk:
+            if cur and lengths[i] * (len(cur) + 1) > batch_tokens:
+                batches.append([[j] for j in cur])
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append([[j] for j in cur])
+    perm = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool) -> Dict[str, torch.Tensor]:
+    """Tensors for one micro-batch.
+
+    ``keep`` [R, T] marks positions whose NEXT token is a response token; ``targets`` are those
+    tokens in row-major order. Packed: position ids restart per example, no attention mask.
+    Padded: one example per row, right padding, an attention mask.
+    """
+    rows_ids, rows_pos, rows_keep = [], [], []
+    for row in batch:
+        ids, pos, keep = [], [], []
+        for i in row:
+            seq, n_prompt = tokenized[i]
+            ids += seq
+            pos += range(len(seq))
+            k = [False] * len(seq)
+            for j in range(max(n_prompt - 1, 0), len(seq) - 1):
+                k[j] = True
+            keep += k
+        rows_ids.append(ids)
+        rows_pos.append(pos)
+        rows_keep.append(keep)
+    width = max(len(r) for r in rows_ids)
+    R = len(rows_ids)
+    input_ids = torch.full((R, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, width), dtype=torch.long)
+    keep = torch.zeros((R, width), dtype=torch.bool)
+    attn = torch.zeros((R, width), dtype=torch.long)
+    for r in range(R):
+        n = len(rows_ids[r])
+        input_ids[r, :n] = torch.tensor(rows_ids[r])
+        position_ids[r, :n] = torch.tensor(rows_pos[r])
+        # a packed row's padded tail is one more segment (positions from 0) that nothing attends into
+        position_ids[r, n:] = torch.arange(width - n)
+        keep[r, :n] = torch.tensor(rows_keep[r])
+        attn[r, :n] = 1
+    nxt = torch.roll(input_ids, -1, dims=1)
+    out = {"input_ids": input_ids, "position_ids": position_ids, "keep": keep, "targets": nxt[keep],
+           "num_tokens": int(attn.sum())}
+    if not packed:
+        out["attention_mask"] = attn
+    return out
+
+
+def response_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens; logits only where a response token is predicted."""
+    kw = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
+                use_cache=False, **kw)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(out: Path) -> List[Path]:
+    d = out / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def _atomic_dir(final: Path, write) -> None:
+    """Write a directory under a temp name next to ``final``, then swap it in."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def _save_pretrained(model, tokenizer, path: Path) -> None:
+    """Save a plain HF model + tokenizer (a LoRA model is merged into a copy first)."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _atomic_dir(path, write)
+
+
+def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
+    """PNG of the training loss and the valid metrics over optimizer steps (matplotlib Agg, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if history["loss"]:
+        steps, losses = zip(*history["loss"])
+        ax1.plot(steps, losses, lw=1)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("train loss (response tokens)")
+    ax1.set_title(f"{title}: loss")
+    for name in ("NDCG@10", "HR@10"):
+        pts = [(s, m[name]) for s, m in history["valid"] if name in m]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=f"valid {name}")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_title(f"{title}: valid metrics")
+    if history["valid"]:
+        ax2.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def _load_data(cfg: SFTConfig):
+    from genrec_fast.data import load_minionerec
+
+    if cfg.data is None:
+        raise ValueError("no data: set SFTConfig.data (a MiniOneRec-format directory) or pass data=")
+    return load_minionerec(cfg.data)
+
+
+def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFTResult:
+    """Train (or resume) an SFT run; returns the selected model, its tokenizer/SIDVocab and the output paths.
+
+    ``data`` is a :class:`genrec_fast.data.RecData` with SIDs (default: read ``config.data``).
+    Keyword ``overrides`` replace config fields.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from genrec_fast.eval import catalog_trie, evaluate
+    from genrec_fast.model import load_model_and_tokenizer
+    from genrec_fast.prompts import build_examples, tokenizer_corpus
+
+    cfg = SFTConfig(**{**(asdict(config) if config else {}), **overrides})
+    data = data if data is not None else _load_data(cfg)
+    if data.catalog.codes is None:
+        raise ValueError("SFT needs SIDs: the catalogue has none (build them with `genrec-fast sids`)")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    use_cuda = torch.cuda.is_available()
+    bf16 = use_cuda if cfg.bf16 is None else bool(cfg.bf16)
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=not use_cuda)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    model, tokenizer, sid_vocab = load_model_and_tokenizer(
+        cfg.model, data.catalog.codebook_sizes, corpus=tokenizer_corpus(data.catalog),
+        tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
+        lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, device=acc.device, seed=cfg.seed)
+    examples = build_examples(data, cfg.tasks, "train")
+    tokenized = tokenize_examples(tokenizer, examples, cfg.max_length)
+    lengths = [len(t[0]) for t in tokenized]
+    world, rank = acc.num_processes, acc.process_index
+
+    def batches_of(epoch: int):
+        b = epoch_batches(lengths, epoch, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing)
+        n = len(b) // world * world  # every process gets the same number of micro-batches
+        return b[rank:n:world]
+
+    micro_per_epoch = len(batches_of(0))
+    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
+    save_every = cfg.save_every or (eval_every if eval_every > 0 else steps_per_epoch)
+    valid = list(data.valid)
+    if eval_every > 0 and not valid:
+        raise ValueError("early stopping needs a non-empty valid split (or set eval_every < 0)")
+    if len(valid) > cfg.eval_samples:
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(len(valid), cfg.eval_samples, replace=False))
+        valid = [valid[i] for i in pick]
+    trie = catalog_trie(data.catalog)
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
+             "stopped_early": False, "tokens": 0, "train_seconds": 0.0,
+             "history": {"loss": [], "valid": []}}
+    ckpts = _checkpoints(out) if cfg.resume else []
+    if ckpts:
+        blob = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+        acc.unwrap_model(model).load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        state = blob["trainer"]
+        _set_rng_state(blob["rng"])
+        acc.print(f"sft: resumed from {ckpts[-1]} (step {state['step']})")
+    elif acc.is_main_process:
+        atomic_write_text(out / "sft_config.json", json.dumps(asdict(cfg), indent=2))
+        if (out / "train_log.jsonl").exists():
+            (out / "train_log.jsonl").unlink()
+
+    def save_checkpoint():
+        if not acc.is_main_process:
+            return
+        blob = {"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "trainer": state, "rng": _rng_state()}
+        _atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", lambda d: torch.save(blob, d / "state.pt"))
+        for old in _checkpoints(out)[:-max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(old)
+
+    def run_eval() -> bool:
+        """Valid NDCG@10 on the fixed subset; saves the best model; True when patience ran out."""
+        metrics = evaluate(acc.unwrap_model(model), tokenizer, sid_vocab, trie, valid, data.catalog,
+                           num_beams=cfg.eval_beams, batch_size=cfg.eval_batch_size, ks=(1, 5, 10))
+        state["history"]["valid"].append((state["step"], {k: float(v) for k, v in metrics.items()}))
+        score = metrics["NDCG@10"]
+        if state["best"] is None or score > state["best"]:
+            state.update(best=float(score), best_step=state["step"], bad_evals=0)
+            if acc.is_main_process:
+                _save_pretrained(acc.unwrap_model(model), tokenizer, out / "model")
+        else:
+            state["bad_evals"] += 1
+        acc.print(f"sft: step {state['step']} valid NDCG@10 {score:.4f} HR@10 {metrics['HR@10']:.4f} "
+                  f"(best {state['best']:.4f} at step {state['best_step']})")
+        if acc.is_main_process:
+            plot_curves(state["history"], out / "curves.png")
+        return state["bad_evals"] >= cfg.patience
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step",
+               disable=not (cfg.progress and acc.is_main_process))
+    model.train()
+    t_start, run_loss, run_n, log_tokens, t_log = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
+    done = state["step"] >= total_steps or state["stopped_early"]
+    while not done:
+        batches = batches_of(state["epoch"])
+        while state["batch"] < len(batches) and not done:
+            batch = collate(tokenized, batches[state["batch"]], tokenizer.pad_token_id, cfg.packing)
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with acc.accumulate(model):
+                loss = response_loss(model, batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["batch"] += 1
+            run_loss += float(loss.detach())
+            run_n += 1
+            log_tokens += batch["num_tokens"]
+            if not acc.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                now = time.perf_counter()
+                rec = {"step": state["step"], "epoch": state["epoch"], "loss": run_loss / run_n,
+                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": log_tokens * world / (now - t_log)}
+                state["history"]["loss"].append((state["step"], rec["loss"]))
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if acc.is_main_process:
+                    with open(out / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                state["tokens"] += log_tokens * world
+                run_loss, run_n, log_tokens, t_log = 0.0, 0, 0, now
+            stop = False
+            if eval_every > 0 and state["step"] % eval_every == 0:
+                stop = run_eval()
+                state["stopped_early"] = stop
+            if stop or state["step"] >= total_steps:
+                done = True
+            if done or state["step"] % save_every == 0:
+                state["train_seconds"] += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                save_checkpoint()
+        if not done:
+            state["epoch"] += 1
+            state["batch"] = 0
+    bar.close()
+    if eval_every > 0 and (not state["history"]["valid"] or state["history"]["valid"][-1][0] != state["step"]) \
+            and not state["stopped_early"]:
+        run_eval()
+    if state["best"] is None and acc.is_main_process:
+        _save_pretrained(acc.unwrap_model(model), tokenizer, out / "model")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        plot_curves(state["history"], out / "curves.png")
+
+    from genrec_fast.model import load_model_and_tokenizer as _load
+
+    best, tok, vocab = _load(str(out / "model"), device=acc.device)
+    best.eval()
+    result = {k: state[k] for k in ("step", "epoch", "best", "best_step", "stopped_early", "tokens",
+                                    "train_seconds")}
+    test_metrics = None
+    if cfg.test:
+        from genrec_fast.eval import evaluate_split
+
+        t0 = time.perf_counter()
+        test_metrics = evaluate_split(best, tok, vocab, data, "test", num_beams=cfg.test_beams,
+                                      batch_size=cfg.test_batch_size, trie=trie,
+                                      out=str(out / "test_metrics.json"))
+        result["test_seconds"] = time.perf_counter() - t0
+    if acc.is_main_process:
+        atomic_write_text(out / "sft_result.json", json.dumps(result, indent=2))
+    return SFTResult(model=best, tokenizer=tok, sid_vocab=vocab, output_dir=out, model_dir=out / "model",
+                     curves_png=out / "curves.png", history=state["history"], test_metrics=test_metrics)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    d = SFTConfig()
+    parser.add_argument("--data", help="MiniOneRec-format directory (train/valid/test.csv, index.json, ...)")
+    parser.add_argument("--model", default=d.model, help="'tiny' or an HF causal LM name/path")
+    parser.add_argument("--output-dir", default=d.output_dir)
+    parser.add_argument("--tasks", nargs="+", default=list(d.tasks), help=f"SFT tasks to enable (of {list(d.tasks)})")
+    for f in fields(SFTConfig):
+        if f.name in ("data", "model", "output_dir", "tasks", "model_overrides", "bf16", "packing", "resume",
+                      "lora", "test", "progress"):
+            continue
+        typ = {"max_steps": int}.get(f.name, type(f.default))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default)
+    parser.add_argument("--bf16", action=argparse_bool(), default=None, help="bf16 autocast (default: on CUDA)")
+    for name in ("packing", "resume", "lora", "test", "progress"):
+        parser.add_argument(f"--{name}", action=argparse_bool(), default=getattr(d, name))
+    parser.add_argument("--model-overrides", type=json.loads, default={},
+                        help='JSON dict of tiny-preset config fields, e.g. \'{"hidden_size": 256}\'')
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def run(args) -> int:
+    names = {f.name for f in fields(SFTConfig)}
+    cfg = SFTConfig(**{k: v for k, v in vars(args).items() if k in names})
+    res = train_sft(cfg)
+    print(f"sft: model in {res.model_dir}, curves in {res.curves_png}")
+    return 0
