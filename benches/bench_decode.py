@@ -1,0 +1,211 @@
+"""Constrained beam search over SIDs: users/s of
+  (a) HF generate(num_beams=B, prefix_allowed_tokens_fn=f), f a Python dict prefix -> allowed tokens,
+  (b) HF unconstrained beam search (same call without f),
+  (c) the floor: prefill each prompt once, expand the KV cache to B rows, L cached one-token
+      forward steps with full-vocabulary logits (greedy tokens, no search at all),
+  (d) ours: genrec_fast.decode.beam_search(score="full_vocab"), and ours with score="sid",
+all measured in the same run, with the ratios ours/(a) and ours/(c), and the share of users
+whose ranked SIDs are identical in (a) and (d).
+
+CPU setting: tiny random Qwen2, 32 users x 20 beams, 3k items. GPU settings (bf16, sdpa):
+Qwen2.5-0.5B shapes with random weights, prompt 128, 8 x 50 and 64 x 16 over 3.7k items,
+256 x 20 over 200k items. L = 3 levels of 256 codes.
+
+  python benches/bench_decode.py [--device cpu|cuda] [--json PATH] [--settings NAME,...]
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_parser, print_table, sync, write_json  # noqa: E402
+
+from genrec_fast import SIDTrie  # noqa: E402
+from genrec_fast.decode import SIDVocab, beam_search  # noqa: E402
+
+SIZES = (256, 256, 256)
+
+CPU_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, base_vocab=2000)
+GPU_MODEL = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, base_vocab=151936)
+
+# name -> (device type, users, beams, items, prompt length, repeats of the HF runs, repeats of ours/floor)
+SETTINGS = {
+    "cpu_32x20_3k": ("cpu", 32, 20, 3000, 64, 3, 5),
+    "gpu_8x50_3.7k": ("cuda", 8, 50, 3700, 128, 3, 10),
+    "gpu_64x16_3.7k": ("cuda", 64, 16, 3700, 128, 2, 10),
+    "gpu_256x20_200k": ("cuda", 256, 20, 200_000, 128, 1, 5),
+}
+
+
+def build_model(spec: dict, device: torch.device, dtype: torch.dtype):
+    base_vocab = spec["base_vocab"]
+    cfg = transformers.Qwen2Config(
+        vocab_size=base_vocab + sum(SIZES), hidden_size=spec["hidden_size"],
+        num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_key_value_heads"], intermediate_size=spec["intermediate_size"],
+        eos_token_id=1, pad_token_id=0, bos_token_id=2, tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # spread the logits (a random head is near-uniform, full of near-ties)
+        model.get_output_embeddings().weight.normal_(0.0, 4.0 / spec["hidden_size"] ** 0.5)
+    return model.eval(), SIDVocab(base_vocab, SIZES)
+
+
+def random_catalogue(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    codes = np.zeros((0, len(SIZES)), dtype=np.int64)
+    while len(codes) < n:
+        more = np.stack([rng.integers(0, k, 2 * n) for k in SIZES], 1)
+        codes = np.unique(np.concatenate([codes, more]), axis=0)
+    return codes[rng.permutation(len(codes))[:n]]
+
+
+def prompts(users: int, length: int, base_vocab: int, device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, base_vocab, (users, length), generator=gen)
+    mask = torch.ones(users, length, dtype=torch.long)
+    pad = torch.randint(0, length // 2, (users,), generator=gen)
+    for u in range(users):
+        mask[u, : int(pad[u])] = 0
+    ids[mask == 0] = 0
+    return ids.to(device), mask.to(device)
+
+
+def prefix_dict(codes: np.ndarray, vocab: SIDVocab) -> dict:
+    """Prefix (tuple of SID token ids) -> sorted allowed next token ids, as MiniOneRec/ReRe build it."""
+    toks = vocab.token_ids(torch.as_tensor(codes)).tolist()
+    allowed = {}
+    for row in toks:
+        for level in range(len(row)):
+            allowed.setdefault(tuple(row[:level]), set()).add(row[level])
+    return {k: sorted(v) for k, v in allowed.items()}
+
+
+def hf_generate(model, ids, mask, beams, levels, allowed=None):
+    T = ids.shape[1]
+    kwargs = dict(num_beams=beams, num_return_sequences=beams, max_new_tokens=levels, length_penalty=0.0,
+                  do_sample=False, early_stopping=False, pad_token_id=0, eos_token_id=1)
+    if allowed is not None:
+        fallback = [1]  # rows with no valid prefix only hold -inf junk beams; any non-empty list will do
+        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, sent: allowed.get(tuple(sent[T:].tolist()), fallback)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, T:]
+
+
+def floor_forward(model, ids, mask, beams, levels):
+    """Prefill once per prompt, expand the cache to B rows, L cached steps with full logits; no search."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.batch_repeat_interleave(beams)
+    token = out.logits[:, -1].argmax(-1).repeat_interleave(beams)[:, None]
+    step_mask = mask.repeat_interleave(beams, 0)
+    position = mask.sum(-1).repeat_interleave(beams)[:, None]
+    cache_arg = "cache" if hasattr(out, "cache") else "past_key_values"
+    for level in range(levels):
+        step_mask = torch.cat([step_mask, step_mask.new_ones((step_mask.shape[0], 1))], 1)
+        out = model(input_ids=token, attention_mask=step_mask, position_ids=position + level, use_cache=True,
+                    logits_to_keep=1, **{cache_arg: cache})
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        token = out.logits[:, -1].argmax(-1)[:, None]
+    return token
+
+
+def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
+    _, users, beams, items, length, hf_repeat, our_repeat = SETTINGS[name]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model, vocab = build_model(model_spec, device, dtype)
+    codes = random_catalogue(items, seed=1)
+    trie = SIDTrie(codes, SIZES)
+    allowed = prefix_dict(codes, vocab)
+    ids, mask = prompts(users, length, model_spec["base_vocab"], device, seed=2)
+    L = len(SIZES)
+
+    results = {}
+
+    def ours():
+        results["ours"] = beam_search(model, ids, mask, trie, vocab, beams, score="full_vocab")
+
+    def hf_constrained():
+        results["hf"] = hf_generate(model, ids, mask, beams, L, allowed)
+
+    methods = {  # name -> (fn, timed repeats); rounds interleave the methods so load drifts hit all alike
+        "hf_constrained": (hf_constrained, hf_repeat),
+        "hf_unconstrained": (lambda: hf_generate(model, ids, mask, beams, L), hf_repeat),
+        "floor": (lambda: floor_forward(model, ids, mask, beams, L), our_repeat),
+        "ours": (ours, our_repeat),
+        "ours_sid": (lambda: beam_search(model, ids, mask, trie, vocab, beams, score="sid"), our_repeat),
+    }
+    times = {method: [] for method in methods}
+    with torch.inference_mode():
+        for fn, _ in methods.values():  # warm-up (Triton compiles, allocator, caches)
+            fn()
+        sync(device)
+        for r in range(max(rep for _, rep in methods.values())):
+            for method, (fn, rep) in methods.items():
+                if r < rep:
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[method].append(time.perf_counter() - t0)
+
+    hf_tokens = results["hf"].reshape(users, beams, L).cpu()
+    our_codes = results["ours"].codes.cpu()
+    in_block = ((hf_tokens >= vocab.start) & (hf_tokens < vocab.end)).all(-1).all(-1)
+    same = [bool(in_block[u]) and torch.equal(vocab.codes(hf_tokens[u]), our_codes[u]) for u in range(users)]
+    valid = trie.contains(our_codes.reshape(-1, L).numpy()) | (our_codes.reshape(-1, L) < 0).all(1).numpy()
+    ups = {method: users / statistics.median(ts) for method, ts in times.items()}
+    return {
+        "setting": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "users": users, "beams": beams, "items": items,
+        "prompt_len": length,
+        **{f"{k}_users_per_s": v for k, v in ups.items()},
+        "ours_over_hf_constrained": ups["ours"] / ups["hf_constrained"],
+        "ours_over_floor": ups["ours"] / ups["floor"],
+        "same_ranking_as_hf": float(np.mean(same)),
+        "invalid_rate": float(1.0 - valid.mean()),
+    }
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--settings", default=None, help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    names = args.settings.split(",") if args.settings else [n for n, s in SETTINGS.items() if s[0] == device.type]
+    unknown = [n for n in names if n not in SETTINGS or SETTINGS[n][0] != device.type]
+    if unknown:
+        raise SystemExit(f"bench_decode: setting(s) {unknown} are not {device.type} settings of {list(SETTINGS)}")
+    spec = GPU_MODEL if device.type == "cuda" else CPU_MODEL
+    if device.type == "cpu":  # one thread: stable numbers on a small shared CI box (same for every method)
+        torch.set_num_threads(args.threads)
+    rows = []
+    t0 = time.perf_counter()
+    for name in names:
+        rows.append(run_setting(name, device, spec))
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    cols = ["setting", "users", "beams", "items", "hf_constrained_users_per_s", "hf_unconstrained_users_per_s",
+            "floor_users_per_s", "ours_users_per_s", "ours_sid_users_per_s", "ours_over_hf_constrained",
+            "ours_over_floor", "same_ranking_as_hf", "invalid_rate"]
+    print_table([{c: r[c] for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    write_json("bench_decode", {"bench": "decode", "rows": rows}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
