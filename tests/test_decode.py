@@ -105,21 +105,21 @@ def teacher_forced_scores(model, ids, mask, vocab, codes, score):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_parity_with_hf_constrained_generate(family, backend):
+def test_parity_with_hf_constrained_generate(family, backend, device):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh model every run; printed on failure
-    model = tiny_model(family, seed)
+    model = tiny_model(family, seed).to(device)
     trie = random_trie(seed % 1000)
     vocab = SIDVocab(START, SIZES)
-    ids, mask = left_padded_prompts(3, 9, seed)
+    ids, mask = (t.to(device) for t in left_padded_prompts(3, 9, seed))
     B = 8
     res = beam_search(model, ids, mask, trie, vocab, B, score="full_vocab", backend=backend)
     hf_tokens, hf_scores = hf_constrained(model, ids, mask, trie, vocab, B)
     assert isinstance(res, BeamSearchResult) and res.codes.shape == (3, B, 3)
     assert torch.equal(res.codes, vocab.codes(hf_tokens)), f"seed {seed}"
     torch.testing.assert_close(res.scores, hf_scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
-    assert trie.contains(res.codes.reshape(-1, 3).numpy()).all()  # invalid rate 0
-    assert (res.leaf_ids >= 0).all()
-    assert torch.equal(torch.as_tensor(trie.lookup(res.codes.reshape(-1, 3).numpy())).view(3, B), res.leaf_ids)
+    codes = res.codes.reshape(-1, 3).cpu().numpy()
+    assert trie.contains(codes).all()  # invalid rate 0
+    assert torch.equal(torch.as_tensor(trie.lookup(codes)).view(3, B), res.leaf_ids.cpu())
 
 
 def test_four_levels_beam_buffer_and_generic_cache_path_match_hf(monkeypatch):
@@ -140,7 +140,7 @@ def test_four_levels_beam_buffer_and_generic_cache_path_match_hf(monkeypatch):
 
 
 @pytest.mark.parametrize("score", ["full_vocab", "sid"])
-def test_exhaustive_beam_equals_enumeration_and_pads(score):
+def test_exhaustive_beam_equals_enumeration_and_pads(score, device):
     """With B > #SIDs the search is exhaustive: it must return every SID, ranked by its exact
     teacher-forced score, followed by padding."""
     model = tiny_model("qwen2", 11)
@@ -149,8 +149,9 @@ def test_exhaustive_beam_equals_enumeration_and_pads(score):
     vocab = SIDVocab(START, SIZES)
     ids, mask = left_padded_prompts(2, 7, 3)
     B = 9
-    res = beam_search(model, ids, mask, trie, vocab, B, score=score, backend="triton")
-    expect = teacher_forced_scores(model, ids, mask, vocab, codes, score)
+    res = beam_search(model.to(device), ids.to(device), mask.to(device), trie, vocab, B, score=score, backend="triton")
+    res = BeamSearchResult(res.codes.cpu(), res.scores.cpu(), res.leaf_ids.cpu(), trie)
+    expect = teacher_forced_scores(model.cpu(), ids, mask, vocab, codes, score)
     n = len(codes)
     for p in range(2):
         order = torch.argsort(expect[p], descending=True)

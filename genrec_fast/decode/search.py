@@ -139,7 +139,7 @@ if DynamicLayer is not None:
 def _expand_cache(cache, beams: int, extra: int) -> None:
     """P prompt rows -> P * beams rows (row p*beams + b is beam b of prompt p)."""
     layers = getattr(cache, "layers", None)
-    if DynamicLayer is not None and layers and all(type(ly) is DynamicLayer and ly.is_initialized for ly in layers):
+    if DynamicLayer is not None and layers and all(type(ly) is DynamicLayer and ly.keys is not None for ly in layers):
         cache.layers = [_BeamLayer(ly, beams, extra) for ly in layers]
     else:
         cache.batch_repeat_interleave(beams)
