@@ -91,7 +91,7 @@ def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     ``chunk_elems // R`` vocabulary columns at a time.
     """
     rows, vocab = hidden.shape[0], weight.shape[0]
-    cols = max(1024, chunk_elems // max(rows, 1))
+    cols = max(1024, chunk_elems // max(rows, 1) // 1024 * 1024)  # multiples of 1024: aligned GEMM outputs
     if cols >= vocab:
         return _lse(F.linear(hidden, weight, bias))
     parts = [_lse(F.linear(hidden, weight[s:s + cols], None if bias is None else bias[s:s + cols]))
