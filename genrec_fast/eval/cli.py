@@ -33,22 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from accelerate import PartialState
-
     from genrec_fast.data.minionerec import load_minionerec, read_split
-    from genrec_fast.eval.evaluate import evaluate_split
+    from genrec_fast.eval.evaluate import dist_state, evaluate_split
     from genrec_fast.model import load_model_and_tokenizer
 
     data = load_minionerec(args.data)
     if args.samples is not None:
         setattr(data, args.split, read_split(args.samples, data.catalog))
-    state = PartialState()
+    state = dist_state()
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if state.device.type == "cuda" else "float32"
     model, tokenizer, sid_vocab = load_model_and_tokenizer(args.model, data.catalog.codebook_sizes,
-                                                           torch_dtype=getattr(torch, dtype))
-    model.to(state.device)
+                                                           torch_dtype=getattr(torch, dtype), device=state.device)
     evaluate_split(model, tokenizer, sid_vocab, data, split=args.split, num_beams=args.num_beams,
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
                    out=args.out, score=args.score, backend=args.backend, progress=True)

@@ -96,19 +96,27 @@ def shard_range(n: int, num_processes: int, process_index: int) -> range:
     return range(start, start + base + (1 if process_index < extra else 0))
 
 
-def _dist_state():
-    """(num_processes, process_index, gather_object or None) of the accelerate run, if any."""
+def dist_state():
+    """accelerate's process state (set up once per process; gloo on CPU-only machines)."""
+    import os
+
     from accelerate import PartialState
+
+    # on a machine without CUDA, `accelerate launch` needs cpu=True to set up the gloo process group
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
+
+
+def _shard_info():
+    """(num_processes, process_index, gather_object or None) of this run."""
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = dist_state()
     return state.num_processes, state.process_index, (gather_object if state.num_processes > 1 else None)
 
 
 def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return dist_state().is_main_process
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
     ks = check_ks(ks)
     if len(samples) == 0:
         raise ValueError("evaluate: no samples")
-    world, rank, gather = _dist_state()
+    world, rank, gather = _shard_info()
     shard = shard_range(len(samples), world, rank)
     t0 = time.perf_counter()
     records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
