@@ -148,3 +148,15 @@ def test_cli_with_config_file(tmp_path):
     saved = json.loads((tmp_path / "cli" / "sft_config.json").read_text())
     assert saved["lr"] == 0.002 and saved["tasks"] == ["sid_seq"] and saved["max_steps"] == 2
     assert (tmp_path / "cli" / "model" / "config.json").is_file()
+
+
+def test_train_on_valid_keeps_the_early_stopping_subset_out(tmp_path):
+    data = _data()  # 16 users: 48 train, 16 valid samples
+    res = train_sft(_cfg(tmp_path, tasks=("sid_seq",), max_steps=1, eval_every=1, eval_samples=5,
+                         train_on_valid=True), data=data)
+    result = json.loads((res.output_dir / "sft_result.json").read_text())
+    assert result["train_examples"] == 48 + 11 and result["valid_subset"] == 5
+    res = train_sft(_cfg(tmp_path, output_dir=str(tmp_path / "all"), tasks=("sid_seq",), max_steps=1,
+                         eval_every=-1, train_on_valid=True), data=data)
+    result = json.loads((res.output_dir / "sft_result.json").read_text())
+    assert result["train_examples"] == 48 + 16 and result["valid_subset"] == 0

@@ -18,6 +18,7 @@ Python API: ``train_sft(SFTConfig(...), data=RecData)``; CLI: ``genrec-fast sft`
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import torch
 from genrec_fast.data.io import atomic_write_text
 from genrec_fast.prompts import DEFAULT_TASKS, check_tasks
 
-IGNORE = -100
+PACK_WINDOW = 8  # open rows a packed example may go to
 
 
 @dataclass
@@ -60,6 +61,7 @@ class SFTConfig:
     eval_beams: int = 20
     eval_batch_size: int = 32
     patience: int = 3  # evals without a better valid NDCG@10 before stopping
+    train_on_valid: bool = False  # also train on the valid samples outside the early-stopping subset
     save_every: int = 0  # optimizer steps between checkpoints; 0: at every eval
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir if any
@@ -119,16 +121,21 @@ def epoch_batches(lengths: Sequence[int], epoch: int, seed: int, batch_tokens: i
     """
     order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
     if packing:
-        rows, row, used = [], [], 0
+        # first fit over the PACK_WINDOW most recent open rows: little padding, order stays shuffled
+        rows: List[List[int]] = []
+        open_rows: List[list] = []  # [tokens used, example indices]
         for i in order:
-            n = lengths[i]
-            if row and used + n > pack_length:
-                rows.append(row)
-                row, used = [], 0
-            row.append(int(i))
-            used += n
-        if row:
-            rows.append(row)
+            n = int(lengths[i])
+            for r in open_rows:
+                if r[0] + n <= pack_length:
+                    r[0] += n
+                    r[1].append(int(i))
+                    break
+            else:
+                if len(open_rows) >= PACK_WINDOW:
+                    rows.append(open_rows.pop(0)[1])
+                open_rows.append([n, [int(i)]])
+        rows += [r[1] for r in open_rows]
         per = max(1, batch_tokens // pack_length)
         return [rows[s:s + per] for s in range(0, len(rows), per)]
     # length bucketing: sort within windows of ~50 batches, cut by padded size, shuffle the batches
@@ -330,7 +337,16 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         cfg.model, data.catalog.codebook_sizes, corpus=tokenizer_corpus(data.catalog),
         tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
         lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, device=acc.device, seed=cfg.seed)
-    examples = build_examples(data, cfg.tasks, "train")
+    eval_every_cfg = cfg.eval_every
+    valid_pick = np.arange(len(data.valid))
+    if len(data.valid) > cfg.eval_samples:
+        valid_pick = np.sort(np.random.default_rng(cfg.seed).choice(len(data.valid), cfg.eval_samples, replace=False))
+    valid = [data.valid[i] for i in valid_pick] if eval_every_cfg >= 0 else []
+    train_samples = list(data.train)
+    if cfg.train_on_valid:
+        held_out = set(valid_pick.tolist()) if valid else set()
+        train_samples += [s for i, s in enumerate(data.valid) if i not in held_out]
+    examples = build_examples(data, cfg.tasks, samples=train_samples)
     tokenized = tokenize_examples(tokenizer, examples, cfg.max_length)
     lengths = [len(t[0]) for t in tokenized]
     world, rank = acc.num_processes, acc.process_index
@@ -353,12 +369,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
 
     eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
     save_every = cfg.save_every or (eval_every if eval_every > 0 else steps_per_epoch)
-    valid = list(data.valid)
     if eval_every > 0 and not valid:
         raise ValueError("early stopping needs a non-empty valid split (or set eval_every < 0)")
-    if len(valid) > cfg.eval_samples:
-        pick = np.sort(np.random.default_rng(cfg.seed).choice(len(valid), cfg.eval_samples, replace=False))
-        valid = [valid[i] for i in pick]
     trie = catalog_trie(data.catalog)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
@@ -471,6 +483,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     best.eval()
     result = {k: state[k] for k in ("step", "epoch", "best", "best_step", "stopped_early", "tokens",
                                     "train_seconds")}
+    result.update(train_examples=len(examples), valid_subset=len(valid))
     test_metrics = None
     if cfg.test:
         from genrec_fast.eval import evaluate_split
@@ -494,23 +507,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=d.model, help="'tiny' or an HF causal LM name/path")
     parser.add_argument("--output-dir", default=d.output_dir)
     parser.add_argument("--tasks", nargs="+", default=list(d.tasks), help=f"SFT tasks to enable (of {list(d.tasks)})")
+    flags = [f.name for f in fields(SFTConfig) if isinstance(f.default, bool)]
     for f in fields(SFTConfig):
-        if f.name in ("data", "model", "output_dir", "tasks", "model_overrides", "bf16", "packing", "resume",
-                      "lora", "test", "progress"):
+        if f.name in ("data", "model", "output_dir", "tasks", "model_overrides", "bf16") or f.name in flags:
             continue
         typ = {"max_steps": int}.get(f.name, type(f.default))
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default)
-    parser.add_argument("--bf16", action=argparse_bool(), default=None, help="bf16 autocast (default: on CUDA)")
-    for name in ("packing", "resume", "lora", "test", "progress"):
-        parser.add_argument(f"--{name}", action=argparse_bool(), default=getattr(d, name))
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on CUDA)")
+    for name in flags:
+        parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                            default=getattr(d, name))
     parser.add_argument("--model-overrides", type=json.loads, default={},
                         help='JSON dict of tiny-preset config fields, e.g. \'{"hidden_size": 256}\'')
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def run(args) -> int:
