@@ -91,7 +91,7 @@ class _ResidualQuantize(torch.autograd.Function):
             g = grad_xhat.float()
             grad_cb = torch.zeros((levels, k, d), dtype=torch.float32, device=g.device)
             for lvl in range(levels):
-                grad_cb[lvl].index_add_(0, codes[:, lvl].long(), g)
+                grad_cb[lvl].index_put_((codes[:, lvl].long(),), g, accumulate=True)
             grad_cb = grad_cb.to(ctx.codebook_dtype)
         return grad_x, grad_cb, None
 
