@@ -211,3 +211,20 @@ def test_sdpo_with_lora_reference_is_the_sft_model(tiny_run, tmp_path):
     torch.testing.assert_close(ref, _reload_logps(model_dir, data_dir, samples), atol=1e-4, rtol=1e-4)
     merged = _reload_logps(out / "model", data_dir, samples)  # saved with the adapter merged in
     assert (merged - ref).abs().max() > 1e-3
+
+
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted([*_CONFIGS.glob("sdpo_*.yaml"), *_CONFIGS.glob("rl_*.yaml")]),
+                         ids=lambda p: p.name)
+def test_shipped_stage_configs_are_valid(path):
+    from genrec_fast.cli import _apply_config, build_parser
+    from genrec_fast.train import GRPOConfig, SDPOConfig
+    from genrec_fast.train.post_training import config_from_args
+
+    stage = path.name.split("_")[0]
+    cls = SDPOConfig if stage == "sdpo" else GRPOConfig
+    args = _apply_config(build_parser(stage), ["--config", str(path), "--model", "m", "--out", "o"])
+    cfg = config_from_args(cls, args)
+    assert cfg.data and cfg.steps >= 1
