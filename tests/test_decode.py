@@ -218,6 +218,12 @@ def test_input_errors_and_training_flag_restored():
         beam_search(model, ids, mask, trie, SIDVocab(VOCAB - 5, SIZES), 4)
     with pytest.raises(ValueError, match="score must be one of"):
         beam_search(model, ids, mask, trie, vocab, 4, score="bogus")
+    with pytest.raises(ValueError, match="batch, T >= 1"):
+        beam_search(model, ids[:0], mask[:0], trie, vocab, 4)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="logits are rescaled"):
+        beam_search(model, ids, mask, trie, vocab, 4)
+    model.config.final_logit_softcapping = None
     res = beam_search(model, ids, mask, trie, vocab, 4)
     assert model.training  # restored after the search (which ran in eval mode)
     res_eval = beam_search(model.eval(), ids, mask, trie, vocab, 4)

@@ -39,7 +39,7 @@ from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
 
 SCORES = ("full_vocab", "sid")
 LSE_CHUNK_ELEMS = 1 << 26  # rows x vocab columns per logits chunk of the log-sum-exp
-_UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma2/3, Cohere, Granite
 
 _device_arrays_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -185,8 +185,8 @@ def _forward(base, input_ids, attention_mask, position_ids, cache):
 
 
 def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, vocab_rows):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"beam_search: input_ids must be a [batch, T] tensor with T >= 1, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"beam_search: input_ids must be a [batch, T] tensor with batch, T >= 1, got {getattr(input_ids, 'shape', type(input_ids))}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"beam_search: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     not_left = torch.nonzero(attention_mask[:, -1] == 0).flatten()
