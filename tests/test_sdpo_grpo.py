@@ -228,3 +228,21 @@ def test_shipped_stage_configs_are_valid(path):
     args = _apply_config(build_parser(stage), ["--config", str(path), "--model", "m", "--out", "o"])
     cfg = config_from_args(cls, args)
     assert cfg.data and cfg.steps >= 1
+
+
+def test_grpo_semantic_reward_from_embedding_file(tiny_run, tmp_path):
+    from genrec_fast.train import GRPOConfig, train_grpo
+
+    data_dir, model_dir = tiny_run
+    emb = np.random.default_rng(0).normal(size=(NUM_ITEMS, 8)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    cfg = GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path / "sem"), steps=2, group_size=4,
+                     reward="semantic", item_embeddings=str(tmp_path / "emb.npy"),
+                     **{**COMMON, "eval_before": False, "save": False, "log_every": 1})
+    log = train_grpo(cfg)["log"]
+    assert all(row["no_signal"] == 0.0 for row in log)  # cosines of distinct items differ
+    assert all(-1.0 <= row["reward"] <= 1.0 for row in log)
+    np.save(tmp_path / "bad.npy", emb[:5])
+    cfg.item_embeddings = str(tmp_path / "bad.npy")
+    with pytest.raises(ValueError, match=r"bad.npy: item embeddings must be \[40, D\]"):
+        train_grpo(cfg)
