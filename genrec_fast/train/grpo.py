@@ -75,7 +75,7 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
     B = cfg.group_size
     responses = session.response_tokens(ro.codes)  # [G*B, L]
     rep_ids, rep_mask = ids.repeat_interleave(B, dim=0), mask.repeat_interleave(B, dim=0)
-    ref = session.reference.logprobs(rep_ids, rep_mask, responses)
+    ref = session.reference_logprobs(rep_ids, rep_mask, responses)
     old = None
     stats: Dict[str, float] = {}
     for it in range(cfg.num_updates):

@@ -137,6 +137,12 @@ class Session:
         ids, mask = encode_prompts(self.tokenizer, texts, max_length=self.cfg.max_prompt_length)
         return ids.to(self.device), mask.to(self.device)
 
+    def reference_logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           response_ids: torch.Tensor) -> torch.Tensor:
+        """Reference log-probs under the same autocast as the policy's forward (no grad)."""
+        with self.accelerator.autocast():
+            return self.reference.logprobs(prompt_ids, prompt_mask, response_ids)
+
     def response_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """SID codes [..., L] -> token ids [R, L] on the device."""
         codes = torch.as_tensor(codes, dtype=torch.long)

@@ -86,7 +86,7 @@ def sdpo_step(session: Session, samples: List) -> Dict[str, float]:
     responses = session.response_tokens(torch.cat([chosen.unsqueeze(1), rejected], dim=1))  # [G*(1+n), L]
     rep_ids, rep_mask = ids.repeat_interleave(n + 1, dim=0), mask.repeat_interleave(n + 1, dim=0)
     logps = sequence_logprobs(session.model, rep_ids, rep_mask, responses).view(len(samples), n + 1)
-    ref = session.reference.logprobs(rep_ids, rep_mask, responses).view(len(samples), n + 1)
+    ref = session.reference_logprobs(rep_ids, rep_mask, responses).view(len(samples), n + 1)
     losses = sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], cfg.beta)
     loss = losses.mean()
     check_finite("S-DPO loss", loss)
