@@ -246,3 +246,18 @@ def test_grpo_semantic_reward_from_embedding_file(tiny_run, tmp_path):
     cfg.item_embeddings = str(tmp_path / "bad.npy")
     with pytest.raises(ValueError, match=r"bad.npy: item embeddings must be \[40, D\]"):
         train_grpo(cfg)
+
+
+def test_sdpo_first_step_loss_is_log1pN_plus_sft_term(tiny_run, tmp_path):
+    """At step 1 the policy IS the reference: every S-DPO logit is 0, so the loss is log(1 + N);
+    sft_weight adds weight x the chosen NLL per SID token."""
+    import math
+
+    from genrec_fast.train import SDPOConfig, train_sdpo
+
+    data_dir, model_dir = tiny_run
+    cfg = SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), steps=1, num_negatives=3,
+                     sft_weight=0.5, **{**COMMON, "eval_before": False, "save": False, "log_every": 1})
+    row = train_sdpo(cfg)["log"][0]
+    assert row["margin"] == pytest.approx(0.0, abs=1e-5)
+    assert row["loss"] == pytest.approx(math.log(4.0) - 0.5 * row["chosen_logp"] / 3, rel=1e-5)

@@ -5,7 +5,9 @@ responses are other SIDs, either drawn at random from the catalogue (never the t
 SID, an item of the history, or twice the same SID) or mined as the top wrong beams of a
 constrained beam search of the current policy. Response log-probs are summed over the SID
 tokens for the policy and for the frozen reference (the SFT model, or the adapter-disabled
-policy under LoRA), and the loss is :func:`genrec_fast.train.losses.sdpo_loss`.
+policy under LoRA), and the loss is :func:`genrec_fast.train.losses.sdpo_loss`, optionally plus
+``sft_weight`` times the chosen response's NLL per SID token (as in RPO: DPO-style losses can
+lower the chosen likelihood along with the rejected ones; the NLL term keeps it up).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class SDPOConfig(PostTrainConfig):
     num_negatives: int = 3
     negatives: str = "random"  # "random" (from the catalogue) or "mined" (top wrong beams)
     beta: float = 1.0
+    sft_weight: float = 0.0  # + weight x NLL per SID token of the chosen response (keeps its likelihood up)
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,8 +90,9 @@ def sdpo_step(session: Session, samples: List) -> Dict[str, float]:
     rep_ids, rep_mask = ids.repeat_interleave(n + 1, dim=0), mask.repeat_interleave(n + 1, dim=0)
     logps = sequence_logprobs(session.model, rep_ids, rep_mask, responses).view(len(samples), n + 1)
     ref = session.reference_logprobs(rep_ids, rep_mask, responses).view(len(samples), n + 1)
-    losses = sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], cfg.beta)
-    loss = losses.mean()
+    loss = sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], cfg.beta).mean()
+    if cfg.sft_weight:
+        loss = loss - cfg.sft_weight * logps[:, 0].mean() / chosen.shape[1]
     check_finite("S-DPO loss", loss)
     grad_norm = session.backward_and_step(loss)
     with torch.no_grad():
