@@ -16,6 +16,9 @@ import torch
 from genrec_fast.ops.backend import resolve_backend
 
 _REF_CHUNK_ELEMS = 1 << 24  # rows x codes per distance block in the torch reference
+# The kernel keeps BLOCK_N x D residuals in registers; "auto" sends wider rows (e.g. raw
+# 384-d text embeddings in k-means) to the torch path, where one GEMM per level is as good.
+MAX_FUSED_D = 128
 
 
 def _check_inputs(x: torch.Tensor, codebooks: torch.Tensor) -> None:
@@ -118,8 +121,10 @@ def residual_quantize(
     """Residual quantization of ``x`` [N, D] over ``codebooks`` [L, K, D] (fp32/fp16/bf16, same dtype).
 
     Returns ``(codes [N, L] int32, x_hat [N, D])``, plus ``norms [N, L]`` fp32 (squared norm of the
-    residual left after each level) when ``return_norms``. ``backend``: "auto" (Triton on CUDA,
-    torch elsewhere), "triton" or "torch". Differentiable (see the module docstring).
+    residual left after each level) when ``return_norms``. ``backend``: "auto" (Triton on CUDA
+    for D <= MAX_FUSED_D, torch otherwise), "triton" or "torch". Differentiable (see the module docstring).
     """
+    if backend == "auto" and x.dim() == 2 and x.shape[1] > MAX_FUSED_D:
+        backend = "torch"
     impl = _triton_forward if resolve_backend(backend, x.device) == "triton" else _ref_forward
     return _apply(impl, x, codebooks, return_norms)

@@ -1,0 +1,60 @@
+"""embed_items: the bundled all-MiniLM-L6-v2, the AutoModel mean-pooling path, the on-disk cache."""
+import os
+
+import numpy as np
+import pytest
+
+from genrec_fast.sid import embed
+from genrec_fast.sid.embed import cache_key, default_encoder_path, embed_items
+
+TEXTS = ["Stanley staples, 1/2 inch, 1000 count", "Hot glue sticks for crafts", "Stanley staples, 1/2 inch, 1000 count",
+         "A cordless drill with two batteries"]
+
+
+@pytest.fixture(scope="module")
+def st_embeddings(tmp_path_factory):
+    return embed_items(TEXTS, cache_dir=tmp_path_factory.mktemp("cache"), progress=False, device="cpu")
+
+
+def test_default_encoder_embeds_and_normalises(st_embeddings):
+    e = st_embeddings
+    assert e.shape == (4, 384) and e.dtype == np.float32
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(e[0], e[2], atol=1e-6)
+    # related texts are closer than unrelated ones
+    assert e[0] @ e[2] > e[0] @ e[1] and e[0] @ e[2] > e[0] @ e[3]
+
+
+def test_automodel_mean_pooling_matches_sentence_transformers(tmp_path, st_embeddings):
+    # the same weights without modules.json go through transformers.AutoModel + masked mean pooling
+    src = default_encoder_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        os.symlink(src / name, tmp_path / name)
+    e = embed_items(TEXTS, encoder=str(tmp_path), use_cache=False, progress=False, device="cpu", batch_size=3)
+    assert np.allclose(e, st_embeddings, atol=1e-5)
+
+
+def test_cache_hit_skips_the_encoder(tmp_path, monkeypatch):
+    texts = ["one item", "another item"]
+    first = embed_items(texts, cache_dir=tmp_path, progress=False, device="cpu")
+    files = list(tmp_path.iterdir())
+    assert [f.name for f in files] == [f"{cache_key(texts, embed.DEFAULT_ENCODER, 256)}.npy"]
+
+    def boom(*a, **k):
+        raise AssertionError("encoder called despite a cached result")
+
+    monkeypatch.setattr(embed, "_encode", boom)
+    assert np.array_equal(embed_items(texts, cache_dir=tmp_path, progress=False), first)
+    # a different text list (or order) is a different key
+    assert cache_key(texts[::-1], embed.DEFAULT_ENCODER, 256) != cache_key(texts, embed.DEFAULT_ENCODER, 256)
+    assert cache_key(texts, "path:/x", 256) != cache_key(texts, embed.DEFAULT_ENCODER, 256)
+    with pytest.raises(AssertionError, match="encoder called"):
+        embed_items(texts[::-1], cache_dir=tmp_path, progress=False)
+
+
+def test_bad_texts():
+    with pytest.raises(ValueError, match="no texts"):
+        embed_items([], use_cache=False)
+    with pytest.raises(TypeError, match="texts\\[1\\]"):
+        embed_items(["ok", 3], use_cache=False)
