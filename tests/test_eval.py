@@ -74,7 +74,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
 def tiny_setup():
     from genrec_fast.data.types import RecData, Sample
     from genrec_fast.model import load_model_and_tokenizer
-    from genrec_fast.prompts import tokenizer_corpus
 
     codes = np.array([[i % 4, (i // 4) % 4] for i in range(12)])
     codes[11] = codes[10]  # items 10 and 11 share a SID
@@ -89,7 +88,7 @@ def tiny_setup():
 
     data = RecData(cat, train=samples(20), valid=samples(5), test=samples(9))
     data.test[0].target = 11
-    model, tok, vocab = load_model_and_tokenizer("tiny", (4, 4), corpus=tokenizer_corpus(cat),
+    model, tok, vocab = load_model_and_tokenizer("tiny", (4, 4), corpus=cat.titles + ["Recommend the next item."],
                                                  tokenizer_vocab_size=300, model_overrides=TINY)
     return data, model, tok, vocab
 
