@@ -9,8 +9,7 @@ catalogue titles and the prompt template, for CPU runs and tests.
 from __future__ import annotations
 
 import importlib.util
-import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 

@@ -479,7 +479,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
 
     from genrec_fast.model import load_model_and_tokenizer as _load
 
-    best, tok, vocab = _load(str(out / "model"), device=acc.device)
+    best, tok, vocab = _load(str(out / "model"), device=acc.device, torch_dtype=torch.bfloat16 if bf16 else None)
     best.eval()
     result = {k: state[k] for k in ("step", "epoch", "best", "best_step", "stopped_early", "tokens",
                                     "train_seconds")}
