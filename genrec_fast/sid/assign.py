@@ -35,11 +35,12 @@ def sinkhorn_log_plan(cost, capacity, eps: float = 0.05, iters: int = 50) -> np.
     kmat = np.exp(logk)  # in [exp(-1/eps), 1]: no underflow for eps >= 0.015
     cap = np.clip(_to_numpy(capacity).astype(np.float64), 0, None)
     v = np.ones_like(cap)
+    # einsum, not BLAS gemv: threaded gemv stalls for milliseconds on a busy 2-core host
     for _ in range(iters):
-        u = 1.0 / (kmat @ v)
-        col = v * (u @ kmat)
+        u = 1.0 / np.einsum("ij,j->i", kmat, v)
+        col = v * np.einsum("i,ij->j", u, kmat)
         v = v * np.minimum(cap / np.maximum(col, 1e-300), 1.0)
-    u = 1.0 / (kmat @ v)
+    u = 1.0 / np.einsum("ij,j->i", kmat, v)
     with np.errstate(divide="ignore"):
         return logk + np.log(u)[:, None] + np.log(np.maximum(v, 1e-300))[None, :]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from genrec_fast.ops.rq import residual_quantize
@@ -24,19 +25,28 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor, backend: str) -> Tuple[to
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding. With fewer distinct points than ``k``, the extra centroids repeat points."""
-    n = x.shape[0]
-    sq = x.pow(2).sum(1)
-    picks = [int(torch.randint(n, (1,), generator=generator, device="cpu"))]
-    d2 = (sq - 2.0 * (x @ x[picks[0]]) + sq[picks[0]]).clamp_(min=0.0)
+    """k-means++ seeding. With fewer distinct points than ``k``, the extra centroids repeat points.
+
+    Runs on the host in numpy (single-threaded einsum): k sequential matrix-vector steps,
+    which threaded BLAS/torch stall on when the host is busy.
+    """
+    xn = x.detach().float().cpu().numpy()
+    n = xn.shape[0]
+    sq = np.einsum("ij,ij->i", xn, xn)
+
+    def dist_to(i: int) -> np.ndarray:
+        return np.maximum(sq - 2.0 * np.einsum("ij,j->i", xn, xn[i]) + sq[i], 0.0)
+
+    picks = [int(torch.randint(n, (1,), generator=generator))]
+    d2 = dist_to(picks[0])
     for _ in range(1, k):
-        total = float(d2.sum())
+        total = float(d2.sum(dtype=np.float64))
         if total <= 0.0:
-            idx = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+            idx = int(torch.randint(n, (1,), generator=generator))
         else:
-            idx = int(torch.multinomial((d2 / total).cpu().double(), 1, generator=generator))
+            idx = int(torch.multinomial(torch.from_numpy(d2.astype(np.float64) / total), 1, generator=generator))
         picks.append(idx)
-        d2 = torch.minimum(d2, (sq - 2.0 * (x @ x[idx]) + sq[idx]).clamp_(min=0.0))
+        d2 = np.minimum(d2, dist_to(idx))
     return x[torch.tensor(picks, device=x.device)]
 
 
