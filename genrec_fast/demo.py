@@ -43,7 +43,7 @@ class DemoConfig:
     batch_tokens: int = 4096
     pack_length: int = 512
     model_overrides: Dict[str, int] = field(default_factory=dict)
-    valid_samples: int = 200
+    valid_samples: int = 500
     valid_beams: int = 10
     # evaluation
     eval_samples: Optional[int] = None  # test users evaluated (None: all)
