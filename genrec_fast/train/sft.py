@@ -337,11 +337,10 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         cfg.model, data.catalog.codebook_sizes, corpus=tokenizer_corpus(data.catalog),
         tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
         lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, device=acc.device, seed=cfg.seed)
-    eval_every_cfg = cfg.eval_every
     valid_pick = np.arange(len(data.valid))
     if len(data.valid) > cfg.eval_samples:
         valid_pick = np.sort(np.random.default_rng(cfg.seed).choice(len(data.valid), cfg.eval_samples, replace=False))
-    valid = [data.valid[i] for i in valid_pick] if eval_every_cfg >= 0 else []
+    valid = [data.valid[i] for i in valid_pick] if cfg.eval_every >= 0 else []
     train_samples = list(data.train)
     if cfg.train_on_valid:
         held_out = set(valid_pick.tolist()) if valid else set()
@@ -385,10 +384,10 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         state = blob["trainer"]
         _set_rng_state(blob["rng"])
         acc.print(f"sft: resumed from {ckpts[-1]} (step {state['step']})")
-    elif acc.is_main_process:
+    elif acc.is_main_process and (out / "train_log.jsonl").exists():
+        (out / "train_log.jsonl").unlink()
+    if acc.is_main_process:  # the config of the latest (re)start
         atomic_write_text(out / "sft_config.json", json.dumps(asdict(cfg), indent=2))
-        if (out / "train_log.jsonl").exists():
-            (out / "train_log.jsonl").unlink()
 
     def save_checkpoint():
         if not acc.is_main_process:
