@@ -48,8 +48,13 @@ def test_tokenize_examples_masks_the_prompt_and_cuts_it_from_the_left():
         assert len(ids) == 12 and ids[n:] == ids_full[n_full:] and ids[:n] == ids_full[n_full - n:n_full]
 
 
+@pytest.mark.parametrize("mask_logits_to_keep", [True, False])
 @pytest.mark.parametrize("packed", [True, False])
-def test_response_loss_matches_plain_per_example_cross_entropy(packed):
+def test_response_loss_matches_plain_per_example_cross_entropy(packed, mask_logits_to_keep, monkeypatch):
+    # False: the path for transformers releases without a per-row logits_to_keep mask
+    import genrec_fast.train.sft as sft
+
+    monkeypatch.setattr(sft, "_MASK_LOGITS_TO_KEEP", mask_logits_to_keep)
     data = _data()
     model, tok, _ = _tiny(data)
     model.eval()

@@ -7,7 +7,7 @@
   (flash-attn varlen or a block-diagonal sdpa mask); no padding is computed except a row's
   tail. ``packing=False`` uses length-bucketed padded batches instead.
 * Logits are computed only at the positions that predict a response token
-  (``logits_to_keep`` as a boolean mask), then an fp32 cross-entropy: the [tokens, vocab]
+  (``logits_to_keep`` as a boolean mask, or a 1-D index on older transformers), then an fp32 cross-entropy: the [tokens, vocab]
   logits of the prompt are never formed.
 * bf16 autocast on GPU; checkpoints hold model, optimizer, scheduler, RNG states and the data
   position (epoch + batch), so a resumed run continues exactly; tqdm progress; early stopping
@@ -197,13 +197,32 @@ def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool) -> Dic
     return out
 
 
+try:  # transformers >= 5.2x slices hidden states with a 2-D boolean ``logits_to_keep`` (per-row positions)
+    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep  # noqa: F401
+
+    _MASK_LOGITS_TO_KEEP = True
+except ImportError:  # older releases take an int or a 1-D index over the sequence only
+    _MASK_LOGITS_TO_KEEP = False
+
+
 def response_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the response tokens; logits only where a response token is predicted."""
+    """Mean cross-entropy over the response tokens; logits only where a response token is predicted.
+
+    With a transformers release that has no per-row ``logits_to_keep`` mask, a packed batch is
+    run as one row of R*T tokens (position ids still restart per example, so attention stays
+    within each example) and the kept positions are a 1-D index into it.
+    """
     kw = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
-                use_cache=False, **kw)
-    logits = out.logits.reshape(-1, out.logits.shape[-1])
-    return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
+    ids, pos, keep = batch["input_ids"], batch["position_ids"], batch["keep"]
+    if not _MASK_LOGITS_TO_KEEP and not kw:
+        ids, pos, keep = ids.reshape(1, -1), pos.reshape(1, -1), keep.reshape(-1).nonzero().squeeze(1)
+    elif not _MASK_LOGITS_TO_KEEP:
+        keep = 0  # padded batches on old releases: every position's logits, then the response rows
+    out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **kw)
+    logits = out.logits
+    if isinstance(keep, int):
+        logits = logits[batch["keep"]]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"])
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
