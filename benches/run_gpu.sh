@@ -3,7 +3,7 @@
 #   install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
 #   on the GPU, then each GPU bench. Tables go to stdout; JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
-#   TESTS="tests/test_rq.py ..." BENCHES="rq decode" narrow the run (default: all of them).
+#   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="rq decode" narrow the run (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,7 +28,7 @@ fi
 status=0
 stamp "GPU tests (kernels compiled for the device, not the interpreter)"
 TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_rq.py}
-timeout 240 $PY -m pytest -q -p no:cacheprovider -x $TESTS 2>&1 | tee -a "$LOG" | tail -15 || status=1
+[ "$TESTS" = "-" ] || timeout 240 $PY -m pytest -q -p no:cacheprovider -x $TESTS 2>&1 | tee -a "$LOG" | tail -15 || status=1
 
 for b in ${BENCHES:-rq decode sft rl}; do
   [ -f "benches/bench_$b.py" ] || continue
