@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from genrec_fast import _trie
+from genrec_fast.io import atomic_write_bytes
 
 _MAGIC = b"GRFTRIE\x00"
 _VERSION = 1
@@ -261,20 +261,7 @@ class SIDTrie:
         header = _HEADER.pack(_MAGIC, _VERSION, self.num_levels, self.num_items, len(payload),
                               int(self._allow_duplicates))
         crc = struct.pack("<I", zlib.crc32(payload, zlib.crc32(header)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                f.write(payload)
-                f.write(crc)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, header + payload + crc)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SIDTrie":

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
-from genrec_fast.data.io import atomic_write_text
+from genrec_fast.io import atomic_write_text
 from genrec_fast.data.types import Catalog, RecData, Sample
 from genrec_fast.sid_tokens import parse_sid, sid_string, sid_tokens
 
@@ -39,7 +39,7 @@ class DataFormatError(ValueError):
     """A malformed input file; the message names the file and line."""
 
 
-def _item_text(entry: dict) -> str:
+def item_text(entry: dict) -> str:
     if entry.get("text"):
         return str(entry["text"])
     parts = [str(entry.get("title", "")).strip()]
@@ -122,7 +122,7 @@ def load_catalog(directory: Union[str, Path]) -> Catalog:
         entry = meta.get(item) or {}
         title = str(entry.get("title") or (info[item][1] if item in info else item))
         titles.append(title)
-        texts.append(_item_text({**entry, "title": title}))
+        texts.append(item_text({**entry, "title": title}))
     codes = np.asarray([sids[i] for i in ids], dtype=np.int32)
     return Catalog(item_ids=ids, titles=titles, texts=texts, codes=codes)
 

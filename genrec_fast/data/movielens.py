@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from genrec_fast.data.interactions import load_interactions
-from genrec_fast.data.io import atomic_write_text
+from genrec_fast.io import atomic_write_text
 from genrec_fast.data.minionerec import DataFormatError
 from genrec_fast.data.types import RecData
 

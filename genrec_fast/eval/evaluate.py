@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from genrec_fast.data.io import atomic_write_text
+from genrec_fast.io import atomic_write_text
 from genrec_fast.eval.baselines import baseline_metrics
 from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, format_table, ranking_metrics
 

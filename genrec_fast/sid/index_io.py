@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from genrec_fast.data.io import atomic_write_bytes, atomic_write_text
+from genrec_fast.io import atomic_write_bytes, atomic_write_text
 from genrec_fast.sid_tokens import parse_sid, sid_tokens
 
 INDEX_FILE = "index.json"

@@ -245,7 +245,7 @@ class Session:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from genrec_fast.data.io import atomic_write_text
+    from genrec_fast.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 

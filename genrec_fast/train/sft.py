@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from genrec_fast.data.io import atomic_write_text
+from genrec_fast.io import atomic_write_text
 from genrec_fast.prompts import DEFAULT_TASKS, check_tasks
 
 PACK_WINDOW = 8  # open rows a packed example may go to
