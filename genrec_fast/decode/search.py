@@ -164,15 +164,35 @@ def _lm_parts(model):
         if value not in (None, 1.0):
             raise ValueError(f"beam_search: models whose logits are rescaled ({attr}={value}) are not supported")
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(
-            f"beam_search: the LM head must be a plain torch.nn.Linear (logits = head(last hidden state)), "
-            f"got {type(head).__name__}; merge adapters on the head before decoding"
-        )
     base = model.base_model
     if base is model:
         raise ValueError(f"beam_search: {type(model).__name__} has no separate base transformer (model.base_model)")
-    return base, head.weight, head.bias
+    if isinstance(head, torch.nn.Linear):
+        return base, head.weight, head.bias
+    return (base, *_affine_head(head, model.config.hidden_size))
+
+
+def _affine_head(head: torch.nn.Module, hidden: int):
+    """(weight [V, H], bias [V] or None) of an LM head that is an affine map but no plain nn.Linear.
+
+    PEFT wraps the head under LoRA (``lora.Linear``, or ``TrainableTokensWrapper`` when SID rows of a
+    tied embedding are trainable); its effective weight is read off exactly by running the head on the
+    identity and on a zero row (1 * w + 0 * ... is exact in any precision), then checked on random rows,
+    so a head that is not affine raises instead of ranking wrongly.
+    """
+    param = next(head.parameters())
+    probe = torch.cat([torch.zeros(1, hidden), torch.eye(hidden)]).to(device=param.device, dtype=param.dtype)
+    out = head(probe)
+    bias, weight = out[0], (out[1:] - out[0]).t().contiguous()
+    x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0)).to(device=param.device, dtype=param.dtype)
+    expect = F.linear(x.float(), weight.float(), bias.float())
+    got = head(x).float()
+    if not torch.allclose(got, expect, rtol=1e-2, atol=1e-2 * float(expect.abs().max().clamp_min(1.0))):
+        raise ValueError(
+            f"beam_search: the LM head {type(head).__name__} is not an affine map of the last hidden state "
+            f"(logits = W h + b); merge or remove what rescales the logits before decoding"
+        )
+    return weight, (bias if bool(bias.any()) else None)
 
 
 def _forward(base, input_ids, attention_mask, position_ids, cache):

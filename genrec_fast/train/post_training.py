@@ -153,8 +153,8 @@ class Session:
         """The policy for beam search and evaluation: unwrapped, eval mode, autocast, no grad.
 
         Under ZeRO-3 the sharded weights are gathered for the duration (the search reads the LM
-        head directly). Under LoRA a merged copy is searched: the beam search needs a plain
-        linear LM head, and the adapter wraps it (the SID rows of the tied embedding train).
+        head directly). Under LoRA the adapter-wrapped model is searched as it is (the beam
+        search reads the wrapped head's effective weight).
         """
         model = self.unwrapped
         gather = contextlib.nullcontext()
@@ -167,7 +167,7 @@ class Session:
         model.eval()
         try:
             with gather, torch.no_grad(), self.accelerator.autocast():
-                yield copy.deepcopy(model).merge_and_unload() if self.reference.uses_adapter else model
+                yield model
         finally:
             model.train(was_training)
 

@@ -1,0 +1,62 @@
+"""beam_search on PEFT-wrapped models (LoRA + trainable SID rows of a tied head) equals the merged model."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from genrec_fast import SIDTrie
+from genrec_fast.decode import beam_search
+from genrec_fast.model import encode_prompts, load_model_and_tokenizer
+
+CORPUS = ["Red tape for the shop", "Blue glue", "### Instruction:\nRecommend the next item.\n### Response:\n"] * 5
+SIZES = (4, 3, 5)
+SMALL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 64}
+
+
+def _lora_model():
+    model, tok, vocab = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300,
+                                                 model_overrides=SMALL, lora=True, lora_r=4, seed=0)
+    # adapters start as the identity (LoRA B = 0, token deltas = the original rows): move them
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, tok, vocab
+
+
+def test_lora_model_searches_like_its_merged_copy():
+    model, tok, vocab = _lora_model()
+    head = model.get_base_model().get_output_embeddings()
+    assert not isinstance(head, torch.nn.Linear)  # the case this test is about
+    rng = np.random.default_rng(0)
+    codes = np.unique(np.stack([rng.integers(0, k, 40) for k in SIZES], 1), axis=0)
+    trie = SIDTrie(codes, SIZES)
+    ids, mask = encode_prompts(tok, ["Red tape", "Blue glue for the shop", "tape"])
+    merged = copy.deepcopy(model).merge_and_unload()
+    for score in ("full_vocab", "sid"):
+        got = beam_search(model, ids, mask, trie, vocab, num_beams=6, score=score, backend="torch")
+        ref = beam_search(merged, ids, mask, trie, vocab, num_beams=6, score=score, backend="torch")
+        assert torch.equal(got.codes, ref.codes)
+        assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+
+
+def test_non_affine_head_raises():
+    model, tok, vocab = _lora_model()
+    base = model.get_base_model()
+
+    class Squashed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.tanh(self.inner(x))
+
+    base.set_output_embeddings(Squashed(base.get_output_embeddings()))
+    trie = SIDTrie(np.array([[0, 0, 0], [1, 2, 3]]), SIZES)
+    ids, mask = encode_prompts(tok, ["Red tape"])
+    with pytest.raises(ValueError, match="not an affine map"):
+        beam_search(model, ids, mask, trie, vocab, num_beams=2, backend="torch")
