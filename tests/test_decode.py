@@ -7,7 +7,7 @@ import transformers
 
 from genrec_fast import SIDTrie
 from genrec_fast.decode import BeamSearchResult, SIDVocab, beam_search, full_vocab_lse
-from genrec_fast.decode import search as search_module
+from genrec_fast.decode import kv
 from genrec_fast.decode.search import trie_device_arrays
 from genrec_fast.sid_tokens import sid_token_strings
 
@@ -131,7 +131,7 @@ def test_four_levels_beam_buffer_and_generic_cache_path_match_hf(monkeypatch):
     vocab = SIDVocab(START, sizes)
     ids, mask = left_padded_prompts(3, 8, 13)
     fast = beam_search(model, ids, mask, trie, vocab, 10, backend="torch")
-    monkeypatch.setattr(search_module, "DynamicLayer", None)  # every cache takes the generic path
+    monkeypatch.setattr(kv, "HAS_LAYERED_CACHE", False)  # every cache takes the generic path
     generic = beam_search(model, ids, mask, trie, vocab, 10, backend="torch")
     hf_tokens, hf_scores = hf_constrained(model, ids, mask, trie, vocab, 10)
     for res in (fast, generic):

@@ -20,19 +20,14 @@ applied.
 from __future__ import annotations
 
 import functools
-import inspect
 import weakref
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # transformers >= 4.54: per-layer cache objects
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # pragma: no cover - older transformers: always use cache.reorder_cache
-    DynamicLayer = None
-
+from genrec_fast.decode import graphs, kv
 from genrec_fast.decode.vocab import SIDVocab
 from genrec_fast.ops.backend import resolve_backend
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
@@ -99,62 +94,6 @@ def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
 
 
-if DynamicLayer is not None:
-
-    class _BeamLayer(DynamicLayer):
-        """A prompt's dynamic KV layer expanded to its B beams, in a buffer with room for the SID steps.
-
-        Appends write in place (no torch.cat of the whole cache per step), and since every beam's
-        parent belongs to the same prompt, whose B rows hold identical prompt positions, a reorder
-        only gathers the generated tail (positions >= the prompt length).
-        """
-
-        def __init__(self, layer: "DynamicLayer", repeats: int, extra: int):
-            super().__init__()
-            rows, heads, length = layer.keys.shape[:3]
-            self.device, self.prompt_len, self.length = layer.keys.device, length, length
-            self._k = layer.keys.new_empty((rows * repeats, heads, length + extra, layer.keys.shape[-1]))
-            self._v = layer.values.new_empty((rows * repeats, heads, length + extra, layer.values.shape[-1]))
-            for buf, src in ((self._k, layer.keys), (self._v, layer.values)):
-                buf.view(rows, repeats, *buf.shape[1:])[:, :, :, :length] = src[:, None]
-            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
-            if end > self._k.shape[-2]:
-                raise RuntimeError(f"beam KV buffer full: {end} > {self._k.shape[-2]} positions")
-            self._k[:, :, self.length:end] = key_states
-            self._v[:, :, self.length:end] = value_states
-            self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            return self.keys, self.values
-
-        def reorder_tail(self, index: torch.Tensor) -> None:
-            t = self.prompt_len
-            self._k[:, :, t:self.length] = self._k[index, :, t:self.length]
-            self._v[:, :, t:self.length] = self._v[index, :, t:self.length]
-
-
-def _expand_cache(cache, beams: int, extra: int) -> None:
-    """P prompt rows -> P * beams rows (row p*beams + b is beam b of prompt p)."""
-    layers = getattr(cache, "layers", None)
-    if DynamicLayer is not None and layers and all(type(ly) is DynamicLayer and ly.keys is not None for ly in layers):
-        cache.layers = [_BeamLayer(ly, beams, extra) for ly in layers]
-    else:
-        cache.batch_repeat_interleave(beams)
-
-
-def _reorder_cache(cache, index: torch.Tensor) -> None:
-    """Gather the cache rows of the chosen parent beams (``index``: flat row per beam)."""
-    layers = getattr(cache, "layers", None)
-    if DynamicLayer is not None and layers and all(type(ly) is _BeamLayer for ly in layers):
-        for ly in layers:
-            ly.reorder_tail(index)
-    else:
-        cache.reorder_cache(index)
-
-
 def _lm_parts(model):
     """(base transformer, LM-head weight, LM-head bias) of an HF causal LM (PEFT wrappers unwrapped)."""
     if hasattr(model, "get_base_model"):  # peft.PeftModel
@@ -195,15 +134,6 @@ def _affine_head(head: torch.nn.Module, hidden: int):
     return weight, (bias if bool(bias.any()) else None)
 
 
-def _forward(base, input_ids, attention_mask, position_ids, cache):
-    """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H])."""
-    # transformers 5 names the cache argument/output ``cache``, 4.x ``past_key_values``
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-               **{name: cache})
-    return getattr(out, name), out.last_hidden_state[:, -1]
-
-
 def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, vocab_rows):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"beam_search: input_ids must be a [batch, T] tensor with batch, T >= 1, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -226,15 +156,57 @@ def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, 
         raise ValueError(f"beam_search: SID token ids reach {sid_vocab.end - 1} but the LM head has {vocab_rows} rows")
 
 
+class _EagerForward:
+    """The search's forwards run eagerly: HF's own prefill cache, then the in-place beam buffers (``kv``)."""
+
+    def __init__(self, base, B: int, L: int):
+        self.base, self.B, self.L = base, B, L
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.cache, hidden = kv.forward(self.base, input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), None)
+        self.lengths, self.mask_rep = mask.sum(-1).repeat_interleave(self.B), mask.repeat_interleave(self.B, dim=0)
+        return hidden
+
+    def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        if parent_rows is None:  # level 1: every beam's parent is its prompt's single row: P -> P*B rows
+            kv.expand_cache(self.cache, self.B, self.L - 1)
+        else:
+            kv.reorder_cache(self.cache, parent_rows)
+        step_mask = torch.cat([self.mask_rep, self.mask_rep.new_ones((self.mask_rep.shape[0], level))], dim=1)
+        position = (self.lengths + level - 1)[:, None]
+        self.cache, hidden = kv.forward(self.base, token.reshape(-1, 1), step_mask, position, self.cache)
+        return hidden
+
+
+def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket):
+    if cuda_graphs is False or cuda_graphs is None:
+        return _EagerForward(base, B, L)
+    if cuda_graphs is True:
+        if device.type != "cuda":
+            raise ValueError(f"beam_search: cuda_graphs=True needs the model on a CUDA device, it is on {device}")
+        mode = "cuda"
+    elif cuda_graphs == "emulate":
+        mode = "emulate"
+    else:
+        raise ValueError(f"beam_search: cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
+    if int(bucket) < 1:
+        raise ValueError(f"beam_search: graph_bucket must be >= 1, got {bucket}")
+    return graphs.graph_forward(base, P, B, T, L, device, mode, int(bucket))
+
+
 @torch.inference_mode()
 def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
-                num_beams: int, score: str = "full_vocab", backend: str = "auto") -> BeamSearchResult:
+                num_beams: int, score: str = "full_vocab", backend: str = "auto",
+                cuda_graphs: Union[bool, str] = False, graph_bucket: int = 64) -> BeamSearchResult:
     """Constrained beam search of ``num_beams`` SIDs per prompt (see the module doc).
 
     input_ids / attention_mask: [batch, T], LEFT padded, each prompt ending exactly where the
     SID response starts. trie: ``SIDTrie`` of the catalogue. score: "full_vocab" (HF-equal
     ranking) or "sid" (normalise each level over its allowed SID tokens only).
     Prompts with fewer than ``num_beams`` SIDs get all of them, then padding (-1 / -inf).
+    cuda_graphs: replay the prefill and the SID steps from CUDA graphs captured per shape
+    (``genrec_fast.decode.graphs``; prompts left padded to a multiple of ``graph_bucket`` tokens);
+    "emulate" runs the same static-buffer protocol eagerly (any device; for tests).
     """
     base, weight, bias = _lm_parts(model)
     device = weight.device
@@ -244,15 +216,13 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     backend = resolve_backend(backend, device)
     da = trie_device_arrays(trie, device)
     P, B, L = input_ids.shape[0], int(num_beams), trie.num_levels
+    runner = _forward_runner(base, cuda_graphs, P, B, input_ids.shape[1], L, device, graph_bucket)
 
     was_training = model.training
     model.eval()
     try:
-        cache, hidden = _forward(base, input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), None)
-        lengths = mask.sum(-1)
-        mask_rep = mask.repeat_interleave(B, dim=0)
+        hidden = runner.prefill(input_ids, mask)
         rows = torch.arange(P, device=device)[:, None]
-
         scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
         nodes = torch.zeros(P, dtype=torch.long, device=device)
         nb = 1
@@ -260,15 +230,10 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         parent = code = None
         for level in range(L):
             if level > 0:
-                if level == 1:  # every beam's parent is its prompt's single row: expand P -> P*B rows
-                    _expand_cache(cache, B, L - 1)
-                else:
-                    _reorder_cache(cache, (rows * B + parent.clamp_min(0)).reshape(-1))
                 nb = B
-                token = (sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)).reshape(-1, 1)
-                step_mask = torch.cat([mask_rep, mask_rep.new_ones((P * B, level))], dim=1)
-                position = (lengths + level - 1).repeat_interleave(B)[:, None]
-                cache, hidden = _forward(base, token, step_mask, position, cache)
+                token = sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)
+                parent_rows = None if level == 1 else (rows * B + parent.clamp_min(0)).reshape(-1)
+                hidden = runner.step(level, token.reshape(-1), parent_rows)
             lo, hi = sid_vocab.level_range(level)
             logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
             lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
@@ -287,7 +252,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             history = torch.gather(codes, 1, parent.clamp_min(0)[..., None].expand(P, B, level))
             codes = torch.cat([history, code[..., None]], dim=2)
             scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
-        del cache
+        del runner
     finally:
         model.train(was_training)
     leaf_ids = nodes.view(P, B)

@@ -1,0 +1,200 @@
+"""CUDA graphs for beam_search's model forwards (``beam_search(..., cuda_graphs=True)``).
+
+Why: at decode sizes an eager HF forward of a 24-layer model is bound by Python and kernel
+launches, not by the GPU (on an H200, Qwen2.5-0.5B shapes, 8 prompts x 50 beams: about 20 ms a
+forward whatever the batch), and a search is one prefill plus L - 1 one-token steps. Replaying
+captured graphs removes that host cost.
+
+What is captured, per (model, prompts P, beams B, bucketed prompt width T, levels L):
+- the prefill graph: the forward of the P prompts into static ``KVBuffer`` layers, then the copy of
+  each prompt's K/V into its B beam rows;
+- one graph per level l = 1 .. L-1: the reorder of the generated tail by parent beam, then the
+  one-token forward of the P*B beams.
+Everything a graph reads lives in static buffers that are refilled before each replay: token ids,
+position ids, the parent index and additive 4-D attention masks. HF uses a 4-D mask as given,
+so no data-dependent mask code (``padding_mask.all()`` ...) runs inside a capture. Prompts are left
+padded to a multiple of ``bucket`` tokens so batches of nearby widths share graphs; left padding
+changes nothing for real positions (positions come from the attention mask).
+
+Capture protocol (``_Graph.run``): the first call of a graph runs its function once eagerly on a
+side stream (warm-up; the parent index set to the identity, so the non-idempotent tail reorder
+leaves the cache as it was), captures it, then replays it; later calls only replay. In
+``mode="emulate"`` (CPU tests) the same sequence runs with the function called where the capture
+and the replays would be, so the protocol itself is tested without a GPU.
+
+Graph sets are kept per model in an LRU of ``GRAPH_SETS`` entries (``clear_graphs()`` drops them);
+a set holds its KV buffers (P*B x layers x 2 x kv_heads x (T + L - 1) x head_dim values) until evicted.
+"""
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from genrec_fast.decode import kv
+
+GRAPH_SETS = 4  # graph sets (shapes) kept per model
+MODES = ("cuda", "emulate")
+_SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+_sets: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def clear_graphs(model=None) -> None:
+    """Drop the captured graphs (and their buffers) of ``model``'s base transformer, or of every model."""
+    if model is None:
+        _sets.clear()
+    else:
+        _sets.pop(model, None)
+
+
+def check_supported(base) -> None:
+    """Raise ValueError naming why ``base`` cannot run the graph path (the eager path still can)."""
+    if not kv.HAS_LAYERED_CACHE:
+        raise ValueError("beam_search(cuda_graphs=True) needs transformers >= 4.54 (per-layer cache objects)")
+    cfg = base.config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in _SUPPORTED_ATTENTION:
+        raise ValueError(f"beam_search(cuda_graphs=True) needs attn_implementation in {_SUPPORTED_ATTENTION} "
+                         f"(4-D attention masks), the model has {impl!r}")
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+        raise ValueError("beam_search(cuda_graphs=True) supports full-attention layers only "
+                         f"(layer_types={sorted(set(layer_types))}, use_sliding_window="
+                         f"{getattr(cfg, 'use_sliding_window', False)})")
+
+
+def _fingerprint(base) -> int:
+    """Changes when a parameter is re-allocated (``model.to``, ...): captured graphs read weights by address."""
+    return hash(tuple(p.data_ptr() for p in base.parameters()))
+
+
+class _Graph:
+    """One captured function; ``run()`` warms up and captures on first use, then replays."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor], mode: str, pool, warmup: Callable[[], None]):
+        self.fn, self.mode, self.pool, self.warmup = fn, mode, pool, warmup
+        self.graph = None
+        self.out: Optional[torch.Tensor] = None
+
+    def run(self, restore: Callable[[], None]) -> torch.Tensor:
+        if self.out is None:  # first use: warm-up (on the identity), capture, then the real run below
+            self.warmup()
+            if self.mode == "cuda":
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self.fn()
+                torch.cuda.current_stream().wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=self.pool):
+                    self.out = self.fn()
+            else:
+                self.out = self.fn()
+            restore()
+        if self.mode == "cuda":
+            self.graph.replay()
+            return self.out
+        self.out = self.fn()
+        return self.out
+
+
+class GraphForward:
+    """The prefill and the L - 1 step forwards of one search shape, run from static buffers."""
+
+    def __init__(self, base, P: int, B: int, T: int, L: int, device: torch.device, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"GraphForward: mode must be one of {MODES}, got {mode!r}")
+        self.base, self.P, self.B, self.T, self.L, self.mode = base, P, B, T, L, mode
+        dtype = next(base.parameters()).dtype
+        self.min = torch.finfo(dtype).min
+        R = P * B
+        self.ids = torch.zeros((P, T), dtype=torch.long, device=device)
+        self.pos = torch.zeros((P, T), dtype=torch.long, device=device)
+        self.mask4 = torch.zeros((P, 1, T, T), dtype=dtype, device=device)
+        self.tok = torch.zeros((R, 1), dtype=torch.long, device=device)
+        self.index = torch.arange(R, device=device)
+        self.identity = torch.arange(R, device=device)
+        self.step_pos = [torch.zeros((R, 1), dtype=torch.long, device=device) for _ in range(L)]
+        self.step_mask4 = [torch.zeros((R, 1, 1, T + l), dtype=dtype, device=device) for l in range(L)]
+        self.pre_layers = [kv.KVBuffer(T) for _ in range(base.config.num_hidden_layers)]
+        self.beam_layers = [kv.KVBuffer(T + L - 1) for _ in range(base.config.num_hidden_layers)]
+        self.pre_cache, self.beam_cache = kv.buffer_cache(self.pre_layers), kv.buffer_cache(self.beam_layers)
+        pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+        self.prefill_graph = _Graph(self._prefill, mode, pool, warmup=lambda: None)
+        self.step_graphs = [None] + [_Graph(self._stepper(l), mode, pool, warmup=self._identity_index)
+                                     for l in range(1, L)]
+        self._saved_index = None
+
+    # ---- captured functions: read and write static buffers only --------------------------------
+    def _prefill(self) -> torch.Tensor:
+        for ly in self.pre_layers:
+            ly.set_length(0)
+        _, hidden = kv.forward(self.base, self.ids, self.mask4, self.pos, self.pre_cache)
+        for pre, beam in zip(self.pre_layers, self.beam_layers):
+            beam.expand_from(pre.keys, pre.values, self.B)
+        return hidden
+
+    def _stepper(self, level: int) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            for ly in self.beam_layers:
+                ly.set_length(self.T + level - 1)
+                if level > 1:
+                    ly.reorder_tail(self.index)
+            _, hidden = kv.forward(self.base, self.tok, self.step_mask4[level], self.step_pos[level], self.beam_cache)
+            return hidden
+        return step
+
+    def _identity_index(self) -> None:
+        self._saved_index = self.index.clone()
+        self.index.copy_(self.identity)
+
+    def _restore_index(self) -> None:
+        if self._saved_index is not None:
+            self.index.copy_(self._saved_index)
+            self._saved_index = None
+
+    # ---- the search's calls ----------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fill the static inputs from a left-padded [P, t <= T] batch and run the prefill -> hidden [P, H]."""
+        P, T, B = self.P, self.T, self.B
+        pad = T - input_ids.shape[1]
+        ids, mask = F.pad(input_ids, (pad, 0)), F.pad(mask, (pad, 0))
+        key_ok = mask.bool()
+        self.ids.copy_(ids)
+        self.pos.copy_((mask.cumsum(-1) - 1).clamp_min(0))
+        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
+        allowed = (torch.tril(torch.ones_like(eye)) & key_ok[:, None, :]) | eye  # pad queries see themselves only
+        self.mask4.copy_(torch.where(allowed, 0.0, self.min)[:, None])
+        lengths = mask.sum(-1).repeat_interleave(B)[:, None]
+        key_rep = key_ok.repeat_interleave(B, dim=0)
+        for level in range(1, self.L):
+            self.step_pos[level].copy_(lengths + level - 1)
+            self.step_mask4[level][:, 0, 0, :T].copy_(torch.where(key_rep, 0.0, self.min))
+            self.step_mask4[level][:, 0, 0, T:].zero_()
+        return self.prefill_graph.run(restore=lambda: None)
+
+    def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Level ``level`` >= 1: beams' last tokens [P*B] (and flat parent rows for level >= 2) -> hidden [P*B, H]."""
+        self.tok.copy_(token.reshape(-1, 1))
+        if parent_rows is not None:
+            self.index.copy_(parent_rows)
+        return self.step_graphs[level].run(restore=self._restore_index)
+
+
+def graph_forward(base, P: int, B: int, T: int, L: int, device: torch.device, mode: str, bucket: int) -> GraphForward:
+    """The cached ``GraphForward`` for this shape (prompt width rounded up to ``bucket``), made on first use."""
+    check_supported(base)
+    width = -(-T // bucket) * bucket
+    per_model = _sets.setdefault(base, collections.OrderedDict())
+    key = (P, B, width, L, str(device), mode, _fingerprint(base))
+    if key in per_model:
+        per_model.move_to_end(key)
+        return per_model[key]
+    while len(per_model) >= GRAPH_SETS:
+        per_model.popitem(last=False)
+    per_model[key] = GraphForward(base, P, B, width, L, device, mode)
+    return per_model[key]

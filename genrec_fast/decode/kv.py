@@ -1,0 +1,124 @@
+"""The beam search's KV cache: fixed buffers written in place, shared by the eager and the CUDA-graph paths.
+
+``KVBuffer`` is an HF cache layer (a ``DynamicLayer``, so any model whose attention calls
+``cache.update`` uses it unchanged) over a preallocated ``[rows, heads, capacity, head_dim]``
+buffer: an append writes positions ``length .. length + q`` in place and returns views of the
+first ``length + q`` positions, so no ``torch.cat`` of the whole cache happens per step and the
+buffers' addresses never change (what a captured CUDA graph needs). Every beam's parent
+belongs to the same prompt, whose B rows hold identical prompt positions, so a reorder only
+gathers the generated tail (positions >= the prompt length).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional
+
+import torch
+
+try:  # transformers >= 4.54: per-layer cache objects
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: beam search uses cache.reorder_cache
+    DynamicCache = DynamicLayer = None
+
+HAS_LAYERED_CACHE = DynamicLayer is not None
+
+
+if HAS_LAYERED_CACHE:
+
+    class KVBuffer(DynamicLayer):
+        """One layer's K/V in buffers with room for ``capacity`` positions (allocated by the first append
+        when not given)."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length, self.prompt_len = int(capacity), 0, 0
+            self._k = self._v = None
+
+        @classmethod
+        def expanded(cls, layer: "DynamicLayer", repeats: int, extra: int) -> "KVBuffer":
+            """A prompt's layer (rows P, n positions) copied to ``repeats`` rows each, with ``extra`` free positions."""
+            n = layer.keys.shape[-2]
+            buf = cls(n + extra)
+            buf.expand_from(layer.keys, layer.values, repeats)
+            return buf
+
+        def _allocate(self, keys: torch.Tensor, values: torch.Tensor, rows: int) -> None:
+            self.device = keys.device
+            self._k = keys.new_empty((rows, keys.shape[1], self.capacity, keys.shape[-1]))
+            self._v = values.new_empty((rows, values.shape[1], self.capacity, values.shape[-1]))
+            self.is_initialized = True
+
+        def set_length(self, n: int) -> None:
+            """Positions ``< n`` hold valid K/V (the next append writes at ``n``)."""
+            self.length = int(n)
+            if self._k is not None:
+                self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+        def expand_from(self, keys: torch.Tensor, values: torch.Tensor, repeats: int) -> None:
+            """Row p * repeats + b of this buffer := row p of ``keys``/``values`` (positions ``:n``); length n.
+
+            The n positions are the prompt: later reorders leave them alone.
+            """
+            rows, n = keys.shape[0], keys.shape[-2]
+            if n > self.capacity:
+                raise RuntimeError(f"KVBuffer: {n} prompt positions do not fit a buffer of {self.capacity}")
+            if self._k is None:
+                self._allocate(keys, values, rows * repeats)
+            for buf, src in ((self._k, keys), (self._v, values)):
+                buf.view(rows, repeats, *buf.shape[1:])[:, :, :, :n] = src[:, None]
+            self.prompt_len = n
+            self.set_length(n)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self._k is None:
+                self._allocate(key_states, value_states, key_states.shape[0])
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"KVBuffer full: {end} > {self.capacity} positions")
+            self._k[:, :, self.length:end] = key_states
+            self._v[:, :, self.length:end] = value_states
+            self.set_length(end)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def reorder_tail(self, index: torch.Tensor) -> None:
+            """Rows := rows ``index`` on the generated positions ``prompt_len .. length``."""
+            t = self.prompt_len
+            self._k[:, :, t:self.length] = self._k[index, :, t:self.length]
+            self._v[:, :, t:self.length] = self._v[index, :, t:self.length]
+
+    def buffer_cache(layers: List["KVBuffer"]):
+        """An HF ``DynamicCache`` whose layers are the given buffers."""
+        cache = DynamicCache()
+        cache.layers = list(layers)
+        return cache
+
+
+def expand_cache(cache, beams: int, extra: int) -> None:
+    """P prompt rows -> P * beams rows (row p*beams + b is beam b of prompt p), ``extra`` free positions each."""
+    layers = getattr(cache, "layers", None)
+    if HAS_LAYERED_CACHE and layers and all(type(ly) is DynamicLayer and ly.keys is not None for ly in layers):
+        cache.layers = [KVBuffer.expanded(ly, beams, extra) for ly in layers]
+    else:
+        cache.batch_repeat_interleave(beams)
+
+
+def reorder_cache(cache, index: torch.Tensor) -> None:
+    """Gather the cache rows of the chosen parent beams (``index``: flat row per beam)."""
+    layers = getattr(cache, "layers", None)
+    if HAS_LAYERED_CACHE and layers and all(type(ly) is KVBuffer for ly in layers):
+        for ly in layers:
+            ly.reorder_tail(index)
+    else:
+        cache.reorder_cache(index)
+
+
+def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache):
+    """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H])."""
+    # transformers 5 names the cache argument/output ``cache``, 4.x ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+               **{name: cache})
+    return getattr(out, name), out.last_hidden_state[:, -1]

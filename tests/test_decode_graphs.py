@@ -1,0 +1,159 @@
+"""beam_search(cuda_graphs=...): the static-buffer, 4-D-mask forwards that CUDA graphs capture.
+
+On CPU ``cuda_graphs="emulate"`` runs the exact capture protocol (warm-up on the identity parent
+index, then the real run; later calls reuse the set) with the captured functions called eagerly.
+The functions must also be capturable: no host sync and no tensor made from Python data inside
+them, which a dispatch mode checks op by op. On a GPU the real capture is compared with eager."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from genrec_fast.decode import SIDVocab, beam_search, graphs
+from genrec_fast.decode.search import _lm_parts
+
+from test_decode import START, SIZES, hf_constrained, left_padded_prompts, random_trie, tiny_model
+
+# ops that synchronise with the host or copy Python data to the device: illegal inside a CUDA graph capture
+_NOT_CAPTURABLE = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "item",
+                   "_unique", "_unique2", "unique_dim", "unique_consecutive", "lift_fresh", "lift_fresh_copy",
+                   "nonzero_static"}
+
+
+class _CaptureChecker(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bad = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _NOT_CAPTURABLE:
+            self.bad.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+@pytest.fixture(autouse=True)
+def _no_graph_sets_between_tests():
+    graphs.clear_graphs()
+    yield
+    graphs.clear_graphs()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
+def test_emulated_graph_path_matches_eager_and_hf(family):
+    seed = _fresh_seed()
+    model = tiny_model(family, seed)
+    trie, vocab = random_trie(seed % 1000), SIDVocab(START, SIZES)
+    ids, mask = left_padded_prompts(3, 9, seed)
+    eager = beam_search(model, ids, mask, trie, vocab, 8, backend="torch")
+    hf_tokens, hf_scores = hf_constrained(model, ids, mask, trie, vocab, 8)
+    for _ in range(2):  # the first call captures (here: warm-up + run), the second reuses the set
+        res = beam_search(model, ids, mask, trie, vocab, 8, backend="torch", cuda_graphs="emulate", graph_bucket=16)
+        assert torch.equal(res.codes, eager.codes) and torch.equal(res.codes, vocab.codes(hf_tokens)), f"seed {seed}"
+        torch.testing.assert_close(res.scores, hf_scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
+        torch.testing.assert_close(res.scores, eager.scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
+
+
+def test_four_levels_reuse_across_widths_batches_and_lru():
+    """4 levels: the tail reorder (2 generated positions) runs inside the step functions; sets are
+    reused across prompt widths of one bucket, new for a new batch size, evicted past GRAPH_SETS."""
+    sizes = (5, 6, 7, 4)
+    seed = _fresh_seed()
+    model = tiny_model("llama", seed, vocab_size=START + sum(sizes) + 2)
+    trie, vocab = random_trie(seed % 1000, n=120, sizes=sizes), SIDVocab(START, sizes)
+    base = _lm_parts(model)[0]
+    for P, T in ((3, 8), (3, 11), (2, 10), (3, 8)):
+        ids, mask = left_padded_prompts(P, T, seed + T)
+        eager = beam_search(model, ids, mask, trie, vocab, 10, backend="torch")
+        res = beam_search(model, ids, mask, trie, vocab, 10, backend="torch", cuda_graphs="emulate", graph_bucket=16)
+        assert torch.equal(res.codes, eager.codes), f"seed {seed}, P {P}, T {T}"
+        torch.testing.assert_close(res.scores, eager.scores, rtol=0, atol=1e-4)
+    keys = list(graphs._sets[base])
+    assert [k[:4] for k in keys] == [(2, 10, 16, 4), (3, 10, 16, 4)]  # widths 8 and 11 share the 16 bucket
+    assert graphs.GRAPH_SETS == 4
+    for P in (2, 1, 4, 5):  # P=2 is used again (most recent), then three new shapes: one set must go
+        ids, mask = left_padded_prompts(P, 8, seed)
+        beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
+    assert [k[0] for k in graphs._sets[base]] == [2, 1, 4, 5]  # P=3, the least recently used, was evicted
+    graphs.clear_graphs(base)
+    assert base not in graphs._sets
+
+
+def test_captured_functions_do_not_sync_or_upload():
+    """What a capture records must not synchronise with the host (``.item()``, ``nonzero``, data-dependent
+    mask checks) nor make tensors from Python data: checked on every op of the prefill and step functions."""
+    sizes = (5, 6, 7, 4)
+    model = tiny_model("qwen2", 5, vocab_size=START + sum(sizes) + 2)
+    trie, vocab = random_trie(5, n=120, sizes=sizes), SIDVocab(START, sizes)
+    ids, mask = left_padded_prompts(3, 9, 5)
+    base = _lm_parts(model)[0]
+    gf = graphs.graph_forward(base, 3, 6, 9, 4, torch.device("cpu"), "emulate", 16)
+    checker = _CaptureChecker()
+    calls = []
+
+    def checked(fn, name):
+        def run():
+            calls.append(name)
+            with checker:
+                return fn()
+        return run
+
+    gf.prefill_graph.fn = checked(gf.prefill_graph.fn, "prefill")
+    for level in range(1, 4):
+        gf.step_graphs[level].fn = checked(gf.step_graphs[level].fn, f"step{level}")
+    eager = beam_search(model, ids, mask, trie, vocab, 6)
+    res = beam_search(model, ids, mask, trie, vocab, 6, cuda_graphs="emulate", graph_bucket=16)
+    assert torch.equal(res.codes, eager.codes)
+    assert calls == ["prefill", "prefill"] + [f"step{lv}" for lv in (1, 1, 2, 2, 3, 3)]  # warm-up + run each
+    assert checker.bad == []
+    # the checker does catch what a capture would reject
+    with _CaptureChecker() as c:
+        torch.ones(3).sum().item()
+        torch.nonzero(torch.ones(2))
+    assert len(c.bad) == 2
+
+
+def test_graph_path_errors():
+    model = tiny_model("qwen2", 1)
+    trie, vocab = random_trie(1), SIDVocab(START, SIZES)
+    ids, mask = left_padded_prompts(2, 6, 1)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="graph_bucket must be >= 1"):
+        beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs="emulate", graph_bucket=0)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs="emulate")
+    model.config._attn_implementation = "sdpa"
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs="emulate")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        graphs.GraphForward(_lm_parts(model)[0], 2, 4, 8, 3, torch.device("cpu"), "capture")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_match_emulation_and_eager_on_gpu(dtype):
+    """Replayed graphs compute exactly what the same functions compute eagerly ("emulate"); in fp32 the
+    ranking is also the eager path's."""
+    sizes = (5, 6, 7, 4)
+    seed = _fresh_seed()
+    model = tiny_model("qwen2", seed, vocab_size=START + sum(sizes) + 2).to("cuda", dtype)
+    trie, vocab = random_trie(seed % 1000, n=120, sizes=sizes), SIDVocab(START, sizes)
+    for P, T in ((3, 9), (3, 12), (4, 9)):
+        ids, mask = (t.cuda() for t in left_padded_prompts(P, T, seed + T))
+        eager = beam_search(model, ids, mask, trie, vocab, 10)
+        emulated = beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
+        for _ in range(2):  # capture + replay, then replay only
+            res = beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs=True, graph_bucket=16)
+            assert torch.equal(res.codes, emulated.codes), f"seed {seed}"
+            torch.testing.assert_close(res.scores, emulated.scores, rtol=0, atol=0, msg=f"seed {seed}")
+        if dtype == torch.float32:
+            assert torch.equal(res.codes, eager.codes), f"seed {seed}"
+            torch.testing.assert_close(res.scores, eager.scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
