@@ -4,8 +4,10 @@
   (c) the floor: prefill each prompt once, expand the KV cache to B rows, L cached one-token
       forward steps with full-vocabulary logits (greedy tokens, no search at all),
   (d) ours: genrec_fast.decode.beam_search(score="full_vocab"), and ours with score="sid",
-all measured in the same run, with the ratios ours/(a) and ours/(c), and the share of users
-whose ranked SIDs are identical in (a) and (d).
+  (e) GPU only: ours with cuda_graphs=True (prefill and SID steps replayed from CUDA graphs,
+      captured in the warm-up round),
+all measured in the same run, with the ratios ours/(a) and ours/(c) (and for (e)), and the share
+of users whose ranked SIDs are identical in (a) and (d) and in (d) and (e).
 
 CPU setting: tiny random Qwen2, 32 users x 20 beams, 3k items. GPU settings (bf16, sdpa):
 Qwen2.5-0.5B shapes with random weights, prompt 128, 8 x 50 and 64 x 16 over 3.7k items,
@@ -147,6 +149,10 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         "ours": (ours, our_repeat),
         "ours_sid": (lambda: beam_search(model, ids, mask, trie, vocab, beams, score="sid"), our_repeat),
     }
+    if device.type == "cuda":
+        def ours_graphs():
+            results["graphs"] = beam_search(model, ids, mask, trie, vocab, beams, score="full_vocab", cuda_graphs=True)
+        methods["ours_graphs"] = (ours_graphs, our_repeat)
     times = {method: [] for method in methods}
     with torch.inference_mode():
         for fn, _ in methods.values():  # warm-up (Triton compiles, allocator, caches)
@@ -166,6 +172,13 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
     same = [bool(in_block[u]) and torch.equal(vocab.codes(hf_tokens[u]), our_codes[u]) for u in range(users)]
     valid = trie.contains(our_codes.reshape(-1, L).numpy()) | (our_codes.reshape(-1, L) < 0).all(1).numpy()
     ups = {method: users / statistics.median(ts) for method, ts in times.items()}
+    graphs = {}
+    if "graphs" in results:
+        graph_codes = results["graphs"].codes.cpu()
+        graphs = {"ours_graphs_over_hf_constrained": ups["ours_graphs"] / ups["hf_constrained"],
+                  "ours_graphs_over_floor": ups["ours_graphs"] / ups["floor"],
+                  "graphs_same_ranking_as_ours": float(np.mean([torch.equal(graph_codes[u], our_codes[u])
+                                                                for u in range(users)]))}
     return {
         "setting": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "users": users, "beams": beams, "items": items,
@@ -175,6 +188,7 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         "ours_over_floor": ups["ours"] / ups["floor"],
         "same_ranking_as_hf": float(np.mean(same)),
         "invalid_rate": float(1.0 - valid.mean()),
+        **graphs,
     }
 
 
@@ -201,7 +215,10 @@ def main(argv=None) -> int:
     cols = ["setting", "users", "beams", "items", "hf_constrained_users_per_s", "hf_unconstrained_users_per_s",
             "floor_users_per_s", "ours_users_per_s", "ours_sid_users_per_s", "ours_over_hf_constrained",
             "ours_over_floor", "same_ranking_as_hf", "invalid_rate"]
-    print_table([{c: r[c] for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
+    if device.type == "cuda":
+        cols[8:8] = ["ours_graphs_users_per_s"]
+        cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "graphs_same_ranking_as_ours"]
+    print_table([{c: r.get(c, "-") for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
     print(f"total {time.perf_counter() - t0:.1f}s")
     write_json("bench_decode", {"bench": "decode", "rows": rows}, args.json)
     return 0

@@ -27,7 +27,7 @@ fi
 
 status=0
 stamp "GPU tests (kernels compiled for the device, not the interpreter)"
-TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_rq.py}
+TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_decode_graphs.py tests/test_rq.py}
 [ "$TESTS" = "-" ] || timeout 240 $PY -m pytest -q -p no:cacheprovider -x $TESTS 2>&1 | tee -a "$LOG" | tail -15 || status=1
 
 for b in ${BENCHES:-rq decode sft rl}; do
