@@ -48,18 +48,35 @@ def test_tokenize_examples_masks_the_prompt_and_cuts_it_from_the_left():
         assert len(ids) == 12 and ids[n:] == ids_full[n_full:] and ids[:n] == ids_full[n_full - n:n_full]
 
 
-@pytest.mark.parametrize("mask_logits_to_keep", [True, False])
-@pytest.mark.parametrize("packed", [True, False])
-def test_response_loss_matches_plain_per_example_cross_entropy(packed, mask_logits_to_keep, monkeypatch):
-    # False: the path for transformers releases without a per-row logits_to_keep mask
-    import genrec_fast.train.sft as sft
+def _examples(tok, data, max_length=64):
+    return tokenize_examples(tok, build_examples(data, ["sid_seq", "sid2title", "sid_seq2title"]), max_length)
 
-    monkeypatch.setattr(sft, "_MASK_LOGITS_TO_KEEP", mask_logits_to_keep)
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _hf_padded_loss(model, tk, rows):
+    """The plain HF loss of the same examples: one right-padded row each, labels -100 on prompt and padding."""
+    exs = [tk[i] for row in rows for i in row]
+    width = max(len(ids) for ids, _ in exs)
+    ids = torch.zeros((len(exs), width), dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for r, (seq, n_prompt) in enumerate(exs):
+        ids[r, :len(seq)] = torch.tensor(seq)
+        mask[r, :len(seq)] = 1
+        labels[r, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_response_loss_matches_plain_per_example_cross_entropy(packed):
     data = _data()
     model, tok, _ = _tiny(data)
     model.eval()
-    ex = build_examples(data, ["sid_seq", "sid2title", "sid_seq2title"])
-    tk = tokenize_examples(tok, ex, 64)
+    tk = _examples(tok, data)
     batches = epoch_batches([len(t[0]) for t in tk], 0, 0, batch_tokens=256, pack_length=64 if packed else 256,
                             packing=packed)
     batch = collate(tk, batches[0], tok.pad_token_id, packed)
@@ -73,9 +90,64 @@ def test_response_loss_matches_plain_per_example_cross_entropy(packed, mask_logi
             total += torch.nn.functional.cross_entropy(logits, labels[1:], reduction="sum", ignore_index=-100)
             count += len(ids) - n_prompt
     assert batch["targets"].numel() == count
+    assert torch.equal(batch["keep_index"], batch["keep"].reshape(-1).nonzero().squeeze(1))
     assert torch.allclose(got, total / count, atol=1e-5, rtol=1e-5)
     if packed:
         assert "attention_mask" not in batch and batch["input_ids"].shape[1] <= 64
+
+
+def _moved_lora(data):
+    model, tok, _ = load_model_and_tokenizer("tiny", data.catalog.codebook_sizes,
+                                             corpus=tokenizer_corpus(data.catalog), tokenizer_vocab_size=300,
+                                             model_overrides=SMALL, lora=True, lora_r=4, seed=0)
+    g = torch.Generator().manual_seed(1)  # adapters start as the identity: move them
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, tok
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_response_loss_and_grads_equal_the_hf_padded_loss(lora):
+    """fp32 CPU, whichever transformers is installed: the packed [R, T] batch (never flattened to one
+    row) gives the loss and every trainable gradient of HF's own padded ``model(..., labels)``."""
+    import transformers
+
+    data = _data()
+    model, tok = _moved_lora(data) if lora else _tiny(data)[:2]
+    model.eval()  # LoRA dropout off: the two losses must see the same function
+    tk = _examples(tok, data)
+    rows = epoch_batches([len(t[0]) for t in tk], 0, 0, batch_tokens=384, pack_length=128, packing=True)[0]
+    assert len(rows) > 1 and any(len(r) > 1 for r in rows)  # several rows, several examples per row
+    batch = collate(tk, rows, tok.pad_token_id, packed=True)
+    seen = []
+    from genrec_fast.decode.search import _lm_parts
+
+    hook = _lm_parts(model)[0].register_forward_hook(lambda m, args, kw, out: seen.append(kw["input_ids"].shape),
+                                                     with_kwargs=True)
+    ours = response_loss(model, batch)
+    hook.remove()
+    assert seen == [batch["input_ids"].shape], transformers.__version__
+    ref = _hf_padded_loss(model, tk, rows)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), (float(ours), float(ref), transformers.__version__)
+    g_ours, g_ref = _grads(model, ours), _grads(model, ref)
+    assert g_ours.keys() == g_ref.keys() and len(g_ours) > 0
+    if lora:
+        assert any("lora_" in n for n in g_ours) and not any(n.endswith("q_proj.base_layer.weight") for n in g_ours)
+    for n in g_ref:
+        assert g_ref[n].abs().max() > 0, n
+        assert torch.allclose(g_ours[n], g_ref[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_response_loss_rejects_a_model_whose_logits_are_rescaled():
+    data = _data()
+    model, tok, _ = _tiny(data)
+    model.config.logit_scale = 0.5
+    tk = _examples(tok, data)
+    batch = collate(tk, [[0, 1]], tok.pad_token_id, packed=True)
+    with pytest.raises(ValueError, match="response_loss: .*logit_scale"):
+        response_loss(model, batch)
 
 
 def test_epoch_batches_cover_every_example_once():
@@ -165,3 +237,11 @@ def test_train_on_valid_keeps_the_early_stopping_subset_out(tmp_path):
                          eval_every=-1, train_on_valid=True), data=data)
     result = json.loads((res.output_dir / "sft_result.json").read_text())
     assert result["train_examples"] == 48 + 16 and result["valid_subset"] == 0
+
+
+def test_train_with_lora_learns(tmp_path):
+    data = _data()
+    res = train_sft(_cfg(tmp_path, lora=True, lora_r=4, lr=3e-2, max_steps=20, eval_every=-1), data=data)
+    losses = [l for _, l in res.history["loss"]]
+    assert len(losses) == 20 and np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
+    assert not hasattr(res.model, "get_base_model")  # the saved model is the merged copy

@@ -6,9 +6,9 @@
   restarting per example and no attention mask, so HF attention keeps the examples apart
   (flash-attn varlen or a block-diagonal sdpa mask); no padding is computed except a row's
   tail. ``packing=False`` uses length-bucketed padded batches instead.
-* Logits are computed only at the positions that predict a response token
-  (``logits_to_keep`` as a boolean mask, or a 1-D index on older transformers), then an fp32 cross-entropy: the [tokens, vocab]
-  logits of the prompt are never formed.
+* Logits are computed only at the positions that predict a response token: the base
+  transformer's hidden states are gathered there and the LM head runs on those rows only, then an
+  fp32 cross-entropy: the [tokens, vocab] logits of the prompt are never formed.
 * bf16 autocast on GPU; checkpoints hold model, optimizer, scheduler, RNG states and the data
   position (epoch + batch), so a resumed run continues exactly; tqdm progress; early stopping
   on valid NDCG@10 from ``genrec_fast.eval.evaluate`` (constrained beam search) on a fixed
@@ -158,7 +158,8 @@ def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool) -> Dic
     """Tensors for one micro-batch.
 
     ``keep`` [R, T] marks positions whose NEXT token is a response token; ``targets`` are those
-    tokens in row-major order. Packed: position ids restart per example, no attention mask.
+    tokens in row-major order and ``keep_index`` their flat indices into [R * T] (made here, so the
+    device never has to count a boolean mask). Packed: position ids restart per example, no attention mask.
     Padded: one example per row, right padding, an attention mask.
     """
     rows_ids, rows_pos, rows_keep = [], [], []
@@ -191,38 +192,57 @@ def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool) -> Dic
         attn[r, :n] = 1
     nxt = torch.roll(input_ids, -1, dims=1)
     out = {"input_ids": input_ids, "position_ids": position_ids, "keep": keep, "targets": nxt[keep],
-           "num_tokens": int(attn.sum())}
+           "keep_index": keep.reshape(-1).nonzero().squeeze(1), "num_tokens": int(attn.sum())}
     if not packed:
         out["attention_mask"] = attn
     return out
 
 
-try:  # transformers >= 5.2x slices hidden states with a 2-D boolean ``logits_to_keep`` (per-row positions)
-    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep  # noqa: F401
+def response_loss(model, batch: Dict[str, torch.Tensor], hidden_fn=None) -> torch.Tensor:
+    """Mean fp32 cross-entropy over the response tokens; logits only where a response token is predicted.
 
-    _MASK_LOGITS_TO_KEEP = True
-except ImportError:  # older releases take an int or a 1-D index over the sequence only
-    _MASK_LOGITS_TO_KEEP = False
-
-
-def response_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the response tokens; logits only where a response token is predicted.
-
-    With a transformers release that has no per-row ``logits_to_keep`` mask, a packed batch is
-    run as one row of R*T tokens (position ids still restart per example, so attention stays
-    within each example) and the kept positions are a 1-D index into it.
+    The base transformer runs on the batch as it is ([R, T] rows; packed rows keep their
+    per-example position ids, so transformers keeps the examples apart), the last hidden states at
+    the kept positions are gathered (``keep_index``, flat indices into [R * T], or ``keep``), and the
+    LM head (``decode.search._lm_parts``: plain or PEFT-wrapped) is applied to those rows only. No
+    ``logits_to_keep``: the same on every transformers release. ``hidden_fn(base, input_ids,
+    position_ids, attention_mask)`` replaces the base forward.
     """
-    kw = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-    ids, pos, keep = batch["input_ids"], batch["position_ids"], batch["keep"]
-    if not _MASK_LOGITS_TO_KEEP and not kw:
-        ids, pos, keep = ids.reshape(1, -1), pos.reshape(1, -1), keep.reshape(-1).nonzero().squeeze(1)
-    elif not _MASK_LOGITS_TO_KEEP:
-        keep = 0  # padded batches on old releases: every position's logits, then the response rows
-    out = model(input_ids=ids, position_ids=pos, logits_to_keep=keep, use_cache=False, **kw)
-    logits = out.logits
-    if isinstance(keep, int):
-        logits = logits[batch["keep"]]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"])
+    from genrec_fast.decode.search import _lm_parts
+
+    try:
+        base, weight, bias = _lm_parts(model)
+    except ValueError as e:
+        raise ValueError(f"response_loss: {e}") from e
+    hidden = (hidden_fn or _last_hidden)(base, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+    index = batch.get("keep_index")
+    if index is None:
+        index = batch["keep"].reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    logits = torch.nn.functional.linear(rows, weight, bias)
+    return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
+
+
+class ResponseLoss(torch.nn.Module):
+    """:func:`response_loss` of an LM as one module: ``forward(batch) -> loss``.
+
+    This is what ``accelerate.prepare`` wraps (DDP, DeepSpeed): the loss calls the LM's base
+    transformer and head directly, so a wrapper around the LM itself would never see the forward
+    (no gradient sync). ``self.model`` is the LM (checkpoints, evaluation, saving).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return response_loss(self.model, batch)
+
+
+def _last_hidden(base, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
+    """The base transformer's last hidden states [R, T, H] (no cache; a packed batch has no mask)."""
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    return base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kw).last_hidden_state
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -383,7 +403,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    lm = model
+    model, optimizer = acc.prepare(ResponseLoss(lm), optimizer)  # model: the wrapped loss module
 
     eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
     save_every = cfg.save_every or (eval_every if eval_every > 0 else steps_per_epoch)
@@ -397,7 +418,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     ckpts = _checkpoints(out) if cfg.resume else []
     if ckpts:
         blob = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
-        acc.unwrap_model(model).load_state_dict(blob["model"])
+        lm.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         state = blob["trainer"]
@@ -411,7 +432,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     def save_checkpoint():
         if not acc.is_main_process:
             return
-        blob = {"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+        blob = {"model": lm.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "trainer": state, "rng": _rng_state()}
         _atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", lambda d: torch.save(blob, d / "state.pt"))
         for old in _checkpoints(out)[:-max(1, cfg.keep_checkpoints)]:
@@ -419,14 +440,14 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
 
     def run_eval() -> bool:
         """Valid NDCG@10 on the fixed subset; saves the best model; True when patience ran out."""
-        metrics = evaluate(acc.unwrap_model(model), tokenizer, sid_vocab, trie, valid, data.catalog,
+        metrics = evaluate(lm, tokenizer, sid_vocab, trie, valid, data.catalog,
                            num_beams=cfg.eval_beams, batch_size=cfg.eval_batch_size, ks=(1, 5, 10))
         state["history"]["valid"].append((state["step"], {k: float(v) for k, v in metrics.items()}))
         score = metrics["NDCG@10"]
         if state["best"] is None or score > state["best"]:
             state.update(best=float(score), best_step=state["step"], bad_evals=0)
             if acc.is_main_process:
-                _save_pretrained(acc.unwrap_model(model), tokenizer, out / "model")
+                _save_pretrained(lm, tokenizer, out / "model")
         else:
             state["bad_evals"] += 1
         acc.print(f"sft: step {state['step']} valid NDCG@10 {score:.4f} HR@10 {metrics['HR@10']:.4f} "
@@ -446,7 +467,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
             batch = collate(tokenized, batches[state["batch"]], tokenizer.pad_token_id, cfg.packing)
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with acc.accumulate(model):
-                loss = response_loss(model, batch)
+                loss = model(batch)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), 1.0)
@@ -490,7 +511,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
             and not state["stopped_early"]:
         run_eval()
     if state["best"] is None and acc.is_main_process:
-        _save_pretrained(acc.unwrap_model(model), tokenizer, out / "model")
+        _save_pretrained(lm, tokenizer, out / "model")
     acc.wait_for_everyone()
     if acc.is_main_process:
         plot_curves(state["history"], out / "curves.png")
