@@ -144,6 +144,21 @@ def test_predict_shards_reassemble(tiny_setup):
     assert [x for p in parts for x in p] == full
 
 
+def test_predict_graph_path_ranks_as_eager(tiny_setup):
+    """predict(cuda_graphs=...) reaches beam_search: its static-buffer protocol ("emulate" on CPU) ranks
+    the same items, across batches of different prompt widths and a short last batch; True needs CUDA."""
+    from genrec_fast.eval import predict
+
+    data, model, tok, vocab = tiny_setup
+    trie = catalog_trie(data.catalog)
+    eager = predict(model, tok, vocab, trie, data.test, data.catalog, num_beams=5, batch_size=4, top_n=12)
+    graphed = predict(model, tok, vocab, trie, data.test, data.catalog, num_beams=5, batch_size=4, top_n=12,
+                      cuda_graphs="emulate")
+    assert graphed == eager
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        predict(model, tok, vocab, trie, data.test[:2], data.catalog, num_beams=5, cuda_graphs=True)
+
+
 def test_evaluate_split_writes_json_with_baselines(tiny_setup, tmp_path, capsys):
     import json
 

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the beam searches' forwards from CUDA graphs (CUDA only; sdpa/eager attention)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
 
 
@@ -48,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
                                                            torch_dtype=getattr(torch, dtype), device=state.device)
     evaluate_split(model, tokenizer, sid_vocab, data, split=args.split, num_beams=args.num_beams,
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
-                   out=args.out, score=args.score, backend=args.backend, progress=True)
+                   out=args.out, score=args.score, backend=args.backend, progress=True,
+                   cuda_graphs=args.cuda_graphs)
     return 0

@@ -125,8 +125,11 @@ def is_main_process() -> bool:
 def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
             batch_size: int = 16, top_n: int = 50, score: str = "full_vocab", backend: str = "auto",
             max_prompt_length: Optional[int] = None, progress: bool = False,
-            indices: Optional[Iterable[int]] = None) -> List[dict]:
+            indices: Optional[Iterable[int]] = None, cuda_graphs: bool = False) -> List[dict]:
     """Decode ``samples`` (those at ``indices``, default all) and rank items for each.
+
+    cuda_graphs: run the searches' forwards from CUDA graphs (``beam_search(cuda_graphs=True)``);
+    prompts are batched by length, so consecutive batches share a graph set.
 
     Returns one record per decoded sample: {"index", "target", "ranked" (<= top_n item indices),
     "num_beams" (returned), "num_invalid"}, in index order. Prompts are batched by length.
@@ -157,7 +160,7 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
         for batch in batches:
             ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch], max_length=max_prompt_length)
             res = beam_search(model, ids.to(device), mask.to(device), trie, sid_vocab, num_beams,
-                              score=score, backend=backend)
+                              score=score, backend=backend, cuda_graphs=cuda_graphs)
             lists, n_ret, n_bad = ranker.rank(res.codes.cpu().numpy(), res.scores.float().cpu().numpy(), top_n)
             for j, i in enumerate(batch):
                 records.append({"index": i, "target": int(samples[i].target), "ranked": lists[j],
@@ -180,7 +183,7 @@ def metrics_from_records(records: Sequence[dict], ks: Iterable[int] = DEFAULT_KS
 def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
              batch_size: int = 16, ks: Iterable[int] = DEFAULT_KS, score: str = "full_vocab",
              backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
-             return_records: bool = False):
+             return_records: bool = False, cuda_graphs: bool = False):
     """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
 
     Sharded over processes under ``accelerate launch``; every process returns the full result.
@@ -194,7 +197,8 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
     t0 = time.perf_counter()
     records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
                       batch_size=batch_size, top_n=max(ks), score=score, backend=backend,
-                      max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard)
+                      max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard,
+                      cuda_graphs=cuda_graphs)
     if gather is not None:
         records = sorted(gather(records), key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(len(samples))):
