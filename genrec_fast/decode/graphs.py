@@ -75,8 +75,8 @@ def _fingerprint(base) -> int:
 class _Graph:
     """One captured function; ``run()`` warms up and captures on first use, then replays."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor], mode: str, pool, warmup: Callable[[], None]):
-        self.fn, self.mode, self.pool, self.warmup = fn, mode, pool, warmup
+    def __init__(self, name: str, fn: Callable[[], torch.Tensor], mode: str, pool, warmup: Callable[[], None]):
+        self.name, self.fn, self.mode, self.pool, self.warmup = name, fn, mode, pool, warmup
         self.graph = None
         self.out: Optional[torch.Tensor] = None
 
@@ -89,9 +89,14 @@ class _Graph:
                 with torch.cuda.stream(stream):
                     self.fn()
                 torch.cuda.current_stream().wait_stream(stream)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, pool=self.pool):
-                    self.out = self.fn()
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=self.pool):
+                        out = self.fn()
+                except RuntimeError as err:
+                    raise RuntimeError(f"beam_search: capturing the {self.name} forward as a CUDA graph failed "
+                                       f"({err}); run it with cuda_graphs=False") from err
+                self.graph, self.out = graph, out
             else:
                 self.out = self.fn()
             restore()
@@ -118,15 +123,15 @@ class GraphForward:
         self.tok = torch.zeros((R, 1), dtype=torch.long, device=device)
         self.index = torch.arange(R, device=device)
         self.identity = torch.arange(R, device=device)
-        self.step_pos = [torch.zeros((R, 1), dtype=torch.long, device=device) for _ in range(L)]
-        self.step_mask4 = [torch.zeros((R, 1, 1, T + l), dtype=dtype, device=device) for l in range(L)]
+        self.step_pos = [None] + [torch.zeros((R, 1), dtype=torch.long, device=device) for _ in range(1, L)]
+        self.step_mask4 = [None] + [torch.zeros((R, 1, 1, T + l), dtype=dtype, device=device) for l in range(1, L)]
         self.pre_layers = [kv.KVBuffer(T) for _ in range(base.config.num_hidden_layers)]
         self.beam_layers = [kv.KVBuffer(T + L - 1) for _ in range(base.config.num_hidden_layers)]
         self.pre_cache, self.beam_cache = kv.buffer_cache(self.pre_layers), kv.buffer_cache(self.beam_layers)
         pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
-        self.prefill_graph = _Graph(self._prefill, mode, pool, warmup=lambda: None)
-        self.step_graphs = [None] + [_Graph(self._stepper(l), mode, pool, warmup=self._identity_index)
-                                     for l in range(1, L)]
+        self.prefill_graph = _Graph("prefill", self._prefill, mode, pool, warmup=lambda: None)
+        self.step_graphs = [None] + [_Graph(f"level-{l} step", self._stepper(l), mode, pool,
+                                            warmup=self._identity_index) for l in range(1, L)]
         self._saved_index = None
 
     # ---- captured functions: read and write static buffers only --------------------------------
