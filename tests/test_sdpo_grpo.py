@@ -261,3 +261,22 @@ def test_sdpo_first_step_loss_is_log1pN_plus_sft_term(tiny_run, tmp_path):
     row = train_sdpo(cfg)["log"][0]
     assert row["margin"] == pytest.approx(0.0, abs=1e-5)
     assert row["loss"] == pytest.approx(math.log(4.0) - 0.5 * row["chosen_logp"] / 3, rel=1e-5)
+
+
+def test_rollouts_pass_cuda_graphs_to_the_search(tiny_run, tmp_path):
+    """cuda_graphs reaches the rollouts' beam search: the static-buffer protocol ("emulate", CPU) gives the
+    eager rollouts; True on a CPU model is refused by name."""
+    from genrec_fast.train import GRPOConfig
+    from genrec_fast.train.post_training import Session
+
+    data_dir, model_dir = tiny_run
+    s = Session(GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), group_size=4, **COMMON))
+    ids, mask = s.prompts(s.train[:3])
+    eager = s.beam_search(ids, mask, 4)
+    s.cfg.cuda_graphs = "emulate"
+    graphed = s.beam_search(ids, mask, 4)
+    assert torch.equal(graphed.codes, eager.codes)
+    torch.testing.assert_close(graphed.scores, eager.scores, rtol=0, atol=1e-4)
+    s.cfg.cuda_graphs = True
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        s.beam_search(ids, mask, 4)

@@ -24,10 +24,13 @@ and the replays would be, so the protocol itself is tested without a GPU.
 
 Graph sets are kept per model in an LRU of ``GRAPH_SETS`` entries (``clear_graphs()`` drops them);
 a set holds its KV buffers (P*B x layers x 2 x kv_heads x (T + L - 1) x head_dim values) until evicted.
+The key includes the autocast state (a graph replays the dtypes it was captured with) and the
+parameters' addresses; in-place weight updates (optimizer steps) are read by the replays.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import weakref
 from typing import Callable, Optional
 
@@ -67,6 +70,16 @@ def check_supported(base) -> None:
                          f"{getattr(cfg, 'use_sliding_window', False)})")
 
 
+def _autocast_without_cache():
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def _autocast_state(device: torch.device):
+    return (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+
+
 def _fingerprint(base) -> int:
     """Changes when a parameter is re-allocated (``model.to``, ...): captured graphs read weights by address."""
     return hash(tuple(p.data_ptr() for p in base.parameters()))
@@ -90,8 +103,8 @@ class _Graph:
                     self.fn()
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, pool=self.pool):
+                try:  # autocast's weight-cast cache must not hold graph-pool tensors past the capture
+                    with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache():
                         out = self.fn()
                 except RuntimeError as err:
                     raise RuntimeError(f"beam_search: capturing the {self.name} forward as a CUDA graph failed "
@@ -195,7 +208,7 @@ def graph_forward(base, P: int, B: int, T: int, L: int, device: torch.device, mo
     check_supported(base)
     width = -(-T // bucket) * bucket
     per_model = _sets.setdefault(base, collections.OrderedDict())
-    key = (P, B, width, L, str(device), mode, _fingerprint(base))
+    key = (P, B, width, L, str(device), mode, _autocast_state(device), _fingerprint(base))
     if key in per_model:
         per_model.move_to_end(key)
         return per_model[key]

@@ -56,6 +56,7 @@ class PostTrainConfig:
     lora_alpha: int = 16
     log_every: int = 10
     save: bool = True
+    cuda_graphs: bool = False  # rollouts' and evals' beam-search forwards replayed from CUDA graphs (not ZeRO-3)
 
     def __post_init__(self):
         for name in ("model", "data", "out"):
@@ -98,6 +99,10 @@ class Session:
             device=self.accelerator.device,
         )
         self.reference = ReferenceModel(model)  # before prepare: an unwrapped, un-sharded copy
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if cfg.cuda_graphs and plugin is not None and plugin.zero_stage == 3:
+            raise ValueError("cuda_graphs: ZeRO-3 gathers the weights anew for every search, so captured graphs "
+                             "would read stale addresses; use ZeRO-2/DDP or cuda_graphs=False")
         if self.reference.model is not None:
             self.reference.model.to(self.accelerator.device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -176,7 +181,8 @@ class Session:
         from genrec_fast.decode import beam_search
 
         with self.rollout_model() as model:
-            res = beam_search(model, ids, mask, self.trie, self.sid_vocab, num_beams, score="full_vocab")
+            res = beam_search(model, ids, mask, self.trie, self.sid_vocab, num_beams, score="full_vocab",
+                              cuda_graphs=self.cfg.cuda_graphs)
         if bool((res.leaf_ids < 0).any()):
             raise ValueError(
                 f"beam search returned fewer than {num_beams} beams for some prompts: the catalogue has "
@@ -218,6 +224,7 @@ class Session:
                     num_beams=self.cfg.eval_beams, batch_size=self.cfg.eval_batch_size,
                     max_samples=self.cfg.eval_samples, seed=self.cfg.seed, trie=self.trie,
                     max_prompt_length=self.cfg.max_prompt_length, print_table=False,
+                    cuda_graphs=self.cfg.cuda_graphs,
                 )
             out[split] = res["model"]
         return out
