@@ -5,7 +5,9 @@ A step = rollout (one constrained beam search per prompt, B beams = the group) +
 group advantages + update (reference log-probs, policy log-probs with gradient, clipped policy
 loss + β·k3 KL, backward, AdamW step). The HF rollout is
 ``generate(num_beams=B, num_return_sequences=B, prefix_allowed_tokens_fn=dict lookup)``; the
-rows report both rollouts, the update, and the step time each rollout engine gives.
+rows report both rollouts, the update, and the step time each rollout engine gives; on GPU also
+our rollout with ``cuda_graphs=True`` (graphs captured in its warm-up; the optimizer updates the
+weights in place between rollouts, which the replays read).
 
 CPU setting: tiny random Qwen2, 8 prompts x 16 beams over 3k items, prompt 64.
 GPU setting: Qwen2.5-0.5B shapes with random weights, bf16, 8 prompts x 16 beams over 3.7k
@@ -59,10 +61,11 @@ def run(device: torch.device) -> dict:
     L = len(SIZES)
     state = {}
 
-    def rollout():
+    def rollout(cuda_graphs=False):
         policy.eval()
         with torch.no_grad():
-            state["res"] = beam_search(policy, ids, mask, trie, vocab, beams, score="full_vocab")
+            state["res"] = beam_search(policy, ids, mask, trie, vocab, beams, score="full_vocab",
+                                       cuda_graphs=cuda_graphs)
         policy.train()
 
     def hf_rollout():
@@ -91,7 +94,12 @@ def run(device: torch.device) -> dict:
     t_update = timeit(update, device, repeat=our_repeat, warmup=1)
     t_hf = timeit(hf_rollout, device, repeat=hf_repeat, warmup=1)
     seqs = groups * beams
-    return {
+    graphs = {}
+    if device.type == "cuda":
+        t_graphs = timeit(lambda: rollout(cuda_graphs=True), device, repeat=our_repeat, warmup=2)
+        graphs = {"rollout_s_ours_graphs": t_graphs, "rollout_speedup_graphs": t_hf / t_graphs,
+                  "step_speedup_graphs": (t_hf + t_update) / (t_graphs + t_update)}
+    return {**graphs,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "prompts": groups, "beams": beams, "items": items,
         "prompt_len": length,
@@ -112,9 +120,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     row = run(device)
     sync(device)
-    print_table([{k: row[k] for k in ("prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback",
-                                      "update_s", "step_s_ours", "step_s_hf_callback", "rollouts_per_s_ours",
-                                      "rollouts_per_s_hf_callback", "rollout_speedup", "step_speedup")}],
+    cols = ["prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback", "update_s", "step_s_ours",
+            "step_s_hf_callback", "rollouts_per_s_ours", "rollouts_per_s_hf_callback", "rollout_speedup", "step_speedup"]
+    cols += [k for k in ("rollout_s_ours_graphs", "rollout_speedup_graphs", "step_speedup_graphs") if k in row]
+    print_table([{k: row[k] for k in cols}],
                 title=f"GRPO step ({row['device']}, {row['dtype']})")
     print(f"total {time.perf_counter() - t0:.1f}s")
     write_json("bench_rl", {"bench": "rl", "rows": [row]}, args.json)
