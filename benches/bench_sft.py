@@ -4,12 +4,17 @@
             mask, ``model(input_ids, attention_mask, labels)`` (full-vocabulary logits at every
             position, plain cross-entropy with -100 on prompt and padding), backward, grad clip,
             AdamW step.
-  ours:     genrec_fast.train.sft: the same examples packed into rows (no padding, position ids
-            restart per example), logits only where a response token is predicted, fp32
-            cross-entropy on those, then the same backward / clip / AdamW step.
-Both count the same real (non-pad) tokens; rounds alternate baseline and ours. The ratio is of
-wall time on GPU and of process CPU time on CPU (robust to other load on a shared machine; both
-are printed).
+  ours:     genrec_fast.train.sft (``ResponseLoss``): the same examples packed into [rows, 2 x max_len]
+            rows (position ids restart per example), the base transformer's hidden states gathered
+            where a response token is predicted, the LM head and an fp32 cross-entropy on those
+            rows only, then the same backward / clip / AdamW step.
+  ours + torch.compile: the same with ``ResponseLoss(compile=True)`` (``genrec-fast sft --compile``):
+            the base forward/backward compiled by inductor, every batch padded to one
+            [rows, 2 x max_len] shape so nothing recompiles; on CUDA also mode="reduce-overhead"
+            (CUDA graphs). The first forward + backward (the compile) is timed apart and printed.
+Every variant uses the same AdamW (fused on CUDA). All count the same real (non-pad) tokens; each round runs every variant in
+turn, round 0 is warm-up. The ratio is of wall time on GPU and of process CPU time on CPU (less
+sensitive to other load on a shared machine; both are printed; ``--threads 1`` is steadier still).
 
 CPU setting: the tiny preset (hidden 128, 4 layers, ~3.8k vocab), 16 examples x <= 128 tokens.
 GPU setting: Qwen2.5-0.5B shapes (hidden 896, 24 layers, vocab 151936 + 768 SID tokens), random
@@ -17,10 +22,12 @@ init, fp32 master weights + bf16 autocast, 16 examples x <= 256 tokens.
 Examples mimic the SFT mix: prompt lengths uniform in [len/4, len - response], responses half
 SIDs (3 tokens + eos), half titles (8..32 tokens).
 
-  python benches/bench_sft.py [--device cpu|cuda] [--json PATH] [--rounds N]
+  python benches/bench_sft.py [--device cpu|cuda] [--json PATH] [--rounds N] [--threads N]
+                              [--compile-modes [default] [reduce-overhead]] [--bf16]
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_parser, print_table, sync, write_json  # noqa: E402
 
 from genrec_fast.model import TINY_CONFIG  # noqa: E402
-from genrec_fast.train.sft import collate, epoch_batches, response_loss  # noqa: E402
+from genrec_fast.train.sft import ResponseLoss, collate, epoch_batches  # noqa: E402
 
 SID_TOKENS = 3 * 256
 SETTINGS = {
@@ -73,10 +80,20 @@ def main() -> int:
     p = bench_parser(__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast around the forward (default: on CUDA only; on CPU it runs the GPU setting's code path)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a machine other jobs share")
+    p.add_argument("--compile-modes", nargs="*", default=None, choices=("default", "reduce-overhead"),
+                   help="torch.compile variants of ours to time (default: 'default' on CPU, both on CUDA; none: eager only)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     s = SETTINGS["cuda" if device.type == "cuda" else "cpu"]
     rounds = args.rounds or s["rounds"]
+    modes = args.compile_modes if args.compile_modes is not None else (
+        ["default", "reduce-overhead"] if device.type == "cuda" else ["default"])
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     vocab = s["base_vocab"] + SID_TOKENS
@@ -88,7 +105,8 @@ def main() -> int:
         model = transformers.Qwen2ForCausalLM(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step(loss_fn, batch):
         with autocast:
@@ -102,31 +120,48 @@ def main() -> int:
     def baseline(batch):
         return model(**batch, use_cache=False).loss
 
-    def ours(batch):
-        return response_loss(model, batch)
-
     n_steps = s["steps"]
     data = [make_examples(rng, s["batch"], s["max_len"], vocab, s["base_vocab"]) for _ in range(n_steps)]
     tokens = [sum(len(ids) for ids, _ in ex) for ex in data]
     base_batches = [{k: v.to(device) for k, v in padded_batch(ex, 0).items()} for ex in data]
-    ours_batches = []
+    pack = 2 * s["max_len"]
+    packed_rows = []
     for ex in data:
         lengths = [len(ids) for ids, _ in ex]
-        pack = 2 * s["max_len"]
-        rows = [row for b in epoch_batches(lengths, 0, 0, batch_tokens=pack * len(ex), pack_length=pack,
-                                           packing=True) for row in b]
-        b = collate(ex, rows, 0, packed=True)
-        ours_batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
-    # same loss on the same examples (checked in fp32 on CPU; here a sanity check before timing)
-    with torch.no_grad(), autocast:
-        l_base = float(baseline(base_batches[0]))
-        l_ours = float(ours(ours_batches[0]))
+        packed_rows.append([row for b in epoch_batches(lengths, 0, 0, batch_tokens=pack * len(ex), pack_length=pack,
+                                                       packing=True) for row in b])
+    # compiled: every batch padded to one [rows, pack] shape (SFTConfig.compile pads to batch_tokens // pack_length)
+    fixed = (max(len(r) for r in packed_rows), pack)
 
-    times = {"baseline": 0.0, "ours": 0.0}
-    cpu_times = {"baseline": 0.0, "ours": 0.0}
-    peak = {"baseline": 0, "ours": 0}
-    for r in range(rounds + 1):  # round 0 is warm-up
-        for name, fn, batches in (("baseline", baseline, base_batches), ("ours", ours, ours_batches)):
+    def to_device(b):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    ours_batches = [to_device(collate(ex, rows, 0, packed=True)) for ex, rows in zip(data, packed_rows)]
+    fixed_batches = [to_device(collate(ex, rows, 0, packed=True, pad_to=fixed)) for ex, rows in zip(data, packed_rows)]
+    variants = [("HF padded, full-vocab CE", baseline, base_batches),
+                ("ours packed, response-only CE", ResponseLoss(model), ours_batches)]
+    variants += [(f"ours + torch.compile{'' if m == 'default' else f' ({m})'}",
+                  ResponseLoss(model, compile=True, compile_mode=None if m == "default" else m), fixed_batches)
+                 for m in modes]
+    # same loss on the same examples (checked in fp32 on CPU by the tests; here a sanity check before timing)
+    with torch.no_grad(), autocast:
+        first_loss = {name: float(fn(batches[0])) for name, fn, batches in variants[:2]}
+
+    names = [v[0] for v in variants]
+    times, cpu_times, peak = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    compile_s = {}
+    for name, fn, batches in variants[2:]:  # the first forward + backward compiles (no update: same weights)
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            loss = fn(batches[0])
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        first_loss[name] = float(loss.detach())
+        sync(device)
+        compile_s[name] = time.perf_counter() - t0
+    for r in range(rounds + 1):  # round 0 is warm-up (CUDA graphs are recorded there)
+        for name, fn, batches in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
@@ -142,26 +177,34 @@ def main() -> int:
     total_tokens = sum(tokens) * rounds
     tps = {k: total_tokens / v for k, v in times.items()}
     tpc = {k: total_tokens / v for k, v in cpu_times.items()}
-    padded = sum(b["input_ids"].numel() for b in base_batches)
-    rows = [
-        {"step": "HF padded, full-vocab CE", "tokens/s": tps["baseline"], "tokens/CPU-s": tpc["baseline"], "ms/step": 1e3 * times["baseline"] / (rounds * n_steps),
-         "computed positions": padded / n_steps, "peak GiB": peak["baseline"] / 2**30},
-        {"step": "ours packed, response-only CE", "tokens/s": tps["ours"], "tokens/CPU-s": tpc["ours"], "ms/step": 1e3 * times["ours"] / (rounds * n_steps),
-         "computed positions": sum(b["input_ids"].numel() for b in ours_batches) / n_steps, "peak GiB": peak["ours"] / 2**30},
-    ]
+    base = names[0]
+    rows = []
+    for name, fn, batches in variants:
+        rows.append({"step": name, "tokens/s": tps[name], "tokens/CPU-s": tpc[name],
+                     "ms/step": 1e3 * times[name] / (rounds * n_steps),
+                     "computed positions": sum(b["input_ids"].numel() for b in batches) / n_steps,
+                     "peak GiB": peak[name] / 2**30,
+                     "ratio": (tps if device.type == "cuda" else tpc)[name] / (tps if device.type == "cuda" else tpc)[base]})
     # on CPU the headline ratio uses process CPU time, which other load on the machine does not inflate
-    wall_ratio, cpu_ratio = tps["ours"] / tps["baseline"], tpc["ours"] / tpc["baseline"]
-    ratio = wall_ratio if device.type == "cuda" else cpu_ratio
+    wall = {n: tps[n] / tps[base] for n in names[1:]}
+    cpu = {n: tpc[n] / tpc[base] for n in names[1:]}
     print_table(rows, f"SFT step, {device.type}: {s['batch']} examples x <= {s['max_len']} tokens, "
-                      f"{sum(tokens) / n_steps:.0f} real tokens/step, hidden {cfg.hidden_size}, vocab {vocab}")
-    print(f"\nratio ours/baseline: {ratio:.2f}x ({'wall' if device.type == 'cuda' else 'CPU'} time; "
-          f"wall {wall_ratio:.2f}x, CPU {cpu_ratio:.2f}x)   (loss on the first batch: baseline {l_base:.4f}, ours {l_ours:.4f})")
+                      f"{sum(tokens) / n_steps:.0f} real tokens/step, hidden {cfg.hidden_size}, "
+                      f"{cfg.num_hidden_layers} layers, vocab {vocab}, transformers {transformers.__version__}, "
+                      f"{torch.get_num_threads()} CPU threads{', bf16 autocast' if bf16 else ''}")
+    print(f"\nratio = tokens per {'wall' if device.type == 'cuda' else 'process-CPU'} second over the baseline's")
+    for n in names[1:]:
+        print(f"  {n}: wall {wall[n]:.2f}x, CPU {cpu[n]:.2f}x")
+    for n, t in compile_s.items():
+        print(f"  {n}: compile (first step, forward + backward) {t:.1f} s, not in the timings")
+    print("  loss on the first batch: " + ", ".join(f"{n} {v:.4f}" for n, v in first_loss.items()))
     write_json("bench_sft", {
         "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "setting": {**s, "vocab": vocab, "rounds": rounds}, "real_tokens_per_step": sum(tokens) / n_steps,
-        "baseline_tokens_per_s": tps["baseline"], "ours_tokens_per_s": tps["ours"], "ratio": ratio, "wall_ratio": wall_ratio, "cpu_time_ratio": cpu_ratio,
-        "baseline_tokens_per_cpu_s": tpc["baseline"], "ours_tokens_per_cpu_s": tpc["ours"],
-        "rows": rows, "loss_first_batch": {"baseline": l_base, "ours": l_ours},
+        "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16,
+        "setting": {**s, "vocab": vocab, "rounds": rounds, "compile_shape": fixed},
+        "real_tokens_per_step": sum(tokens) / n_steps, "ratio_by": "wall" if device.type == "cuda" else "cpu_time",
+        "wall_ratio": wall, "cpu_time_ratio": cpu, "compile_seconds": compile_s, "rows": rows,
+        "loss_first_batch": first_loss,
     }, args.json)
     return 0
 

@@ -245,3 +245,69 @@ def test_train_with_lora_learns(tmp_path):
     losses = [l for _, l in res.history["loss"]]
     assert len(losses) == 20 and np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
     assert not hasattr(res.model, "get_base_model")  # the saved model is the merged copy
+
+
+def test_collate_pad_to_gives_one_shape_that_predicts_nothing_more():
+    data = _data()
+    _, tok, _ = _tiny(data)
+    tk = _examples(tok, data)
+    rows = epoch_batches([len(t[0]) for t in tk], 0, 0, batch_tokens=384, pack_length=128, packing=True)[0][:2]
+    plain = collate(tk, rows, tok.pad_token_id, packed=True)
+    fixed = collate(tk, rows, tok.pad_token_id, packed=True, pad_to=(3, 128))
+    assert fixed["input_ids"].shape == (3, 128) and plain["input_ids"].shape[1] < 128
+    assert torch.equal(fixed["targets"], plain["targets"]) and fixed["num_tokens"] == plain["num_tokens"]
+    assert not fixed["keep"][2].any() and torch.equal(fixed["position_ids"][2], torch.arange(128))
+    with pytest.raises(ValueError, match=r"2 rows x \d+ tokens does not fit pad_to=\(1, 128\)"):
+        collate(tk, rows, tok.pad_token_id, packed=True, pad_to=(1, 128))
+    with pytest.raises(ValueError, match="pad_to needs packed=True"):
+        collate(tk, [[0], [1]], tok.pad_token_id, packed=False, pad_to=(2, 128))
+    with pytest.raises(ValueError, match="compile needs packing=True"):
+        SFTConfig(compile=True, packing=False)
+
+
+def test_compiled_step_equals_eager_and_never_recompiles(tmp_path):
+    """torch.compile of the base forward (inductor, CPU): batches padded to one [rows, pack_length]
+    shape give the eager loss and gradients of the unpadded batches, and nothing compiles twice."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from genrec_fast.train.sft import ResponseLoss
+
+    data = _data()
+    model, tok, _ = _tiny(data)
+    model.train()  # the training graph (the tiny preset has no dropout, so eager is deterministic)
+    tk = _examples(tok, data)
+    batches = epoch_batches([len(t[0]) for t in tk], 0, 0, batch_tokens=256, pack_length=128, packing=True)[:3]
+    eager, compiled = ResponseLoss(model), ResponseLoss(model, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in batches:
+            fixed = collate(tk, rows, tok.pad_token_id, packed=True, pad_to=(2, 128))
+            plain = collate(tk, rows, tok.pad_token_id, packed=True)
+            got, ref = compiled(fixed), eager(plain)
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (float(got), float(ref))
+            g_got, g_ref = _grads(model, got), _grads(model, ref)
+            for n in g_ref:
+                assert torch.allclose(g_got[n], g_ref[n], atol=1e-5, rtol=1e-4), n
+
+        # the training loop with compile=True (a new model of the same shapes: the same graph, no
+        # recompile): the same losses as the eager loop, step for step
+        losses = {}
+        for flag in (False, True):
+            res = train_sft(_cfg(tmp_path, output_dir=str(tmp_path / f"c{flag}"), max_steps=3, eval_every=-1,
+                                 compile=flag), data=data)
+            losses[flag] = [l for _, l in res.history["loss"]]
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert len(losses[True]) == 3 and np.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-5), losses
+
+
+def test_cli_compile_flag():
+    import argparse
+
+    from genrec_fast.train.sft import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).compile is False and p.parse_args(["--compile"]).compile is True
+    assert p.parse_args(["--compile", "--no-compile"]).compile is False
+

@@ -9,6 +9,9 @@
 * Logits are computed only at the positions that predict a response token: the base
   transformer's hidden states are gathered there and the LM head runs on those rows only, then an
   fp32 cross-entropy: the [tokens, vocab] logits of the prompt are never formed.
+* ``compile=True`` (``--compile``): the base transformer's forward and backward through
+  ``torch.compile``, every packed batch padded to one [batch_tokens // pack_length, pack_length]
+  shape so it compiles once.
 * bf16 autocast on GPU; checkpoints hold model, optimizer, scheduler, RNG states and the data
   position (epoch + batch), so a resumed run continues exactly; tqdm progress; early stopping
   on valid NDCG@10 from ``genrec_fast.eval.evaluate`` (constrained beam search) on a fixed
@@ -54,6 +57,7 @@ class SFTConfig:
     grad_accum: int = 1
     max_length: int = 512  # tokens per example (prompt cut from the left)
     packing: bool = True
+    compile: bool = False  # torch.compile the base forward; batches padded to [batch_tokens // pack_length, pack_length]
     bf16: Optional[bool] = None  # None: bf16 autocast on CUDA only
     seed: int = 0
     eval_every: int = 0  # optimizer steps between valid evals; 0: once per epoch; <0: never
@@ -82,6 +86,9 @@ class SFTConfig:
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
             raise ValueError(f"max_length {self.max_length} exceeds pack_length {self.pack_length}")
+        if self.compile and not self.packing:
+            raise ValueError("compile needs packing=True: only packed batches have one fixed shape "
+                             "([batch_tokens // pack_length, pack_length])")
 
 
 @dataclass
@@ -154,13 +161,16 @@ def epoch_batches(lengths: Sequence[int], epoch: int, seed: int, batch_tokens: i
     return [batches[i] for i in perm]
 
 
-def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool) -> Dict[str, torch.Tensor]:
+def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool,
+            pad_to: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
     """Tensors for one micro-batch.
 
     ``keep`` [R, T] marks positions whose NEXT token is a response token; ``targets`` are those
     tokens in row-major order and ``keep_index`` their flat indices into [R * T] (made here, so the
     device never has to count a boolean mask). Packed: position ids restart per example, no attention mask.
-    Padded: one example per row, right padding, an attention mask.
+    Padded: one example per row, right padding, an attention mask. ``pad_to=(rows, width)``: the
+    tensors get exactly that shape (padding rows and positions predict nothing), so every batch of
+    a run has one shape (``SFTConfig.compile``).
     """
     rows_ids, rows_pos, rows_keep = [], [], []
     for row in batch:
@@ -178,11 +188,18 @@ def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool) -> Dic
         rows_keep.append(keep)
     width = max(len(r) for r in rows_ids)
     R = len(rows_ids)
+    if pad_to is not None:
+        if not packed:
+            raise ValueError("collate: pad_to needs packed=True (padded rows of an unpacked batch carry an attention mask)")
+        if R > pad_to[0] or width > pad_to[1]:
+            raise ValueError(f"collate: a batch of {R} rows x {width} tokens does not fit pad_to={tuple(pad_to)}")
+        R, width = pad_to
     input_ids = torch.full((R, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, width), dtype=torch.long)
     keep = torch.zeros((R, width), dtype=torch.bool)
     attn = torch.zeros((R, width), dtype=torch.long)
-    for r in range(R):
+    position_ids[len(rows_ids):] = torch.arange(width)  # padding rows: one segment each
+    for r in range(len(rows_ids)):
         n = len(rows_ids[r])
         input_ids[r, :n] = torch.tensor(rows_ids[r])
         position_ids[r, :n] = torch.tensor(rows_pos[r])
@@ -229,14 +246,22 @@ class ResponseLoss(torch.nn.Module):
     This is what ``accelerate.prepare`` wraps (DDP, DeepSpeed): the loss calls the LM's base
     transformer and head directly, so a wrapper around the LM itself would never see the forward
     (no gradient sync). ``self.model`` is the LM (checkpoints, evaluation, saving).
+
+    ``compile=True``: the base transformer's forward (and so its backward) goes through
+    ``torch.compile(dynamic=False, mode=compile_mode)``; feed it batches of one shape
+    (``collate(..., pad_to=(rows, pack_length))``) or it compiles again for every new shape. The
+    gather, LM head and cross-entropy stay eager (the number of response positions varies).
+    ``compile_mode="reduce-overhead"`` adds CUDA graphs on a GPU. The LM itself is not changed:
+    evaluation and saving use the eager model.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False, compile_mode: Optional[str] = None):
         super().__init__()
         self.model = model
+        self._hidden = torch.compile(_last_hidden, dynamic=False, mode=compile_mode) if compile else None
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return response_loss(self.model, batch)
+        return response_loss(self.model, batch, self._hidden)
 
 
 def _last_hidden(base, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
@@ -404,7 +429,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     lm = model
-    model, optimizer = acc.prepare(ResponseLoss(lm), optimizer)  # model: the wrapped loss module
+    model, optimizer = acc.prepare(ResponseLoss(lm, compile=cfg.compile), optimizer)  # model: the wrapped loss module
+    pad_to = (max(1, cfg.batch_tokens // cfg.pack_length), cfg.pack_length) if cfg.compile else None
 
     eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
     save_every = cfg.save_every or (eval_every if eval_every > 0 else steps_per_epoch)
@@ -464,7 +490,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     while not done:
         batches = batches_of(state["epoch"])
         while state["batch"] < len(batches) and not done:
-            batch = collate(tokenized, batches[state["batch"]], tokenizer.pad_token_id, cfg.packing)
+            batch = collate(tokenized, batches[state["batch"]], tokenizer.pad_token_id, cfg.packing, pad_to)
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with acc.accumulate(model):
                 loss = model(batch)
