@@ -79,17 +79,19 @@ class TrieDeviceArrays:
         ts = [t for lv in self.levels for t in lv.tensors()] + [self.leaf_ptr, self.leaf_items]
         return int(sum(t.numel() * t.element_size() for t in ts))
 
-    def step(self, level: int, node_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def step(self, level: int, node_ids: torch.Tensor, check: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Torch reference of one constrained step.
 
         node_ids: [R] ints, nodes of depth ``level`` (negative = padding row, nothing allowed).
         Returns (allowed [R, K_level] bool, child [R, K_level] int32 with -1 where not allowed).
+        check: verify the node ids are in range (one host sync); callers whose ids come from this
+        trie's own ``child`` output (beam search) pass False.
         """
         if not 0 <= level < len(self.levels):
             raise IndexError(f"level {level} out of range 0..{len(self.levels) - 1}")
         lv = self.levels[level]
         nodes = node_ids.to(device=self.device, dtype=torch.long).reshape(-1)
-        if nodes.numel() and int(nodes.max()) >= lv.num_parents:
+        if check and nodes.numel() and int(nodes.max()) >= lv.num_parents:
             raise IndexError(f"node id {int(nodes.max())} out of range for depth {level} ({lv.num_parents} nodes)")
         valid = nodes >= 0
         safe = nodes.clamp_min(0)

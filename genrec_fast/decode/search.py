@@ -237,7 +237,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             lo, hi = sid_vocab.level_range(level)
             logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
             lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
-            allowed, child = da.step(level, nodes)
+            allowed, child = da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
             stuck = (nodes >= 0) & ~allowed.any(dim=1)
             if bool(stuck.any()):
                 beams = torch.nonzero(stuck).flatten()[:5].tolist()
