@@ -150,6 +150,22 @@ def test_response_loss_rejects_a_model_whose_logits_are_rescaled():
         response_loss(model, batch)
 
 
+def test_collate_fields_by_hand():
+    tk = [([11, 12, 13, 14], 2), ([21, 22], 1), ([31], 0), ([41, 42, 43], 0)]
+    b = collate(tk, [[0, 1], [2, 3]], pad_id=9, packed=True)
+    assert b["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22], [31, 41, 42, 43, 9, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 0, 1]]
+    # a position is kept when the NEXT token is a response token of the same example
+    assert b["keep"].tolist() == [[False, True, True, False, True, False], [False, True, True, False, False, False]]
+    assert b["targets"].tolist() == [13, 14, 22, 42, 43] and b["keep_index"].tolist() == [1, 2, 4, 7, 8]
+    assert b["num_tokens"] == 10 and "attention_mask" not in b
+    p = collate(tk, [[0], [1]], pad_id=9, packed=False)
+    assert p["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and p["targets"].tolist() == [13, 14, 22]
+    f = collate(tk, [[2]], pad_id=9, packed=True, pad_to=(2, 3))
+    assert f["input_ids"].tolist() == [[31, 9, 9], [9, 9, 9]] and f["position_ids"].tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert f["targets"].numel() == 0 and f["num_tokens"] == 1
+
+
 def test_epoch_batches_cover_every_example_once():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 40, size=301).tolist()
@@ -311,3 +327,22 @@ def test_cli_compile_flag():
     assert p.parse_args([]).compile is False and p.parse_args(["--compile"]).compile is True
     assert p.parse_args(["--compile", "--no-compile"]).compile is False
 
+
+def test_adamw_is_fused_on_cpu_and_updates_like_the_default():
+    from genrec_fast.train.sft import adamw
+
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    start = [p.detach().clone() for p in a]
+    opt_a = adamw([{"params": a[:1], "weight_decay": 0.1}, {"params": a[1:], "weight_decay": 0.0}], lr=1e-2)
+    opt_b = torch.optim.AdamW([{"params": b[:1], "weight_decay": 0.1}, {"params": b[1:], "weight_decay": 0.0}],
+                              lr=1e-2, foreach=False)
+    assert opt_a.param_groups[0]["fused"] is True  # torch >= 2.4 has the CPU kernel
+    for _ in range(3):
+        for ps, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            sum((p ** 2).sum() for p in ps).backward()
+            opt.step()
+    for p, q, p0 in zip(a, b, start):
+        assert not torch.allclose(p, p0, atol=1e-3) and torch.allclose(p, q, atol=1e-6, rtol=1e-5)

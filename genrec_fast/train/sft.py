@@ -172,46 +172,37 @@ def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool,
     tensors get exactly that shape (padding rows and positions predict nothing), so every batch of
     a run has one shape (``SFTConfig.compile``).
     """
-    rows_ids, rows_pos, rows_keep = [], [], []
-    for row in batch:
-        ids, pos, keep = [], [], []
-        for i in row:
-            seq, n_prompt = tokenized[i]
-            ids += seq
-            pos += range(len(seq))
-            k = [False] * len(seq)
-            for j in range(max(n_prompt - 1, 0), len(seq) - 1):
-                k[j] = True
-            keep += k
-        rows_ids.append(ids)
-        rows_pos.append(pos)
-        rows_keep.append(keep)
-    width = max(len(r) for r in rows_ids)
-    R = len(rows_ids)
+    lens = [[len(tokenized[i][0]) for i in row] for row in batch]
+    R, width = len(batch), max(sum(n) for n in lens)
     if pad_to is not None:
         if not packed:
             raise ValueError("collate: pad_to needs packed=True (padded rows of an unpacked batch carry an attention mask)")
         if R > pad_to[0] or width > pad_to[1]:
             raise ValueError(f"collate: a batch of {R} rows x {width} tokens does not fit pad_to={tuple(pad_to)}")
         R, width = pad_to
-    input_ids = torch.full((R, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((R, width), dtype=torch.long)
-    keep = torch.zeros((R, width), dtype=torch.bool)
-    attn = torch.zeros((R, width), dtype=torch.long)
-    position_ids[len(rows_ids):] = torch.arange(width)  # padding rows: one segment each
-    for r in range(len(rows_ids)):
-        n = len(rows_ids[r])
-        input_ids[r, :n] = torch.tensor(rows_ids[r])
-        position_ids[r, :n] = torch.tensor(rows_pos[r])
+    ramp = np.arange(width, dtype=np.int64)
+    input_ids = np.full((R, width), pad_id, dtype=np.int64)
+    position_ids = np.tile(ramp, (R, 1))  # padding rows: one segment each
+    keep = np.zeros((R, width), dtype=bool)
+    attn = np.zeros((R, width), dtype=np.int64)
+    for r, row in enumerate(batch):
+        o = 0
+        for i, n in zip(row, lens[r]):
+            seq, n_prompt = tokenized[i]
+            input_ids[r, o:o + n] = seq
+            position_ids[r, o:o + n] = ramp[:n]
+            keep[r, o + max(n_prompt - 1, 0):o + n - 1] = True
+            o += n
         # a packed row's padded tail is one more segment (positions from 0) that nothing attends into
-        position_ids[r, n:] = torch.arange(width - n)
-        keep[r, :n] = torch.tensor(rows_keep[r])
-        attn[r, :n] = 1
-    nxt = torch.roll(input_ids, -1, dims=1)
-    out = {"input_ids": input_ids, "position_ids": position_ids, "keep": keep, "targets": nxt[keep],
-           "keep_index": keep.reshape(-1).nonzero().squeeze(1), "num_tokens": int(attn.sum())}
+        position_ids[r, o:] = ramp[:width - o]
+        attn[r, :o] = 1
+    nxt = np.roll(input_ids, -1, axis=1)
+    flat = np.flatnonzero(keep)
+    out = {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
+           "keep": torch.from_numpy(keep), "targets": torch.from_numpy(nxt.reshape(-1)[flat]),
+           "keep_index": torch.from_numpy(flat), "num_tokens": int(attn.sum())}
     if not packed:
-        out["attention_mask"] = attn
+        out["attention_mask"] = torch.from_numpy(attn)
     return out
 
 
@@ -268,6 +259,22 @@ def _last_hidden(base, input_ids, position_ids, attention_mask=None) -> torch.Te
     """The base transformer's last hidden states [R, T, H] (no cache; a packed batch has no mask)."""
     kw = {} if attention_mask is None else {"attention_mask": attention_mask}
     return base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kw).last_hidden_state
+
+
+def adamw(params, **kw) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its fused kernel (the whole update in one op per device and dtype)
+    when every parameter is a floating tensor on a device torch has one for (CUDA, and CPU from
+    torch 2.4), else torch's default (foreach on CUDA). The same update rule either way."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - torch without the helper: CUDA has the kernel everywhere
+        devices = {"cuda"}
+    fused = bool(tensors) and all(p.device.type in devices and torch.is_floating_point(p) for p in tensors)
+    return torch.optim.AdamW(groups, fused=fused or None, **kw)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -425,8 +432,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     lm = model
     model, optimizer = acc.prepare(ResponseLoss(lm, compile=cfg.compile), optimizer)  # model: the wrapped loss module
@@ -491,7 +498,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         batches = batches_of(state["epoch"])
         while state["batch"] < len(batches) and not done:
             batch = collate(tokenized, batches[state["batch"]], tokenizer.pad_token_id, cfg.packing, pad_to)
-            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with acc.accumulate(model):
                 loss = model(batch)
                 acc.backward(loss)
@@ -500,7 +507,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state["batch"] += 1
-            run_loss += float(loss.detach())
+            run_loss += loss.detach().double()  # read at log time: no device sync per micro-batch
             run_n += 1
             log_tokens += batch["num_tokens"]
             if not acc.sync_gradients:
@@ -510,7 +517,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
             bar.update(1)
             if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
                 now = time.perf_counter()
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": run_loss / run_n,
+                rec = {"step": state["step"], "epoch": state["epoch"], "loss": float(run_loss) / run_n,
                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": log_tokens * world / (now - t_log)}
                 state["history"]["loss"].append((state["step"], rec["loss"]))
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
