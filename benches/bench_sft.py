@@ -15,7 +15,10 @@
 Every variant uses the library's optimizer (``train.sft.adamw``: fused AdamW where torch has the
 kernel, CPU included). All count the same real (non-pad) tokens; each round runs every variant in
 turn, round 0 is warm-up. The ratio is of wall time on GPU and of process CPU time on CPU (less
-sensitive to other load on a shared machine; both are printed; ``--threads 1`` is steadier still).
+sensitive to other load on a shared machine; both are printed). On CPU torch runs 1 thread by
+default: with 2+ OpenMP threads on a shared machine a thread spins while its sibling waits for a
+core, which inflates CPU time as well (seen: 10x slower steps, ratios anywhere in 0.9-1.7x);
+``--threads N`` overrides.
 
 CPU setting: the tiny preset (hidden 128, 4 layers, ~3.8k vocab), 16 examples x <= 128 tokens.
 GPU setting: Qwen2.5-0.5B shapes (hidden 896, 24 layers, vocab 151936 + 768 SID tokens), random
@@ -84,13 +87,14 @@ def main() -> int:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast around the forward (default: on CUDA only; on CPU it runs the GPU setting's code path)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a machine other jobs share")
+                   help="torch CPU threads (default on CPU: 1, see the module doc; on CUDA: torch's)")
     p.add_argument("--compile-modes", nargs="*", default=None, choices=("default", "reduce-overhead"),
                    help="torch.compile variants of ours to time (default: 'default' on CPU, both on CUDA; none: eager only)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     s = SETTINGS["cuda" if device.type == "cuda" else "cpu"]
     rounds = args.rounds or s["rounds"]
     modes = args.compile_modes if args.compile_modes is not None else (
