@@ -203,3 +203,24 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
     return ids, mask
+
+
+_RESCALED_LOGITS_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma2/3, Cohere, Granite
+
+
+def lm_modules(model):
+    """(base transformer, LM-head module) of an HF causal LM, PEFT wrappers unwrapped.
+
+    The callers (beam search, the response-only SFT loss) run the base transformer and apply the
+    head to chosen rows themselves, so models whose logits are rescaled after the head are refused.
+    """
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    for attr in _RESCALED_LOGITS_CONFIG:
+        value = getattr(model.config, attr, None)
+        if value not in (None, 1.0):
+            raise ValueError(f"models whose logits are rescaled ({attr}={value}) are not supported")
+    base = model.base_model
+    if base is model:
+        raise ValueError(f"{type(model).__name__} has no separate base transformer (model.base_model)")
+    return base, model.get_output_embeddings()

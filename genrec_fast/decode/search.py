@@ -29,12 +29,12 @@ import torch.nn.functional as F
 
 from genrec_fast.decode import graphs, kv
 from genrec_fast.decode.vocab import SIDVocab
+from genrec_fast.model import lm_modules
 from genrec_fast.ops.backend import resolve_backend
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
 
 SCORES = ("full_vocab", "sid")
 LSE_CHUNK_ELEMS = 1 << 26  # rows x vocab columns per logits chunk of the log-sum-exp
-_UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma2/3, Cohere, Granite
 
 _device_arrays_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -96,19 +96,13 @@ def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 def _lm_parts(model):
     """(base transformer, LM-head weight, LM-head bias) of an HF causal LM (PEFT wrappers unwrapped)."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    for attr in _UNSUPPORTED_HEAD_CONFIG:
-        value = getattr(model.config, attr, None)
-        if value not in (None, 1.0):
-            raise ValueError(f"beam_search: models whose logits are rescaled ({attr}={value}) are not supported")
-    head = model.get_output_embeddings()
-    base = model.base_model
-    if base is model:
-        raise ValueError(f"beam_search: {type(model).__name__} has no separate base transformer (model.base_model)")
+    try:
+        base, head = lm_modules(model)
+    except ValueError as e:
+        raise ValueError(f"beam_search: {e}") from e
     if isinstance(head, torch.nn.Linear):
         return base, head.weight, head.bias
-    return (base, *_affine_head(head, model.config.hidden_size))
+    return (base, *_affine_head(head, base.config.hidden_size))
 
 
 def _affine_head(head: torch.nn.Module, hidden: int):

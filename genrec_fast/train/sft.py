@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from genrec_fast.io import atomic_write_text
+from genrec_fast.model import lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, check_tasks
 
 PACK_WINDOW = 8  # open rows a packed example may go to
@@ -212,14 +213,12 @@ def response_loss(model, batch: Dict[str, torch.Tensor], hidden_fn=None) -> torc
     The base transformer runs on the batch as it is ([R, T] rows; packed rows keep their
     per-example position ids, so transformers keeps the examples apart), the last hidden states at
     the kept positions are gathered (``keep_index``, flat indices into [R * T], or ``keep``), and the
-    LM head (``decode.search._lm_parts``: plain or PEFT-wrapped) is applied to those rows only. No
+    LM head module (``model.lm_modules``: plain or PEFT-wrapped) is applied to those rows only. No
     ``logits_to_keep``: the same on every transformers release. ``hidden_fn(base, input_ids,
     position_ids, attention_mask)`` replaces the base forward.
     """
-    from genrec_fast.decode.search import _lm_parts
-
     try:
-        base, weight, bias = _lm_parts(model)
+        base, head = lm_modules(model)
     except ValueError as e:
         raise ValueError(f"response_loss: {e}") from e
     hidden = (hidden_fn or _last_hidden)(base, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
@@ -227,7 +226,7 @@ def response_loss(model, batch: Dict[str, torch.Tensor], hidden_fn=None) -> torc
     if index is None:
         index = batch["keep"].reshape(-1).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    logits = torch.nn.functional.linear(rows, weight, bias)
+    logits = head(rows)
     return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
 
 
