@@ -4,6 +4,10 @@
 #   on the GPU, then each GPU bench. Tables go to stdout; JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
 #   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="rq decode" narrow the run (default: all).
+# A device call is capped at 10 minutes, and bench_sft compiles 24 layers twice (cold inductor cache),
+# so on a fresh machine split it in two calls:
+#   BENCHES="decode rl rq" bash benches/run_gpu.sh          (tests + decode/RL with CUDA graphs, ~5 min)
+#   TESTS=- BENCHES=sft bash benches/run_gpu.sh            (SFT step: eager, compiled, reduce-overhead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,7 +37,7 @@ TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py te
 for b in ${BENCHES:-rq decode sft rl}; do
   [ -f "benches/bench_$b.py" ] || continue
   stamp "bench_$b"
-  timeout ${BENCH_TIMEOUT:-200} $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" 2>&1 | tee -a "$LOG" | grep -v '^\s*$' | tail -40 || status=1
+  timeout ${BENCH_TIMEOUT:-300} $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" 2>&1 | tee -a "$LOG" | grep -v '^\s*$' | tail -40 || status=1
 done
 stamp "done (status $status)"
 exit $status
