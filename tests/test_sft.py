@@ -243,6 +243,17 @@ def test_cli_with_config_file(tmp_path):
     assert (tmp_path / "cli" / "model" / "config.json").is_file()
 
 
+def test_cuda_graphs_for_evaluation_needs_cuda_and_says_so_before_training(tmp_path):
+    from genrec_fast.cli import main
+
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        train_sft(_cfg(tmp_path, max_steps=1, cuda_graphs=True), data=_data())
+    assert not list(tmp_path.rglob("train_log.jsonl")) and not list(tmp_path.rglob("state.pt"))  # nothing trained
+    save_minionerec(_data(), tmp_path / "data")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        main(["sft", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "cli"), "--cuda-graphs"])
+
+
 def test_train_on_valid_keeps_the_early_stopping_subset_out(tmp_path):
     data = _data()  # 16 users: 48 train, 16 valid samples
     res = train_sft(_cfg(tmp_path, tasks=("sid_seq",), max_steps=1, eval_every=1, eval_samples=5,

@@ -59,6 +59,7 @@ class SFTConfig:
     max_length: int = 512  # tokens per example (prompt cut from the left)
     packing: bool = True
     compile: bool = False  # torch.compile the base forward; batches padded to [batch_tokens // pack_length, pack_length]
+    cuda_graphs: bool = False  # valid/test beam searches replayed from CUDA graphs (decode.graphs; CUDA only)
     bf16: Optional[bool] = None  # None: bf16 autocast on CUDA only
     seed: int = 0
     eval_every: int = 0  # optimizer steps between valid evals; 0: once per epoch; <0: never
@@ -399,6 +400,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     bf16 = use_cuda if cfg.bf16 is None else bool(cfg.bf16)
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
                       cpu=not use_cuda)
+    if cfg.cuda_graphs and acc.device.type != "cuda":
+        raise ValueError(f"sft: cuda_graphs needs a CUDA device for the evaluation's beam search, training runs on {acc.device}")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -473,7 +476,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     def run_eval() -> bool:
         """Valid NDCG@10 on the fixed subset; saves the best model; True when patience ran out."""
         metrics = evaluate(lm, tokenizer, sid_vocab, trie, valid, data.catalog,
-                           num_beams=cfg.eval_beams, batch_size=cfg.eval_batch_size, ks=(1, 5, 10))
+                           num_beams=cfg.eval_beams, batch_size=cfg.eval_batch_size, ks=(1, 5, 10),
+                           cuda_graphs=cfg.cuda_graphs)
         state["history"]["valid"].append((state["step"], {k: float(v) for k, v in metrics.items()}))
         score = metrics["NDCG@10"]
         if state["best"] is None or score > state["best"]:
@@ -562,7 +566,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         t0 = time.perf_counter()
         test_metrics = evaluate_split(best, tok, vocab, data, "test", num_beams=cfg.test_beams,
                                       batch_size=cfg.test_batch_size, trie=trie,
-                                      out=str(out / "test_metrics.json"))
+                                      out=str(out / "test_metrics.json"), cuda_graphs=cfg.cuda_graphs)
         result["test_seconds"] = time.perf_counter() - t0
     if acc.is_main_process:
         atomic_write_text(out / "sft_result.json", json.dumps(result, indent=2))
