@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from genrec_fast.decode import SIDVocab, beam_search, graphs
-from genrec_fast.decode.search import _lm_parts
+from genrec_fast.model import lm_modules
 
 from test_decode import START, SIZES, hf_constrained, left_padded_prompts, random_trie, tiny_model
 
@@ -64,7 +64,7 @@ def test_four_levels_reuse_across_widths_batches_and_lru():
     seed = _fresh_seed()
     model = tiny_model("llama", seed, vocab_size=START + sum(sizes) + 2)
     trie, vocab = random_trie(seed % 1000, n=120, sizes=sizes), SIDVocab(START, sizes)
-    base = _lm_parts(model)[0]
+    base = lm_modules(model)[0]
     for P, T in ((3, 8), (3, 11), (2, 10), (3, 8)):
         ids, mask = left_padded_prompts(P, T, seed + T)
         eager = beam_search(model, ids, mask, trie, vocab, 10, backend="torch")
@@ -89,7 +89,7 @@ def test_captured_functions_do_not_sync_or_upload():
     model = tiny_model("qwen2", 5, vocab_size=START + sum(sizes) + 2)
     trie, vocab = random_trie(5, n=120, sizes=sizes), SIDVocab(START, sizes)
     ids, mask = left_padded_prompts(3, 9, 5)
-    base = _lm_parts(model)[0]
+    base = lm_modules(model)[0]
     gf = graphs.graph_forward(base, 3, 6, 9, 4, torch.device("cpu"), "emulate", 16)
     checker = _CaptureChecker()
     calls = []
@@ -134,7 +134,7 @@ def test_graph_path_errors():
     with pytest.raises(ValueError, match="full-attention layers only"):
         beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs="emulate")
     with pytest.raises(ValueError, match="mode must be one of"):
-        graphs.GraphForward(_lm_parts(model)[0], 2, 4, 8, 3, torch.device("cpu"), "capture")
+        graphs.GraphForward(lm_modules(model)[0], 2, 4, 8, 3, torch.device("cpu"), "capture")
 
 
 @pytest.mark.gpu

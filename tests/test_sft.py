@@ -122,10 +122,10 @@ def test_packed_response_loss_and_grads_equal_the_hf_padded_loss(lora):
     assert len(rows) > 1 and any(len(r) > 1 for r in rows)  # several rows, several examples per row
     batch = collate(tk, rows, tok.pad_token_id, packed=True)
     seen = []
-    from genrec_fast.decode.search import _lm_parts
+    from genrec_fast.model import lm_modules
 
-    hook = _lm_parts(model)[0].register_forward_hook(lambda m, args, kw, out: seen.append(kw["input_ids"].shape),
-                                                     with_kwargs=True)
+    hook = lm_modules(model)[0].register_forward_hook(lambda m, args, kw, out: seen.append(kw["input_ids"].shape),
+                                                      with_kwargs=True)
     ours = response_loss(model, batch)
     hook.remove()
     assert seen == [batch["input_ids"].shape], transformers.__version__
