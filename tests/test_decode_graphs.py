@@ -57,6 +57,24 @@ def test_emulated_graph_path_matches_eager_and_hf(family):
         torch.testing.assert_close(res.scores, eager.scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("score", ["full_vocab", "sid"])
+def test_emulated_graph_path_exhaustive_with_padding_beams(score):
+    """B > #SIDs: every SID then padding (-1 / -inf), exactly as the eager path, in both score modes."""
+    import numpy as np
+
+    from genrec_fast import SIDTrie
+
+    model = tiny_model("qwen2", 11)
+    codes = np.array([[0, 0, 0], [0, 0, 6], [0, 5, 1], [3, 2, 2], [4, 0, 3], [4, 5, 6]])
+    trie, vocab = SIDTrie(codes, SIZES), SIDVocab(START, SIZES)
+    ids, mask = left_padded_prompts(2, 7, 3)
+    eager = beam_search(model, ids, mask, trie, vocab, 9, score=score)
+    res = beam_search(model, ids, mask, trie, vocab, 9, score=score, cuda_graphs="emulate")
+    assert (res.codes[:, 6:] == -1).all() and torch.isneginf(res.scores[:, 6:]).all()
+    assert torch.equal(res.codes, eager.codes) and torch.equal(res.leaf_ids, eager.leaf_ids)
+    torch.testing.assert_close(res.scores, eager.scores, rtol=0, atol=1e-4)
+
+
 def test_four_levels_reuse_across_widths_batches_and_lru():
     """4 levels: the tail reorder (2 generated positions) runs inside the step functions; sets are
     reused across prompt widths of one bucket, new for a new batch size, evicted past GRAPH_SETS."""
