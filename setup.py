@@ -56,6 +56,6 @@ setup(
         "deepspeed": ["deepspeed"],
         "lora": ["peft"],
     },
-    entry_points={"console_scripts": ["genrec-fast=genrec_fast.cli:main"]},
+    entry_points={"console_scripts": ["genrec-fast=genrec_fast.cli:entry"]},
     zip_safe=False,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -92,5 +93,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     return int(module.run(args) or 0)
 
 
+def entry(argv: Optional[List[str]] = None) -> int:
+    """The ``genrec-fast`` console script: :func:`main`, with bad input (a ``ValueError`` or a missing
+    file, which name what and where) reported as one line on stderr and exit status 2 instead of a
+    traceback. ``GENRECFAST_TRACEBACK=1`` shows the traceback."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("GENRECFAST_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"genrec-fast: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

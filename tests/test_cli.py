@@ -59,7 +59,7 @@ def test_eval_cli_config_and_flags(tiny_run, tmp_path, capsys):
     assert "transition baseline" in printed and "NDCG@10" in printed
 
 
-def test_eval_cli_samples_file_and_errors(tiny_run, tmp_path):
+def test_eval_cli_samples_file_and_errors(tiny_run, tmp_path, capsys, monkeypatch):
     from genrec_fast.data import load_minionerec
 
     data_dir, model_dir = tiny_run
@@ -81,6 +81,15 @@ def test_eval_cli_samples_file_and_errors(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         cli.main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "no_such_dir")])
     assert len(load_minionerec(data_dir).test) == 12
+    # the console script says the same in one line on stderr, exit status 2 (traceback on request)
+    argv = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--samples", str(bad)]
+    capsys.readouterr()
+    assert cli.entry(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("genrec-fast: error: ") and "bad.csv:4" in err[0], err
+    monkeypatch.setenv("GENRECFAST_TRACEBACK", "1")
+    with pytest.raises(ValueError, match=r"bad\.csv:4"):
+        cli.entry(argv)
 
 
 def test_shipped_configs_parse_and_demo_config_matches_defaults():
