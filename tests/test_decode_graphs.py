@@ -4,6 +4,8 @@ On CPU ``cuda_graphs="emulate"`` runs the exact capture protocol (warm-up on the
 index, then the real run; later calls reuse the set) with the captured functions called eagerly.
 The functions must also be capturable: no host sync and no tensor made from Python data inside
 them, which a dispatch mode checks op by op. On a GPU the real capture is compared with eager."""
+import gc
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,6 +100,11 @@ def test_four_levels_reuse_across_widths_batches_and_lru():
     assert [k[0] for k in graphs._sets[base]] == [2, 1, 4, 5]  # P=3, the least recently used, was evicted
     graphs.clear_graphs(base)
     assert base not in graphs._sets
+    beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
+    assert len(graphs._sets) == 1
+    del model, base
+    gc.collect()
+    assert len(graphs._sets) == 0  # a freed model takes its graph sets (and their buffers) with it
 
 
 def test_captured_functions_do_not_sync_or_upload():

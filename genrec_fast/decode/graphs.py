@@ -126,7 +126,9 @@ class GraphForward:
     def __init__(self, base, P: int, B: int, T: int, L: int, device: torch.device, mode: str):
         if mode not in MODES:
             raise ValueError(f"GraphForward: mode must be one of {MODES}, got {mode!r}")
-        self.base, self.P, self.B, self.T, self.L, self.mode = base, P, B, T, L, mode
+        # weakly: the per-model cache (a WeakKeyDictionary keyed by the model) must not keep the model alive
+        self._base = weakref.ref(base)
+        self.P, self.B, self.T, self.L, self.mode = P, B, T, L, mode
         dtype = next(base.parameters()).dtype
         self.min = torch.finfo(dtype).min
         R = P * B
@@ -146,6 +148,13 @@ class GraphForward:
         self.step_graphs = [None] + [_Graph(f"level-{l} step", self._stepper(l), mode, pool,
                                             warmup=self._identity_index) for l in range(1, L)]
         self._saved_index = None
+
+    @property
+    def base(self):
+        base = self._base()
+        if base is None:
+            raise RuntimeError("GraphForward: its model has been freed")
+        return base
 
     # ---- captured functions: read and write static buffers only --------------------------------
     def _prefill(self) -> torch.Tensor:
