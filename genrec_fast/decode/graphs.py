@@ -18,7 +18,8 @@ changes nothing for real positions (positions come from the attention mask).
 
 Capture protocol (``_Graph.run``): the first call of a graph runs its function once eagerly on a
 side stream (warm-up; the parent index set to the identity, so the non-idempotent tail reorder
-leaves the cache as it was), captures it, then replays it; later calls only replay. In
+leaves the cache as it was), captures it, sets the real inputs again, then replays it; later
+calls only replay. In
 ``mode="emulate"`` (CPU tests) the same sequence runs with the function called where the capture
 and the replays would be, so the protocol itself is tested without a GPU.
 
@@ -145,9 +146,9 @@ class GraphForward:
         self.pre_cache, self.beam_cache = kv.buffer_cache(self.pre_layers), kv.buffer_cache(self.beam_layers)
         pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.prefill_graph = _Graph("prefill", self._prefill, mode, pool, warmup=lambda: None)
+        # warm-up with the identity parent index: the tail reorder is not idempotent
         self.step_graphs = [None] + [_Graph(f"level-{l} step", self._stepper(l), mode, pool,
-                                            warmup=self._identity_index) for l in range(1, L)]
-        self._saved_index = None
+                                            warmup=lambda: self.index.copy_(self.identity)) for l in range(1, L)]
 
     @property
     def base(self):
@@ -175,15 +176,6 @@ class GraphForward:
             return hidden
         return step
 
-    def _identity_index(self) -> None:
-        self._saved_index = self.index.clone()
-        self.index.copy_(self.identity)
-
-    def _restore_index(self) -> None:
-        if self._saved_index is not None:
-            self.index.copy_(self._saved_index)
-            self._saved_index = None
-
     # ---- the search's calls ----------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fill the static inputs from a left-padded [P, t <= T] batch and run the prefill -> hidden [P, H]."""
@@ -197,19 +189,22 @@ class GraphForward:
         allowed = (torch.tril(torch.ones_like(eye)) & key_ok[:, None, :]) | eye  # pad queries see themselves only
         self.mask4.copy_(torch.where(allowed, 0.0, self.min)[:, None])
         lengths = mask.sum(-1).repeat_interleave(B)[:, None]
-        key_rep = key_ok.repeat_interleave(B, dim=0)
-        for level in range(1, self.L):
+        prompt_mask = torch.where(key_ok, 0.0, self.min).to(self.mask4.dtype).repeat_interleave(B, dim=0)
+        for level in range(1, self.L):  # generated positions (>= T) are always attended: zeros from __init__
             self.step_pos[level].copy_(lengths + level - 1)
-            self.step_mask4[level][:, 0, 0, :T].copy_(torch.where(key_rep, 0.0, self.min))
-            self.step_mask4[level][:, 0, 0, T:].zero_()
+            self.step_mask4[level][:, 0, 0, :T].copy_(prompt_mask)
         return self.prefill_graph.run(restore=lambda: None)
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
         """Level ``level`` >= 1: beams' last tokens [P*B] (and flat parent rows for level >= 2) -> hidden [P*B, H]."""
         self.tok.copy_(token.reshape(-1, 1))
-        if parent_rows is not None:
-            self.index.copy_(parent_rows)
-        return self.step_graphs[level].run(restore=self._restore_index)
+
+        def set_parents() -> None:
+            if parent_rows is not None:
+                self.index.copy_(parent_rows)
+
+        set_parents()
+        return self.step_graphs[level].run(restore=set_parents)
 
 
 def graph_forward(base, P: int, B: int, T: int, L: int, device: torch.device, mode: str, bucket: int) -> GraphForward:

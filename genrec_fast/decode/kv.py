@@ -10,6 +10,7 @@ gathers the generated tail (positions >= the prompt length).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import List, Optional
 
@@ -115,10 +116,15 @@ def reorder_cache(cache, index: torch.Tensor) -> None:
         cache.reorder_cache(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_arg(model_class: type) -> str:
+    """transformers 5.2x names the cache argument/output ``cache``, earlier releases ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache):
     """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H])."""
-    # transformers 5 names the cache argument/output ``cache``, 4.x ``past_key_values``
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    name = _cache_arg(type(base))
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                **{name: cache})
     return getattr(out, name), out.last_hidden_state[:, -1]

@@ -99,8 +99,7 @@ class Session:
             device=self.accelerator.device,
         )
         self.reference = ReferenceModel(model)  # before prepare: an unwrapped, un-sharded copy
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if cfg.cuda_graphs and plugin is not None and plugin.zero_stage == 3:
+        if cfg.cuda_graphs and self._zero3:
             raise ValueError("cuda_graphs: ZeRO-3 gathers the weights anew for every search, so captured graphs "
                              "would read stale addresses; use ZeRO-2/DDP or cuda_graphs=False")
         if self.reference.model is not None:
@@ -124,6 +123,12 @@ class Session:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+
+    @property
+    def _zero3(self) -> bool:
+        """Weights sharded by DeepSpeed ZeRO-3 (gathered anew for every search)."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3
 
     @property
     def device(self) -> torch.device:
@@ -163,8 +168,7 @@ class Session:
         """
         model = self.unwrapped
         gather = contextlib.nullcontext()
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
+        if self._zero3:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()))

@@ -213,7 +213,7 @@ def response_loss(model, batch: Dict[str, torch.Tensor], hidden_fn=None) -> torc
 
     The base transformer runs on the batch as it is ([R, T] rows; packed rows keep their
     per-example position ids, so transformers keeps the examples apart), the last hidden states at
-    the kept positions are gathered (``keep_index``, flat indices into [R * T], or ``keep``), and the
+    the kept positions are gathered (``keep_index`` of :func:`collate`, flat indices into [R * T]), and the
     LM head module (``model.lm_modules``: plain or PEFT-wrapped) is applied to those rows only. No
     ``logits_to_keep``: the same on every transformers release. ``hidden_fn(base, input_ids,
     position_ids, attention_mask)`` replaces the base forward.
@@ -223,10 +223,7 @@ def response_loss(model, batch: Dict[str, torch.Tensor], hidden_fn=None) -> torc
     except ValueError as e:
         raise ValueError(f"response_loss: {e}") from e
     hidden = (hidden_fn or _last_hidden)(base, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
-    index = batch.get("keep_index")
-    if index is None:
-        index = batch["keep"].reshape(-1).nonzero().squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["keep_index"])
     logits = head(rows)
     return torch.nn.functional.cross_entropy(logits.float(), batch["targets"])
 
