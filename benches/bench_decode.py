@@ -27,7 +27,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, print_table, sync, write_json  # noqa: E402
+from common import bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
 
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import SIDVocab, beam_search  # noqa: E402
@@ -198,10 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    names = args.settings.split(",") if args.settings else [n for n, s in SETTINGS.items() if s[0] == device.type]
-    unknown = [n for n in names if n not in SETTINGS or SETTINGS[n][0] != device.type]
-    if unknown:
-        raise SystemExit(f"bench_decode: setting(s) {unknown} are not {device.type} settings of {list(SETTINGS)}")
+    names = pick_settings(SETTINGS, args.settings, device, "bench_decode")
     spec = GPU_MODEL if device.type == "cuda" else CPU_MODEL
     if device.type == "cpu":  # one thread: stable numbers on a small shared CI box (same for every method)
         torch.set_num_threads(args.threads)

@@ -19,6 +19,16 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def pick_settings(settings: Dict[str, tuple], names: Optional[str], device: torch.device, bench: str) -> List[str]:
+    """Settings named in the comma list ``names`` (default: every one of ``device``'s type); the first
+    field of each setting is its device type."""
+    picked = names.split(",") if names else [n for n, s in settings.items() if s[0] == device.type]
+    unknown = [n for n in picked if n not in settings or settings[n][0] != device.type]
+    if unknown:
+        raise SystemExit(f"{bench}: setting(s) {unknown} are not {device.type} settings of {list(settings)}")
+    return picked
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -6,7 +6,7 @@
 #   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="rq decode" narrow the run (default: all).
 # A device call is capped at 10 minutes, and bench_sft compiles 24 layers twice (cold inductor cache),
 # so on a fresh machine split it in two calls:
-#   BENCHES="decode rl rq" bash benches/run_gpu.sh          (tests + decode/RL with CUDA graphs, ~5 min)
+#   BENCHES="beam decode rl rq" bash benches/run_gpu.sh     (tests + beam ops, decode/RL with CUDA graphs, ~5 min)
 #   TESTS=- BENCHES=sft bash benches/run_gpu.sh            (SFT step: eager, compiled, reduce-overhead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ stamp "GPU tests (kernels compiled for the device, not the interpreter)"
 TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_decode_graphs.py tests/test_rq.py}
 [ "$TESTS" = "-" ] || timeout 240 $PY -m pytest -q -p no:cacheprovider -x $TESTS 2>&1 | tee -a "$LOG" | tail -15 || status=1
 
-for b in ${BENCHES:-rq decode sft rl}; do
+for b in ${BENCHES:-rq beam decode sft rl}; do
   [ -f "benches/bench_$b.py" ] || continue
   stamp "bench_$b"
   timeout ${BENCH_TIMEOUT:-300} $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" 2>&1 | tee -a "$LOG" | grep -v '^\s*$' | tail -40 || status=1

@@ -190,15 +190,16 @@ def test_duplicate_sids_map_to_all_their_items():
     assert got == {(1, 1, 1): [10, 12], (2, 2, 2): [11], (3, 0, 5): [13]}
 
 
-def test_inconsistent_trie_raises():
+@pytest.mark.parametrize("level", [1, 2])
+def test_inconsistent_trie_raises(level):
     trie = random_trie(4)
     model = tiny_model("qwen2", 4)
     ids, mask = left_padded_prompts(2, 5, 4)
     da = trie_device_arrays(trie, torch.device("cpu"))
-    lv = da.levels[1]
+    lv = da.levels[level]
     assert lv.layout == "dense"
-    lv.table[:] = -1  # every depth-1 node loses its children
-    with pytest.raises(RuntimeError, match="no allowed continuation at level 1"):
+    lv.table[:] = -1  # every node of this depth loses its children
+    with pytest.raises(RuntimeError, match=rf"no allowed continuation at level {level} \(prompt, beam\) = \[\(0, 0\)"):
         beam_search(model, ids, mask, trie, SIDVocab(START, SIZES), 4)
 
 

@@ -188,6 +188,20 @@ def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket):
     return graphs.graph_forward(base, P, B, T, L, device, mode, int(bucket))
 
 
+def _raise_if_stuck(stuck: List[torch.Tensor], B: int) -> None:
+    """Raise for the first level where a live beam had no allowed continuation (one host sync)."""
+    any_stuck = torch.stack([s.any() for s in stuck])
+    if not bool(any_stuck.any()):
+        return
+    level = int(torch.nonzero(any_stuck)[0])
+    nb = 1 if level == 0 else B
+    beams = torch.nonzero(stuck[level]).flatten()[:5].tolist()
+    raise RuntimeError(
+        f"beam_search: trie state with no allowed continuation at level {level} "
+        f"(prompt, beam) = {[(r // nb, r % nb) for r in beams]}; the trie is inconsistent"
+    )
+
+
 @torch.inference_mode()
 def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
                 num_beams: int, score: str = "full_vocab", backend: str = "auto",
@@ -222,6 +236,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         nb = 1
         codes = torch.zeros((P, 1, 0), dtype=torch.long, device=device)
         parent = code = None
+        stuck: List[torch.Tensor] = []
         for level in range(L):
             if level > 0:
                 nb = B
@@ -232,13 +247,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
             lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
             allowed, child = da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
-            stuck = (nodes >= 0) & ~allowed.any(dim=1)
-            if bool(stuck.any()):
-                beams = torch.nonzero(stuck).flatten()[:5].tolist()
-                raise RuntimeError(
-                    f"beam_search: trie state with no allowed continuation at level {level} "
-                    f"(prompt, beam) = {[(r // nb, r % nb) for r in beams]}; the trie is inconsistent"
-                )
+            # a live beam with no allowed child: checked once after the loop (no host sync per level);
+            # such a row scores -inf everywhere, so it only ever yields padding until then
+            stuck.append((nodes >= 0) & ~allowed.any(dim=1))
             cand = trie_log_softmax(logits, allowed, scores, lse, backend=backend)
             K = hi - lo
             parent, code, top_scores, top_nodes = grouped_topk(cand.view(P, nb, K), child.view(P, nb, K), B,
@@ -247,6 +258,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             codes = torch.cat([history, code[..., None]], dim=2)
             scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
         del runner
+        _raise_if_stuck(stuck, B)
     finally:
         model.train(was_training)
     leaf_ids = nodes.view(P, B)

@@ -1,0 +1,193 @@
+"""One constrained beam-search level, op by op, against HF's way of doing the same step.
+
+Table 1, "one level step" (from the last hidden states h [P*B, H] and the LM head W [V, H] to the
+B best (parent beam, token) per prompt), in the same run:
+  (a) HF with its real ``PrefixConstrainedLogitsProcessor`` (a Python dict prefix -> allowed tokens
+      callback per beam row, as MiniOneRec/ReRe run it): full logits h @ W.T, fp32 log-softmax over
+      all V, the processor's -inf mask, + beam scores, top-2B of B x V per prompt, then top-B,
+  (b) the same tensor ops with the mask given (the callback's cost taken out: HF's floor),
+  (c) ours, score="full_vocab": logits of the level's K SID rows only, chunked log-sum-exp over V
+      (``decode.search.full_vocab_lse``), the device trie step, ``ops.beam.trie_log_softmax`` and
+      ``ops.beam.grouped_topk`` (backend "auto": Triton on CUDA, the torch references on CPU),
+  (d) ours, score="sid" (no log-sum-exp over V),
+with the ratios (c)/(a), (c)/(b), (d)/(a) and whether (c) picks the same beams as (a).
+
+Table 2, "kernels": each Triton kernel against its torch reference on the same inputs
+(``backend="triton"`` vs ``"torch"``), with max |difference| and equality of the picks. On CPU the
+Triton kernels only run in the interpreter, which is not a timing: those rows are left out.
+
+CPU setting: 32 prompts x 20 beams, V = 2768, H = 64, 3k items (fp32, 1 thread). GPU settings
+(bf16): Qwen2.5-0.5B head shapes (V = 152704, H = 896): 8 x 50 and 64 x 16 over 3.7k items,
+256 x 20 over 200k items. SIDs: 3 levels of 256 codes; the step is level 1 (beams on real
+depth-1 trie nodes of random items).
+
+  python benches/bench_beam.py [--device cpu|cuda] [--json PATH] [--settings NAME,...]
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import SIZES, prefix_dict, random_catalogue  # noqa: E402
+from common import bench_parser, pick_settings, print_table, sync, timeit, write_json  # noqa: E402
+
+from genrec_fast import SIDTrie  # noqa: E402
+from genrec_fast.decode import SIDVocab  # noqa: E402
+from genrec_fast.decode.search import full_vocab_lse, trie_device_arrays  # noqa: E402
+from genrec_fast.ops.beam import grouped_topk, trie_log_softmax  # noqa: E402
+
+# name -> (device type, prompts, beams, items, base vocab, hidden)
+SETTINGS = {
+    "cpu_32x20_3k": ("cpu", 32, 20, 3000, 2000, 64),
+    "gpu_8x50_3.7k": ("cuda", 8, 50, 3700, 151936, 896),
+    "gpu_64x16_3.7k": ("cuda", 64, 16, 3700, 151936, 896),
+    "gpu_256x20_200k": ("cuda", 256, 20, 200_000, 151936, 896),
+}
+LEVEL = 1
+PROMPT = 16  # prompt tokens before the SID prefix in HF's input_ids (the callback slices them off)
+
+
+def make_inputs(name: str, device: torch.device, seed: int = 0) -> dict:
+    _, P, B, items, base_vocab, hidden = SETTINGS[name]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vocab = SIDVocab(base_vocab, SIZES)
+    V = base_vocab + sum(SIZES)
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(V, hidden, generator=gen) * (4.0 / hidden ** 0.5)).to(device=device, dtype=dtype)
+    h = torch.randn(P * B, hidden, generator=gen).to(device=device, dtype=dtype)
+    codes = random_catalogue(items, seed=seed + 1)
+    trie = SIDTrie(codes, SIZES)
+    da = trie_device_arrays(trie, device)
+    # each beam sits on the depth-1 node of a random item (the B beams of a prompt are distinct when possible)
+    rng = np.random.default_rng(seed + 2)
+    prefix0 = np.unique(codes[:, 0])
+    picks = np.stack([rng.choice(prefix0, B, replace=len(prefix0) < B) for _ in range(P)]).reshape(-1)
+    _, child0 = da.step(0, torch.zeros(1, dtype=torch.long, device=device))
+    nodes = child0[0, torch.as_tensor(picks, device=device)].long()
+    parent_scores = -torch.rand(P * B, generator=gen).to(device) * 5  # running beam scores, best first not needed
+    # HF's view of the same beams: prompt tokens + the SID token of level 0
+    sid_tok = vocab.token_ids(torch.as_tensor(picks)[:, None]).reshape(-1, 1)
+    hf_ids = torch.cat([torch.randint(3, base_vocab, (P * B, PROMPT), generator=gen), sid_tok], 1).to(device)
+    allowed = prefix_dict(codes, vocab)
+    fallback = [1]
+
+    def fn(batch_id, sent):
+        return allowed.get(tuple(sent[PROMPT:].tolist()), fallback)
+
+    processor = PrefixConstrainedLogitsProcessor(fn, B)
+    mask_add = processor(hf_ids, torch.zeros(P * B, V, device=device))  # 0 / -inf, the processor's own mask
+    return dict(P=P, B=B, V=V, K=SIZES[LEVEL], vocab=vocab, weight=weight, h=h, da=da, nodes=nodes,
+                parent_scores=parent_scores, hf_ids=hf_ids, processor=processor, mask_add=mask_add, dtype=dtype)
+
+
+def hf_step(x: dict, with_processor: bool):
+    """HF's beam step (transformers' _beam_search): log-softmax over V, mask, + beam scores, top-2B, then top-B."""
+    P, B, V = x["P"], x["B"], x["V"]
+    logits = F.linear(x["h"], x["weight"])
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = x["processor"](x["hf_ids"], logp) if with_processor else logp + x["mask_add"]
+    logp = (logp + x["parent_scores"][:, None]).view(P, B * V)
+    top2, idx2 = torch.topk(logp, 2 * B, dim=1)
+    top, pick = torch.topk(top2, B, dim=1)  # (no eos among SID tokens: the B best running beams)
+    idx = idx2.gather(1, pick)
+    return idx // V, idx % V, top
+
+
+def ours_step(x: dict, score: str, backend: str = "auto"):
+    P, B, K = x["P"], x["B"], x["K"]
+    lo, hi = x["vocab"].level_range(LEVEL)
+    logits = F.linear(x["h"], x["weight"][lo:hi])
+    lse = full_vocab_lse(x["h"], x["weight"]) if score == "full_vocab" else None
+    allowed, child = x["da"].step(LEVEL, x["nodes"], check=False)
+    cand = trie_log_softmax(logits, allowed, x["parent_scores"], lse, backend=backend)
+    parent, code, top, node = grouped_topk(cand.view(P, B, K), child.view(P, B, K), B, backend=backend)
+    return parent, code + lo, top
+
+
+def run_setting(name: str, device: torch.device, repeat: int) -> tuple:
+    x = make_inputs(name, device)
+    t = {}
+    t["hf_processor"] = timeit(lambda: hf_step(x, True), device, repeat=max(2, repeat // 4))
+    t["hf_tensor_ops"] = timeit(lambda: hf_step(x, False), device, repeat=repeat)
+    t["ours_full_vocab"] = timeit(lambda: ours_step(x, "full_vocab"), device, repeat=repeat)
+    t["ours_sid"] = timeit(lambda: ours_step(x, "sid"), device, repeat=repeat)
+    hp, ht, hs = hf_step(x, True)
+    op, ot, os_ = ours_step(x, "full_vocab")
+    same = float(((hp == op) & (ht == ot)).all(1).float().mean())
+    rows_per_s = lambda s: x["P"] * x["B"] / s  # noqa: E731
+    step_row = dict(
+        setting=name, prompts=x["P"], beams=x["B"], vocab=x["V"],
+        hf_processor_ms=t["hf_processor"] * 1e3, hf_tensor_ops_ms=t["hf_tensor_ops"] * 1e3,
+        ours_full_vocab_ms=t["ours_full_vocab"] * 1e3, ours_sid_ms=t["ours_sid"] * 1e3,
+        ours_over_hf_processor=t["hf_processor"] / t["ours_full_vocab"],
+        ours_over_hf_tensor_ops=t["hf_tensor_ops"] / t["ours_full_vocab"],
+        ours_sid_over_hf_processor=t["hf_processor"] / t["ours_sid"],
+        hf_processor_us_per_row=t["hf_processor"] * 1e6 / (x["P"] * x["B"]),
+        ours_rows_per_s=rows_per_s(t["ours_full_vocab"]),
+        same_beams_as_hf=same, max_score_diff=float((hs - os_).abs().max()),
+    )
+    kernel_rows = []
+    if device.type == "cuda":
+        P, B, K = x["P"], x["B"], x["K"]
+        lo, hi = x["vocab"].level_range(LEVEL)
+        logits = F.linear(x["h"], x["weight"][lo:hi])
+        lse = full_vocab_lse(x["h"], x["weight"])
+        allowed, child = x["da"].step(LEVEL, x["nodes"], check=False)
+        args = (logits, allowed, x["parent_scores"], lse)
+        ref_t = timeit(lambda: trie_log_softmax(*args, backend="torch"), device, repeat=repeat * 4)
+        tri_t = timeit(lambda: trie_log_softmax(*args, backend="triton"), device, repeat=repeat * 4)
+        ref, tri = trie_log_softmax(*args, backend="torch"), trie_log_softmax(*args, backend="triton")
+        fin = torch.isfinite(ref)
+        kernel_rows.append(dict(setting=name, op="trie_log_softmax", shape=f"[{P * B}, {K}]",
+                                torch_ms=ref_t * 1e3, triton_ms=tri_t * 1e3, speedup=ref_t / tri_t,
+                                max_abs_diff=float((ref[fin] - tri[fin]).abs().max()) if fin.any() else 0.0,
+                                same=float(bool(torch.equal(fin, torch.isfinite(tri))))))
+        cand, ch = ref.view(P, B, K), child.view(P, B, K)
+        ref_t = timeit(lambda: grouped_topk(cand, ch, B, backend="torch"), device, repeat=repeat * 4)
+        tri_t = timeit(lambda: grouped_topk(cand, ch, B, backend="triton"), device, repeat=repeat * 4)
+        a, b = grouped_topk(cand, ch, B, backend="torch"), grouped_topk(cand, ch, B, backend="triton")
+        kernel_rows.append(dict(setting=name, op="grouped_topk", shape=f"[{P}, {B}, {K}] -> {B}",
+                                torch_ms=ref_t * 1e3, triton_ms=tri_t * 1e3, speedup=ref_t / tri_t,
+                                max_abs_diff=float((a[2] - b[2]).abs().nan_to_num(0.0).max()),
+                                same=float(all(torch.equal(u, v) for u, v in (a[0:2] + a[3:4], b[0:2] + b[3:4])))))
+    step_row.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(x["dtype"]).split(".")[-1])
+    return step_row, kernel_rows
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--settings", default=None, help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    names = pick_settings(SETTINGS, args.settings, device, "bench_beam")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    steps, kernels = [], []
+    for name in names:
+        s, k = run_setting(name, device, args.repeat)
+        steps.append(s)
+        kernels += k
+        sync(device)
+    print_table([{k: v for k, v in r.items() if k not in ("device", "dtype")} for r in steps],
+                title=f"one constrained level step ({steps[0]['device']}, {steps[0]['dtype']})")
+    if kernels:
+        print_table(kernels, title="Triton kernels vs their torch references")
+    else:
+        print("\n(Triton kernel timings: GPU only; on CPU the kernels run in the interpreter, which is not a timing)")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    write_json("bench_beam", {"bench": "beam", "steps": steps, "kernels": kernels}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

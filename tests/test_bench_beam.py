@@ -1,0 +1,29 @@
+"""benches/bench_beam.py runs on CPU and its step (ours) picks the same beams as HF's own
+PrefixConstrainedLogitsProcessor step on the same hidden states."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def test_bench_beam_cpu_same_beams_as_hf(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHES))
+    monkeypatch.delenv("OUT", raising=False)
+    import bench_beam
+
+    out = tmp_path / "beam.json"
+    threads = torch.get_num_threads()  # the bench pins 1 thread; give the rest of the session its threads back
+    try:
+        assert bench_beam.main(["--device", "cpu", "--repeat", "2", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("bench_beam", None)
+    rows = json.loads(out.read_text())["steps"]
+    assert [r["setting"] for r in rows] == ["cpu_32x20_3k"]
+    r = rows[0]
+    assert r["same_beams_as_hf"] == 1.0
+    assert r["max_score_diff"] < 1e-4
+    assert r["ours_full_vocab_ms"] > 0 and r["hf_processor_ms"] > 0
