@@ -94,12 +94,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry(argv: Optional[List[str]] = None) -> int:
-    """The ``genrec-fast`` console script: :func:`main`, with bad input (a ``ValueError`` or a missing
-    file, which name what and where) reported as one line on stderr and exit status 2 instead of a
-    traceback. ``GENRECFAST_TRACEBACK=1`` shows the traceback."""
+    """The ``genrec-fast`` console script: :func:`main`, with bad input (a ``ValueError``, or an
+    ``OSError`` such as a missing file or a model that is neither a local directory nor on the hub,
+    which name what and where) reported on stderr as ``genrec-fast: error: ...`` with exit status 2
+    instead of a traceback. ``GENRECFAST_TRACEBACK=1`` shows the traceback."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         if os.environ.get("GENRECFAST_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"genrec-fast: error: {err}", file=sys.stderr)

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from genrec_fast.eval.metrics import DEFAULT_KS
 
 
 @dataclass
@@ -95,7 +94,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
 
     with stage("eval"):
         result = evaluate_split(sft.model, sft.tokenizer, sft.sid_vocab, data, split="test",
-                                num_beams=cfg.num_beams, batch_size=cfg.batch_size, ks=DEFAULT_KS,
+                                num_beams=cfg.num_beams, batch_size=cfg.batch_size,
                                 max_samples=cfg.eval_samples, seed=cfg.seed, print_table=False,
                                 progress=cfg.progress)
     wall["total"], cpu["total"] = time.perf_counter() - t_all, time.process_time() - c_all
@@ -104,7 +103,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     result["sids"] = {"levels": int(sids.codes.shape[1]), "codebook_sizes": list(sids.codebook_sizes)}
     result["config"] = asdict(cfg)
     write_json_atomic(out / "metrics.json", result)
-    print(results_table(result, DEFAULT_KS))
+    print(results_table(result))
     print(f"demo: wrote {out / 'metrics.json'}; wall time per stage (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["timings_s"].items()))
     return result

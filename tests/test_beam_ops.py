@@ -129,3 +129,15 @@ def test_op_input_errors():
         grouped_topk(x[None], x[None], 2)
     with pytest.raises(ValueError, match="k must be >= 1"):
         grouped_topk(x[None], x[None].int(), 0)
+
+
+def test_backend_choice(monkeypatch):
+    from genrec_fast.ops.backend import resolve_backend
+
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' on a cpu tensor needs TRITON_INTERPRET=1"):
+        trie_log_softmax(torch.zeros(3, 4), torch.ones(3, 4, dtype=torch.bool), torch.zeros(3), backend="triton")

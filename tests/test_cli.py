@@ -42,16 +42,16 @@ def test_eval_cli_config_and_flags(tiny_run, tmp_path, capsys):
                                    "ks": [1, 5, 10], "num_beams_unused": 1}))
     with pytest.raises(SystemExit, match="unknown option"):
         cli.main(["eval", "--config", str(cfg), "--model", str(model_dir)])
-    cfg.write_text(yaml.safe_dump({"data": str(data_dir), "split": "test", "num_beams": 8, "batch_size": 5,
+    cfg.write_text(yaml.safe_dump({"data": str(data_dir), "split": "test", "num_beams": 12, "batch_size": 5,
                                    "ks": [1, 5, 10]}))
     out = tmp_path / "res.json"
-    assert cli.main(["eval", "--config", str(cfg), "--model", str(model_dir), "--num-beams", "6",
+    assert cli.main(["eval", "--config", str(cfg), "--model", str(model_dir), "--num-beams", "10",
                      "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["split"] == "test" and res["num_samples"] == 12
-    assert res["model"]["num_beams"] == 6  # the flag overrides the config
+    assert res["model"]["num_beams"] == 10  # the flag overrides the config
     assert res["model"]["invalid_rate"] == 0.0
-    want = _direct(model_dir, data_dir, "test", 6, (1, 5, 10))
+    want = _direct(model_dir, data_dir, "test", 10, (1, 5, 10))
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@10"):
         assert res["model"][k] == pytest.approx(want[k])
     assert set(res["baselines"]) == {"popularity", "transition"}
@@ -87,6 +87,10 @@ def test_eval_cli_samples_file_and_errors(tiny_run, tmp_path, capsys, monkeypatc
     assert cli.entry(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("genrec-fast: error: ") and "bad.csv:4" in err[0], err
+    # a model that is neither a directory nor reachable on the hub (offline): HF's OSError, one message
+    assert cli.entry(["eval", "--model", str(tmp_path / "no_model"), "--data", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genrec-fast: error: ") and "no_model" in err and "Traceback" not in err, err
     monkeypatch.setenv("GENRECFAST_TRACEBACK", "1")
     with pytest.raises(ValueError, match=r"bad\.csv:4"):
         cli.entry(argv)
@@ -120,12 +124,12 @@ def test_eval_two_processes_equals_one(tiny_run, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--num_cpu_threads_per_process", "1", "-m", "genrec_fast.cli", "eval", "--model", str(model_dir),
-           "--data", str(data_dir), "--num-beams", "6", "--batch-size", "5", "--ks", "1", "5", "10",
+           "--data", str(data_dir), "--num-beams", "10", "--batch-size", "5", "--ks", "1", "5", "10",
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads(out.read_text())
-    want = _direct(model_dir, data_dir, "test", 6, (1, 5, 10))
+    want = _direct(model_dir, data_dir, "test", 10, (1, 5, 10))
     assert res["model"]["num_samples"] == 12
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "invalid_rate"):
         assert res["model"][k] == pytest.approx(want[k])

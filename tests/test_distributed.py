@@ -51,7 +51,7 @@ def _launch(args, cwd):
 def test_two_process_sdpo_and_rl(tmp_path):
     data_dir, model_dir = make_tiny_run(tmp_path)
     common = ["--model", str(model_dir), "--data", str(data_dir), "--steps", "3", "--batch-size", "2",
-              "--eval-samples", "6", "--eval-beams", "4", "--log-every", "1", "--no-eval-before", "--lr", "1e-3"]
+              "--eval-samples", "6", "--eval-beams", "10", "--log-every", "1", "--no-eval-before", "--lr", "1e-3"]
     for stage, extra in (("sdpo", ["--num-negatives", "2"]), ("rl", ["--group-size", "4", "--inject-target"])):
         out = tmp_path / stage
         stdout = _launch([stage, *common, "--out", str(out), *extra], ROOT)

@@ -102,7 +102,7 @@ def test_evaluate_matches_direct_beam_search(tiny_setup):
 
     data, model, tok, vocab = tiny_setup
     trie = catalog_trie(data.catalog)
-    m, recs = evaluate(model, tok, vocab, trie, data.test, data.catalog, num_beams=5, batch_size=4, ks=(1, 3, 12),
+    m, recs = evaluate(model, tok, vocab, trie, data.test, data.catalog, num_beams=5, batch_size=4, ks=(1, 3, 5),
                        return_records=True)
     assert [r["index"] for r in recs] == list(range(len(data.test)))
     assert m["invalid_rate"] == 0.0 and m["num_samples"] == len(data.test)
@@ -113,24 +113,42 @@ def test_evaluate_matches_direct_beam_search(tiny_setup):
         want = []
         for items in res.item_ids[0]:
             want += [int(x) for x in sorted(items) if int(x) not in want]
-        assert r["ranked"] == want[:12]
+        assert r["ranked"] == want[:5]
         assert r["num_beams"] == 5
     want_hr1 = np.mean([r["ranked"][:1] == [s.target] for r, s in zip(recs, data.test)])
     assert m["HR@1"] == pytest.approx(want_hr1)
 
 
-def test_evaluate_all_beams_finds_every_target_including_shared_sid(tiny_setup):
-    from genrec_fast.eval import evaluate
+def test_all_beams_rank_every_item_including_shared_sid(tiny_setup):
+    from genrec_fast.eval import predict
 
     data, model, tok, vocab = tiny_setup
     trie = catalog_trie(data.catalog)
-    # 11 distinct SIDs: asking for all of them ranks the whole catalogue, so HR@12 = 1 (target 11 shares a SID)
-    m, recs = evaluate(model, tok, vocab, trie, data.test, data.catalog, num_beams=11, batch_size=3, ks=(12,),
-                       return_records=True)
-    assert m["HR@12"] == 1.0
+    # 11 distinct SIDs: asking for all of them ranks the whole catalogue (12 items: 10 and 11 share a SID)
+    recs = predict(model, tok, vocab, trie, data.test, data.catalog, num_beams=11, batch_size=3, top_n=12)
     assert all(sorted(r["ranked"]) == list(range(12)) for r in recs)
     r0 = recs[0]["ranked"]
     assert r0.index(11) == r0.index(10) + 1  # shared SID -> items in ascending order, adjacent
+
+
+def test_cut_offs_above_num_beams(tiny_setup):
+    """Default cut-offs stop at num_beams; an explicit K > num_beams is refused (it would be a lower bound
+    set beside baselines that rank the whole catalogue)."""
+    from genrec_fast.eval import evaluate, evaluate_split
+    from genrec_fast.eval.metrics import ks_for_beams
+
+    assert ks_for_beams(None, 50) == (1, 3, 5, 10, 20, 50)
+    assert ks_for_beams(None, 12) == (1, 3, 5, 10)
+    assert ks_for_beams(None, 2) == (1,)
+    assert ks_for_beams([10, 5, 5], 10) == (5, 10)
+    with pytest.raises(ValueError, match=r"cut-off K=20 is above num_beams=10.*drop the cut-offs \[20\]"):
+        ks_for_beams((5, 20), 10)
+    data, model, tok, vocab = tiny_setup
+    trie = catalog_trie(data.catalog)
+    m = evaluate(model, tok, vocab, trie, data.test[:3], data.catalog, num_beams=4, batch_size=4)
+    assert sorted(k for k in m if k.startswith("HR@")) == ["HR@1", "HR@3"]
+    with pytest.raises(ValueError, match="evaluate_split: cut-off K=5 is above num_beams=4"):
+        evaluate_split(model, tok, vocab, data, "test", num_beams=4, ks=(1, 5))
 
 
 def test_predict_shards_reassemble(tiny_setup):
@@ -166,7 +184,7 @@ def test_evaluate_split_writes_json_with_baselines(tiny_setup, tmp_path, capsys)
 
     data, model, tok, vocab = tiny_setup
     out = tmp_path / "res" / "metrics.json"
-    res = evaluate_split(model, tok, vocab, data, "test", num_beams=4, batch_size=4, ks=(1, 5), max_samples=6,
+    res = evaluate_split(model, tok, vocab, data, "test", num_beams=5, batch_size=4, ks=(1, 5), max_samples=6,
                          out=str(out))
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))

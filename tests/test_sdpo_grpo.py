@@ -63,7 +63,7 @@ def tiny_run(tmp_path_factory):
     return make_tiny_run(tmp_path_factory.mktemp("posttrain"))
 
 
-COMMON = dict(batch_size=4, eval_samples=8, eval_beams=4, eval_batch_size=8, log_every=5, mixed_precision="no")
+COMMON = dict(batch_size=4, eval_samples=8, eval_beams=10, eval_batch_size=8, log_every=5, mixed_precision="no")
 
 
 def _reload_logps(model_dir, data_dir, samples):
@@ -192,6 +192,9 @@ def test_cli_config_parsing(tiny_run, tmp_path):
         GRPOConfig(model="m", data="d", out="o", group_size=1)
     with pytest.raises(ValueError, match="'model' is required"):
         GRPOConfig(data="d", out="o")
+    with pytest.raises(ValueError, match="eval_beams 5 < 10: the evals report HR@10"):
+        GRPOConfig(model="m", data="d", out="o", eval_beams=5)
+    assert GRPOConfig(model="m", data="d", out="o", eval_beams=5, eval_splits=()).eval_beams == 5
 
 
 def test_sdpo_with_lora_reference_is_the_sft_model(tiny_run, tmp_path):

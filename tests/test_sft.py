@@ -185,7 +185,7 @@ def test_epoch_batches_cover_every_example_once():
 
 def _cfg(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "run"), tasks=("sid_seq", "title2sid"), lr=3e-3, batch_tokens=256,
-                pack_length=128, max_length=128, eval_samples=8, eval_beams=4, eval_batch_size=8,
+                pack_length=128, max_length=128, eval_samples=8, eval_beams=10, eval_batch_size=8,
                 model_overrides=SMALL, tokenizer_vocab_size=300, log_every=1, progress=False)
     base.update(kw)
     return SFTConfig(**base)
@@ -290,6 +290,9 @@ def test_collate_pad_to_gives_one_shape_that_predicts_nothing_more():
         collate(tk, [[0], [1]], tok.pad_token_id, packed=False, pad_to=(2, 128))
     with pytest.raises(ValueError, match="compile needs packing=True"):
         SFTConfig(compile=True, packing=False)
+    with pytest.raises(ValueError, match="eval_beams 4 < 10: early stopping ranks by valid NDCG@10"):
+        SFTConfig(eval_beams=4)
+    assert SFTConfig(eval_beams=4, eval_every=-1).eval_beams == 4
 
 
 def test_compiled_step_equals_eager_and_never_recompiles(tmp_path):

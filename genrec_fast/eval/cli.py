@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate a seeded random subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
+    parser.add_argument("--ks", type=int, nargs="+", default=None,
+                        help=f"cut-offs, at most --num-beams (default: {' '.join(map(str, DEFAULT_KS))} up to --num-beams)")
     parser.add_argument("--score", default="full_vocab", choices=["full_vocab", "sid"])
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

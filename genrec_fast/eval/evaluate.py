@@ -21,7 +21,7 @@ import torch
 
 from genrec_fast.io import atomic_write_text
 from genrec_fast.eval.baselines import baseline_metrics
-from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, format_table, ranking_metrics
+from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, format_table, ks_for_beams, ranking_metrics
 
 
 # ---- trie over a catalogue -------------------------------------------------------------------
@@ -181,15 +181,17 @@ def metrics_from_records(records: Sequence[dict], ks: Iterable[int] = DEFAULT_KS
 
 
 def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
-             batch_size: int = 16, ks: Iterable[int] = DEFAULT_KS, score: str = "full_vocab",
+             batch_size: int = 16, ks: Optional[Iterable[int]] = None, score: str = "full_vocab",
              backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
              return_records: bool = False, cuda_graphs: bool = False):
     """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
 
+    ks: cut-offs, at most ``num_beams`` (None: 1, 3, 5, 10, 20, 50 up to ``num_beams``).
+
     Sharded over processes under ``accelerate launch``; every process returns the full result.
     With ``return_records`` also returns the per-sample records (ranked item lists).
     """
-    ks = check_ks(ks)
+    ks = ks_for_beams(ks, num_beams)
     if len(samples) == 0:
         raise ValueError("evaluate: no samples")
     world, rank, gather = _shard_info()
@@ -217,15 +219,16 @@ def write_json_atomic(path, obj) -> None:
 
 
 def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_beams: int = 50,
-                   batch_size: int = 16, ks: Iterable[int] = DEFAULT_KS, max_samples: Optional[int] = None,
+                   batch_size: int = 16, ks: Optional[Iterable[int]] = None, max_samples: Optional[int] = None,
                    seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
                    **decode_kwargs) -> dict:
     """The model and both baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
 
     ``max_samples`` evaluates a fixed random subset (seeded) — the baselines use the same subset.
+    ks: as in :func:`evaluate` (at most ``num_beams``; the baselines get the same cut-offs).
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
-    ks = check_ks(ks)
+    ks = ks_for_beams(ks, num_beams, "evaluate_split")
     samples = list(getattr(data, split))
     if max_samples is not None and max_samples < len(samples):
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
@@ -243,6 +246,9 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     return result
 
 
-def results_table(result: dict, ks: Iterable[int] = DEFAULT_KS) -> str:
+def results_table(result: dict, ks: Optional[Iterable[int]] = None) -> str:
+    """The printed table of an ``evaluate_split`` result (ks: default, the cut-offs the result holds)."""
+    if ks is None:
+        ks = sorted(int(k[3:]) for k in result["model"] if k.startswith("HR@")) or DEFAULT_KS
     rows = {"model": result["model"], **{f"{k} baseline": v for k, v in result["baselines"].items()}}
     return f"{result.get('split', '')} ({result['model']['num_samples']} samples)\n" + format_table(rows, ks)

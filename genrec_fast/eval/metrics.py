@@ -7,7 +7,7 @@ NDCG@K = mean of 1 / log2(rank + 2) over those hits (0 for a miss) — the ideal
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +19,25 @@ def check_ks(ks: Iterable[int]) -> tuple:
     if not out or any(k <= 0 for k in out):
         raise ValueError(f"ks must be a non-empty list of positive cut-offs, got {list(ks)}")
     return tuple(sorted(set(out)))
+
+
+def ks_for_beams(ks: Optional[Iterable[int]], num_beams: int, where: str = "evaluate") -> tuple:
+    """The cut-offs of an evaluation by a ``num_beams`` beam search.
+
+    ``None``: the ``DEFAULT_KS`` up to ``num_beams``. A given cut-off above ``num_beams`` raises: the
+    model's list only holds the items of ``num_beams`` beams, so its HR@K would be a lower bound set
+    beside baselines that rank the whole catalogue.
+    """
+    if ks is None:
+        return tuple(k for k in DEFAULT_KS if k <= num_beams) or (int(num_beams),)
+    ks = check_ks(ks)
+    if ks[-1] > num_beams:
+        raise ValueError(
+            f"{where}: cut-off K={ks[-1]} is above num_beams={num_beams}: the model's ranked list holds the items of "
+            f"{num_beams} beams only, so HR@{ks[-1]} would not be comparable; raise num_beams or drop the cut-offs "
+            f"{[k for k in ks if k > num_beams]}"
+        )
+    return ks
 
 
 def target_ranks(ranked_item_lists: Sequence[Sequence[int]], targets: Sequence[int]) -> np.ndarray:

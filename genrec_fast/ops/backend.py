@@ -37,9 +37,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if not triton_available():
-        raise RuntimeError("backend='triton' asked for, but triton is not importable")
+        raise ValueError("backend='triton' asked for, but triton is not importable (use backend='auto' or 'torch')")
     if device.type != "cuda" and not interpreter_on():
-        raise RuntimeError(
+        raise ValueError(
             f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before triton is imported"
         )
     return "triton"

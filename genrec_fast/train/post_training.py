@@ -66,6 +66,9 @@ class PostTrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{type(self).__name__}: '{name}' must be >= 1, got {getattr(self, name)}")
         self.eval_splits = tuple(self.eval_splits)
+        if self.eval_splits and self.eval_beams < 10:
+            raise ValueError(f"{type(self).__name__}: eval_beams {self.eval_beams} < 10: the evals report HR@10 / "
+                             f"NDCG@10, which need >= 10 beams (or set eval_splits to none)")
         bad = [s for s in self.eval_splits if s not in ("train", "valid", "test")]
         if bad:
             raise ValueError(f"eval_splits must name train/valid/test splits, got {bad}")

@@ -88,6 +88,9 @@ class SFTConfig:
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
             raise ValueError(f"max_length {self.max_length} exceeds pack_length {self.pack_length}")
+        if self.eval_every >= 0 and self.eval_beams < 10:
+            raise ValueError(f"eval_beams {self.eval_beams} < 10: early stopping ranks by valid NDCG@10, which needs "
+                             f">= 10 beams (or set eval_every < 0 for no valid evals)")
         if self.compile and not self.packing:
             raise ValueError("compile needs packing=True: only packed batches have one fixed shape "
                              "([batch_tokens // pack_length, pack_length])")
