@@ -40,3 +40,18 @@ def shared_data_dir():
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A 1-layer random BERT with MiniLM's tokenizer: embeddings in milliseconds instead of a minute."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from genrec_fast.sid.embed import default_encoder_path
+
+    d = tmp_path_factory.mktemp("tiny_encoder")
+    tok = AutoTokenizer.from_pretrained(str(default_encoder_path()))
+    tok.save_pretrained(d)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(d)
+    return str(d)

@@ -4,21 +4,6 @@ import json
 import pytest
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A 1-layer random BERT with MiniLM's tokenizer: embeddings in milliseconds instead of a minute."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from genrec_fast.sid.embed import default_encoder_path
-
-    d = tmp_path_factory.mktemp("tiny_encoder")
-    tok = AutoTokenizer.from_pretrained(str(default_encoder_path()))
-    tok.save_pretrained(d)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(d)
-    return str(d)
-
-
 def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     from genrec_fast.data import locate_movielens_1m
     from genrec_fast.demo import run_demo

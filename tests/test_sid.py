@@ -233,3 +233,43 @@ def test_cli_sids_with_precomputed_embeddings(tmp_path, capsys):
     np.save(tmp_path / "short.npy", x.numpy()[:5])
     with pytest.raises(SystemExit, match="expected \\[120, H\\]"):
         cli_main(["sids", "--items", str(items), "--out", str(out), "--embeddings", str(tmp_path / "short.npy")])
+
+
+def test_cli_sids_from_an_interaction_log(tmp_path, tiny_encoder, capsys):
+    """`genrec-fast sids --log --meta` turns a user's own log into a release-format dataset with SIDs
+    that the SFT / eval readers load: same samples as load_interactions, SIDs unique and as in codes.npy."""
+    from genrec_fast.cli import entry
+    from genrec_fast.data import load_interactions, load_minionerec
+
+    rng = np.random.default_rng(0)
+    log = tmp_path / "log.csv"
+    rows = ["user,asin,time"] + [f"u{u},i{int(rng.integers(0, 40))},{t}" for u in range(25) for t in range(6)]
+    log.write_text("\n".join(rows) + "\n")
+    meta = tmp_path / "meta.tsv"
+    meta.write_text("asin\tname\tgenre\n" + "".join(f"i{i}\tthing {i}\tgenre {i % 4}\n" for i in range(40)))
+    out = tmp_path / "ds"
+    argv = ["sids", "--log", str(log), "--meta", str(meta), "--item-col", "asin", "--user-col", "user",
+            "--time-col", "time", "--title-col", "name", "--max-history", "3", "--out", str(out),
+            "--encoder", tiny_encoder, "--cache-dir", str(tmp_path / "cache"), "--levels", "2", "--codebook", "8",
+            "--kmeans-iters", "5", "--no-progress"]
+    assert cli_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = load_interactions(log, meta, item_col="asin", user_col="user", time_col="time", title_col="name",
+                             max_history=3)
+    assert (summary["train"], summary["valid"], summary["test"]) == (len(want.train), len(want.valid), len(want.test))
+    assert summary["collisions_after"] == 0 and summary["items"] == len(want.catalog)
+    got = load_minionerec(out)
+    assert list(got.catalog.item_ids) == list(want.catalog.item_ids)
+    assert list(got.catalog.titles) == list(want.catalog.titles)
+    assert "thing 7. genre 3" in got.catalog.texts[got.catalog.index("i7")] and "i7" not in got.catalog.texts[got.catalog.index("i7")]
+    for split in ("train", "valid", "test"):
+        assert [(s.user_id, s.history, s.target) for s in getattr(got, split)] == \
+               [(s.user_id, s.history, s.target) for s in getattr(want, split)]
+    assert np.array_equal(got.catalog.codes, np.load(out / "codes.npy"))
+    assert len({tuple(c) for c in got.catalog.codes.tolist()}) == len(got.catalog)
+    # exactly one input; bad input is one line from the console script
+    with pytest.raises(ValueError, match="exactly one of --items"):
+        cli_main(["sids", "--out", str(out)])
+    assert entry(["sids", "--log", str(log), "--out", str(out), "--item-col", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genrec-fast: error: ") and "log.csv:1: missing column(s) ['user_id', 'nope', 'timestamp']" in err

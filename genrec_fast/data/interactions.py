@@ -91,10 +91,10 @@ def _columns(path: Path, header: List[str], wanted: Sequence[str]) -> Dict[str, 
     return {c: header.index(c) for c in header}
 
 
-def _default_item_text(title_col: str) -> ItemText:
+def _default_item_text(title_col: str, item_col: str = "item_id") -> ItemText:
     def item_text(row: Dict[str, str]) -> Tuple[str, str]:
         title = row.get(title_col, "").strip()
-        text = ". ".join(v.strip() for k, v in row.items() if v.strip() and k != "item_id" and k != title_col)
+        text = ". ".join(v.strip() for k, v in row.items() if v.strip() and k not in (item_col, title_col))
         return title, f"{title}. {text}" if text else title
 
     return item_text
@@ -197,7 +197,7 @@ def load_interactions(
     else:
         seen = set()
         ids = [k for k in (item_keys[i] for i in idx) if not (k in seen or seen.add(k))]
-    text_fn = item_text or _default_item_text(title_col)
+    text_fn = item_text or _default_item_text(title_col, item_col)
     titles, texts = [], []
     for k in ids:
         row = meta_rows.get(k, {item_col: k})

@@ -1,4 +1,13 @@
-"""``genrec-fast sids``: item.json -> embeddings -> unique SIDs -> index.json + codes.npy."""
+"""``genrec-fast sids``: item texts -> embeddings -> unique SIDs.
+
+Two inputs:
+- ``--items item.json``: writes ``index.json``, ``codes.npy`` and ``sids_meta.json`` into ``--out``;
+- ``--log interactions.csv [--meta items.csv]`` (a user's own data): the log is read by
+  ``genrec_fast.data.load_interactions`` (history, split), the catalogue's item texts get SIDs, and
+  ``--out`` becomes a complete dataset in the MiniOneRec release format (train/valid/test.csv,
+  index.json, item.json, info.txt, plus codes.npy and sids_meta.json) that ``genrec-fast sft --data``
+  and ``genrec-fast eval --data`` read.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +15,28 @@ import json
 
 import numpy as np
 
+from genrec_fast.data.interactions import SPLIT_MODES
 from genrec_fast.sid.build import METHODS, build_sids
 from genrec_fast.sid.embed import embed_items, read_item_json
 from genrec_fast.sid.index_io import write_index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--items", required=True, help="item.json (item id -> {title, description, ...})")
-    parser.add_argument("--out", required=True, help="output directory for index.json, codes.npy, sids_meta.json")
+    parser.add_argument("--items", default=None, help="item.json (item id -> {title, description, ...})")
+    parser.add_argument("--out", required=True, help="output directory for index.json, codes.npy, sids_meta.json "
+                                                     "(with --log: the whole dataset in the release format)")
+    log = parser.add_argument_group("from an interaction log (instead of --items)")
+    log.add_argument("--log", default=None, help="header-ed CSV/TSV of interactions (user, item, timestamp columns)")
+    log.add_argument("--meta", default=None, help="item metadata CSV/TSV (item column + title + any text columns)")
+    log.add_argument("--sep", default=None, help="field separator (default: tab for .tsv/.inter/.item/.txt, else comma)")
+    log.add_argument("--user-col", default="user_id")
+    log.add_argument("--item-col", default="item_id")
+    log.add_argument("--time-col", default="timestamp")
+    log.add_argument("--title-col", default="title")
+    log.add_argument("--split", choices=SPLIT_MODES, default="leave_one_out")
+    log.add_argument("--max-history", type=int, default=10)
+    log.add_argument("--max-users", type=int, default=None, help="a seeded random subset of users")
+    log.add_argument("--max-interactions-per-user", type=int, default=None, help="each user's most recent ones")
     parser.add_argument("--method", choices=METHODS, default="rqkmeans")
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--codebook", type=int, default=256, help="codes per level")
@@ -23,14 +46,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kmeans-iters", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=150, help="rqvae training epochs")
     parser.add_argument("--encoder", default=None, help="sentence encoder path or hub name (default: bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--embeddings", default=None, help="precomputed [N, H] .npy in item.json order (skips the encoder)")
+    parser.add_argument("--embeddings", default=None, help="precomputed [N, H] .npy in item.json order (with --log: the --meta file's order "
+                             "of the items in the log, else their first appearance) (skips the encoder)")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/genrec_fast/embeddings)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:
-    item_ids, texts = read_item_json(args.items)
+    if (args.items is None) == (args.log is None):
+        raise ValueError("genrec-fast sids: give exactly one of --items (item.json) or --log (an interaction log)")
+    data = None
+    if args.log is not None:
+        from genrec_fast.data import load_interactions
+
+        data = load_interactions(args.log, args.meta, sep=args.sep, user_col=args.user_col, item_col=args.item_col,
+                                 time_col=args.time_col, title_col=args.title_col, max_history=args.max_history,
+                                 split=args.split, max_users=args.max_users,
+                                 max_interactions_per_user=args.max_interactions_per_user, seed=args.seed)
+        item_ids, texts = list(data.catalog.item_ids), list(data.catalog.texts)
+    else:
+        if args.meta is not None:
+            raise ValueError("genrec-fast sids: --meta goes with --log (item.json already holds the item texts)")
+        item_ids, texts = read_item_json(args.items)
     if args.embeddings:
         emb = np.load(args.embeddings)
         if emb.ndim != 2 or emb.shape[0] != len(item_ids):
@@ -43,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
                      device=args.device, progress=args.progress)
     path = write_index(args.out, item_ids, res.codes, res.codebook_sizes, res.report)
     rep = res.report
+    extra = {}
+    if data is not None:
+        from genrec_fast.data import save_minionerec
+
+        data.catalog.set_codes(res.codes, res.codebook_sizes)
+        save_minionerec(data, args.out)
+        extra = {"data": str(args.out), "train": len(data.train), "valid": len(data.valid), "test": len(data.test)}
     summary = {
         "index": str(path),
         "items": rep["num_items"],
@@ -54,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "used_codes": rep["after"]["used_codes"],
         "perplexity": [round(p, 1) for p in rep["after"]["perplexity"]],
         "fit_s": round(rep["fit_s"], 2),
+        **extra,
     }
     print(json.dumps(summary))
     return 0
