@@ -1,8 +1,9 @@
-"""Atomic file writes: write to a temp file in the same directory, then ``os.replace``."""
+"""Atomic writes: a file (temp file in the same directory, fsync, ``os.replace``) or a whole folder."""
 from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Union
 
@@ -25,3 +26,64 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and the folders themselves (so a rename publishes written data)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def recover_dir(final: Union[str, Path]) -> None:
+    """Undo what a crash inside :func:`atomic_dir` can leave: a half-written ``.NAME.tmp-*`` folder is
+    removed; when ``final`` is missing but its previous version ``.NAME.old-*`` survived the swap, that
+    version is put back; stale old versions beside a present ``final`` are removed."""
+    import shutil
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        os.replace(olds.pop(), final)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_dir(final: Union[str, Path], write) -> Path:
+    """Write a folder as a whole: ``write(tmp)`` fills a temp folder beside ``final`` (fsynced), which then
+    replaces ``final``. A folder cannot be swapped in one rename, so the previous version is first
+    renamed to ``.NAME.old-<unique>`` and removed only after the new one is in place; a crash in between
+    leaves it there, and :func:`recover_dir` (run first here) puts it back."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"  # unique: never a leftover's name
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final

@@ -70,6 +70,10 @@ def test_minionerec_malformed_rows_name_file_and_line(tmp_path):
     (d / "train.csv").write_text(lines[0] + "u1,x\n")
     with pytest.raises(DataFormatError, match=r"train\.csv:2: 2 fields, expected 7"):
         load_minionerec(d)
+    for bad in ("[0, None]", "[0, [1]]", "[1.0]", "[True]"):  # literals that are no item id
+        (d / "train.csv").write_text(lines[0] + lines[1].replace('"[0]"', f'"{bad}"'))
+        with pytest.raises(DataFormatError, match=r"train\.csv:2: history_item_id entry .* is not an item id"):
+            load_minionerec(d)
 
 
 def test_minionerec_round_trip(tmp_path):
@@ -83,6 +87,30 @@ def test_minionerec_round_trip(tmp_path):
     for split in ("train", "valid", "test"):
         assert getattr(again, split) == getattr(data, split)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_round_trip_keeps_codebook_sizes_and_zero_padded_ids(tmp_path):
+    """Sizes that are no power of two (or hold unused codes) come back as saved; all-digit ids with
+    leading zeros (ISBN-like) stay strings in the history lists."""
+    cat = Catalog(["0012", "0034", "56", "0078"], ["a", "b", "c", "d"], ["a", "b", "c", "d"],
+                  codes=np.array([[0, 1], [1, 2], [2, 0], [3, 1]]), codebook_sizes=(4, 3))
+    data = RecData(catalog=cat, train=[Sample("u", [0, 2], 1)], valid=[Sample("u", [0, 2, 1], 3)],
+                   test=[Sample("v", [3], 0)])
+    out = save_minionerec(data, tmp_path / "ds", sid_report={"note": "x"})
+    again = load_minionerec(out)
+    assert again.catalog.codebook_sizes == (4, 3)  # not (4, 4), the power-of-2 guess
+    assert sorted(again.catalog.item_ids) == sorted(cat.item_ids)
+    idx = {i: n for n, i in enumerate(again.catalog.item_ids)}
+    assert [again.catalog.item_ids[i] for i in again.train[0].history] == ["0012", "56"]
+    assert again.catalog.item_ids[again.test[0].target] == "0012"
+    assert np.array_equal(again.catalog.codes[idx["0078"]], [3, 1])
+    meta = json.loads((out / "sids_meta.json").read_text())
+    assert meta["codebook_sizes"] == [4, 3] and meta["report"] == {"note": "x"}
+    # stale metadata is an error naming the file
+    meta["item_ids"] = ["1", "2", "3", "4"]
+    (out / "sids_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataFormatError, match=r"sids_meta\.json: its item ids are not those of the SID index"):
+        load_minionerec(out)
 
 
 def test_catalog_checks():

@@ -51,13 +51,16 @@ def _launch(args, cwd):
 def test_two_process_sdpo_and_rl(tmp_path):
     data_dir, model_dir = make_tiny_run(tmp_path)
     common = ["--model", str(model_dir), "--data", str(data_dir), "--steps", "3", "--batch-size", "2",
-              "--eval-samples", "6", "--eval-beams", "10", "--log-every", "1", "--no-eval-before", "--lr", "1e-3"]
+              "--eval-samples", "6", "--eval-beams", "10", "--log-every", "1", "--no-eval-before", "--lr", "1e-3",
+              "--warmup-steps", "3"]
     for stage, extra in (("sdpo", ["--num-negatives", "2"]), ("rl", ["--group-size", "4", "--inject-target"])):
         out = tmp_path / stage
         stdout = _launch([stage, *common, "--out", str(out), *extra], ROOT)
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["num_processes"] == 2
         assert [row["step"] for row in metrics["log"]] == [1, 2, 3]
+        # warm-up counts optimizer steps, not steps x processes: lr after step s is (s + 1) / 4 of the peak
+        assert [row["lr"] for row in metrics["log"]] == pytest.approx([0.5e-3, 0.75e-3, 1e-3])
         assert all(row["grad_norm"] > 0 for row in metrics["log"])
         assert metrics["after"]["test"]["num_samples"] == 6  # evaluation sharded over both, gathered
         assert (out / "model" / "model.safetensors").is_file()

@@ -219,6 +219,23 @@ def test_train_learns_and_resumes_exactly(tmp_path):
     assert [l for _, l in res2.history["loss"]] == losses
     for a, b in zip(final["optimizer"]["state"].values(), again["optimizer"]["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
+    # the log was cut back to the checkpoint's step on resume: every step once
+    assert [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 41))
+
+    # --no-resume in the same output_dir: the old run's checkpoints go, so a later resume continues THIS run
+    res3 = train_sft(_cfg(tmp_path, max_steps=10, eval_every=5, save_every=5, patience=5, resume=False), data=data)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000005", "step-0000010"]
+    assert json.loads((out / "sft_result.json").read_text())["step"] == 10 and len(res3.history["loss"]) == 10
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 10
+
+
+def test_config_and_data_errors_before_training(tmp_path):
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        _cfg(tmp_path, patience=0)
+    data = _data()
+    data.train = []
+    with pytest.raises(ValueError, match="no training examples: 0 training samples"):
+        train_sft(_cfg(tmp_path, eval_every=-1, tasks=("sid_seq",)), data=data)
 
 
 def test_early_stopping_stops_when_valid_ndcg_stalls(tmp_path):

@@ -14,13 +14,13 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from genrec_fast.io import atomic_write_text
 from genrec_fast.data.types import Catalog, RecData, Sample
-from genrec_fast.sid_tokens import parse_sid, sid_string, sid_tokens
+from genrec_fast.sid_tokens import parse_sid, sid_string
 
 SPLITS = ("train", "valid", "test")
 CSV_COLUMNS = (
@@ -124,7 +124,26 @@ def load_catalog(directory: Union[str, Path]) -> Catalog:
         titles.append(title)
         texts.append(item_text({**entry, "title": title}))
     codes = np.asarray([sids[i] for i in ids], dtype=np.int32)
-    return Catalog(item_ids=ids, titles=titles, texts=texts, codes=codes)
+    return Catalog(item_ids=ids, titles=titles, texts=texts, codes=codes,
+                   codebook_sizes=_saved_codebook_sizes(d, ids, codes))
+
+
+def _saved_codebook_sizes(d: Path, ids: List[str], codes: np.ndarray):
+    """Codebook sizes from ``sids_meta.json`` (written by ``genrec-fast sids`` and :func:`save_minionerec`);
+    None without it (the release ships none: sizes are then inferred from the codes)."""
+    meta_path = d / "sids_meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict) or "codebook_sizes" not in meta or "item_ids" not in meta:
+        raise DataFormatError(f"{meta_path}: expected an object with 'item_ids' and 'codebook_sizes'")
+    if sorted(str(i) for i in meta["item_ids"]) != sorted(ids):
+        raise DataFormatError(f"{meta_path}: its item ids are not those of the SID index (stale metadata?)")
+    sizes = tuple(int(k) for k in meta["codebook_sizes"])
+    if len(sizes) != codes.shape[1] or (codes.size and (codes >= np.asarray(sizes)).any()):
+        raise DataFormatError(f"{meta_path}: codebook sizes {list(sizes)} do not fit SIDs of {codes.shape[1]} levels "
+                              f"with maxima {codes.max(axis=0).tolist()}")
+    return sizes
 
 
 def _parse_list(value: str, what: str, where: str) -> list:
@@ -160,9 +179,12 @@ def read_split(path: Union[str, Path], catalog: Catalog, check_sids: bool = True
                 continue
             if len(row) != len(header):
                 raise DataFormatError(f"{where}: {len(row)} fields, expected {len(header)}")
+            hist_ids = []
+            for x in _parse_list(row[col["history_item_id"]], "history_item_id", where):
+                if isinstance(x, bool) or not isinstance(x, (int, str)):
+                    raise DataFormatError(f"{where}: history_item_id entry {x!r} is not an item id (int or str)")
+                hist_ids.append(x if isinstance(x, str) else str(x))
             try:
-                hist_ids = [str(int(x)) if not isinstance(x, str) else x for x in
-                            _parse_list(row[col["history_item_id"]], "history_item_id", where)]
                 hist = [catalog.index(i) for i in hist_ids]
                 target = catalog.index(row[col["item_id"]].strip())
             except KeyError as e:
@@ -198,6 +220,11 @@ def load_minionerec(directory: Union[str, Path], check_sids: bool = True) -> Rec
     return RecData(catalog=catalog, **splits)
 
 
+def _id_literal(item_id: str):
+    """An id as the release writes it in history lists: an int when it reads back as the same string."""
+    return int(item_id) if item_id.isdigit() and str(int(item_id)) == item_id else item_id
+
+
 def _split_csv(samples: Sequence[Sample], catalog: Catalog) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -207,7 +234,7 @@ def _split_csv(samples: Sequence[Sample], catalog: Catalog) -> str:
             s.user_id,
             repr([catalog.titles[i] for i in s.history]),
             catalog.titles[s.target],
-            repr([int(catalog.item_ids[i]) if catalog.item_ids[i].isdigit() else catalog.item_ids[i] for i in s.history]),
+            repr([_id_literal(catalog.item_ids[i]) for i in s.history]),
             catalog.item_ids[s.target],
             repr([sid_string(catalog.codes[i]) for i in s.history]),
             sid_string(catalog.codes[s.target]),
@@ -215,8 +242,15 @@ def _split_csv(samples: Sequence[Sample], catalog: Catalog) -> str:
     return buf.getvalue()
 
 
-def save_minionerec(data: RecData, directory: Union[str, Path]) -> Path:
-    """Write ``data`` (with SIDs) in the release format; every file is written atomically."""
+def save_minionerec(data: RecData, directory: Union[str, Path], sid_report: Optional[dict] = None) -> Path:
+    """Write ``data`` (with SIDs) in the release format; every file is written atomically.
+
+    Besides the release's files, ``codes.npy`` and ``sids_meta.json`` (``genrec_fast.sid.index_io``) keep
+    the codebook sizes, so a reload gives the same SID vocabulary (unused codes and non-power-of-2
+    sizes included); ``sid_report`` goes into the latter.
+    """
+    from genrec_fast.sid.index_io import write_index
+
     cat = data.catalog
     if cat.codes is None:
         raise ValueError("save_minionerec needs a catalogue with SIDs (catalog.codes is None)")
@@ -224,7 +258,7 @@ def save_minionerec(data: RecData, directory: Union[str, Path]) -> Path:
     d = Path(directory)
     for split in SPLITS:
         atomic_write_text(d / f"{split}.csv", _split_csv(getattr(data, split), cat))
-    atomic_write_text(d / "index.json", json.dumps({i: sid_tokens(c) for i, c in zip(cat.item_ids, cat.codes)}))
+    write_index(d, cat.item_ids, cat.codes, cat.codebook_sizes, sid_report)  # index.json, codes.npy, sids_meta.json
     atomic_write_text(
         d / "item.json",
         json.dumps({i: {"title": t, "text": x} for i, t, x in zip(cat.item_ids, cat.titles, cat.texts)}, indent=1),

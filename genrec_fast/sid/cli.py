@@ -79,14 +79,15 @@ def run(args: argparse.Namespace) -> int:
     res = build_sids(emb, method=args.method, levels=args.levels, codebook_size=args.codebook, seed=args.seed,
                      balanced=args.balanced, kmeans_iters=args.kmeans_iters, rqvae_epochs=args.epochs,
                      device=args.device, progress=args.progress)
-    path = write_index(args.out, item_ids, res.codes, res.codebook_sizes, res.report)
     rep = res.report
     extra = {}
-    if data is not None:
+    if data is None:
+        path = write_index(args.out, item_ids, res.codes, res.codebook_sizes, res.report)
+    else:
         from genrec_fast.data import save_minionerec
 
         data.catalog.set_codes(res.codes, res.codebook_sizes)
-        save_minionerec(data, args.out)
+        path = save_minionerec(data, args.out, sid_report=res.report) / "index.json"
         extra = {"data": str(args.out), "train": len(data.train), "valid": len(data.valid), "test": len(data.test)}
     summary = {
         "index": str(path),

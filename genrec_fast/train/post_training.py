@@ -15,9 +15,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from genrec_fast.io import atomic_dir
 from genrec_fast.train.logprobs import ReferenceModel
 
 
@@ -110,9 +108,12 @@ class Session:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(int(cfg.warmup_steps), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
         self._set_deepspeed_batch_size(cfg.batch_size)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # not prepared: accelerate steps a prepared scheduler once per PROCESS at each optimizer step (it assumes
+        # per-process data-loader steps), so warm-up would end N times early; ours counts global optimizer steps.
+        # It sets the lr of the param groups the prepared optimizer (and DeepSpeed's wrapper) steps with.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
         self.train = list(self.data.train)
         if not self.train:
             raise ValueError(f"{cfg.data}: the train split is empty")
@@ -246,14 +247,12 @@ class Session:
             if self.reference.uses_adapter:
                 model = copy.deepcopy(model).merge_and_unload()  # adapter folded in: a plain checkpoint
                 state = None
-            tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir))
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            old = out_dir / ".model-old"
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+
+            atomic_dir(target, write)
         acc.wait_for_everyone()
         return target
 
@@ -290,7 +289,7 @@ def post_train(cfg: PostTrainConfig, make_step: Callable[[Session], Callable[[li
         window.append(stats)
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
             row = _reduce(acc, window)
-            row["step"] = i + 1
+            row["step"], row["lr"] = i + 1, session.scheduler.get_last_lr()[0]
             log.append(row)
             window = []
             _log(acc, f"[{name}] step {i + 1}/{cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))

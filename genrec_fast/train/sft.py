@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from genrec_fast.io import atomic_write_text
+from genrec_fast.io import atomic_dir, atomic_write_text, recover_dir
 from genrec_fast.model import lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, check_tasks
 
@@ -88,6 +88,9 @@ class SFTConfig:
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
             raise ValueError(f"max_length {self.max_length} exceeds pack_length {self.pack_length}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (evals without a better valid NDCG@10 before stopping), "
+                             f"got {self.patience}")
         if self.eval_every >= 0 and self.eval_beams < 10:
             raise ValueError(f"eval_beams {self.eval_beams} < 10: early stopping ranks by valid NDCG@10, which needs "
                              f">= 10 beams (or set eval_every < 0 for no valid evals)")
@@ -302,23 +305,6 @@ def _checkpoints(out: Path) -> List[Path]:
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-def _atomic_dir(final: Path, write) -> None:
-    """Write a directory under a temp name next to ``final``, then swap it in."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write(tmp)
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 def _save_pretrained(model, tokenizer, path: Path) -> None:
     """Save a plain HF model + tokenizer (a LoRA model is merged into a copy first)."""
     if hasattr(model, "merge_and_unload"):
@@ -330,7 +316,7 @@ def _save_pretrained(model, tokenizer, path: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_dir(path, write)
+    atomic_dir(path, write)
 
 
 def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
@@ -419,6 +405,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         held_out = set(valid_pick.tolist()) if valid else set()
         train_samples += [s for i, s in enumerate(data.valid) if i not in held_out]
     examples = build_examples(data, cfg.tasks, samples=train_samples)
+    if not examples:
+        raise ValueError(f"sft: no training examples: {len(train_samples)} training samples and tasks {list(cfg.tasks)}")
     tokenized = tokenize_examples(tokenizer, examples, cfg.max_length)
     lengths = [len(t[0]) for t in tokenized]
     world, rank = acc.num_processes, acc.process_index
@@ -429,6 +417,10 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         return b[rank:n:world]
 
     micro_per_epoch = len(batches_of(0))
+    if micro_per_epoch == 0:
+        n = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing))
+        raise ValueError(f"sft: {len(tokenized)} training examples make {n} micro-batch(es) of <= {cfg.batch_tokens} "
+                         f"tokens, fewer than the {world} process(es): every process needs at least one")
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -450,6 +442,11 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
              "stopped_early": False, "tokens": 0, "train_seconds": 0.0,
              "history": {"loss": [], "valid": []}}
+    if acc.is_main_process:  # what a crash inside a folder swap can leave behind
+        recover_dir(out / "model")
+        for d in _checkpoints(out):
+            recover_dir(d)
+    acc.wait_for_everyone()
     ckpts = _checkpoints(out) if cfg.resume else []
     if ckpts:
         blob = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
@@ -459,8 +456,16 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         state = blob["trainer"]
         _set_rng_state(blob["rng"])
         acc.print(f"sft: resumed from {ckpts[-1]} (step {state['step']})")
-    elif acc.is_main_process and (out / "train_log.jsonl").exists():
-        (out / "train_log.jsonl").unlink()
+        if acc.is_main_process and (out / "train_log.jsonl").exists():  # drop what was logged after the checkpoint
+            lines = (out / "train_log.jsonl").read_text().splitlines()
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= state["step"]]
+            atomic_write_text(out / "train_log.jsonl", "".join(ln + "\n" for ln in keep))
+    elif acc.is_main_process:  # a fresh start: nothing of an earlier run in this output_dir may be resumed later
+        if (out / "train_log.jsonl").exists():
+            (out / "train_log.jsonl").unlink()
+        if (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+    acc.wait_for_everyone()
     if acc.is_main_process:  # the config of the latest (re)start
         atomic_write_text(out / "sft_config.json", json.dumps(asdict(cfg), indent=2))
 
@@ -469,7 +474,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
             return
         blob = {"model": lm.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "trainer": state, "rng": _rng_state()}
-        _atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", lambda d: torch.save(blob, d / "state.pt"))
+        atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", lambda d: torch.save(blob, d / "state.pt"))
         for old in _checkpoints(out)[:-max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(old)
 
