@@ -141,3 +141,23 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' on a cpu tensor needs TRITON_INTERPRET=1"):
         trie_log_softmax(torch.zeros(3, 4), torch.ones(3, 4, dtype=torch.bool), torch.zeros(3), backend="triton")
+
+
+def test_degenerate_rows_agree_across_backends(device):
+    """score='sid' with every allowed logit -inf gives -inf (not NaN) on both backends; NaN candidates are
+    never picked by either top-k (beam_search reports NaN itself)."""
+    logits = torch.tensor([[NEG_INF, NEG_INF, 1.0], [0.5, 2.0, 1.0]], device=device)
+    allowed = torch.tensor([[True, True, False], [True, True, True]], device=device)
+    parent = torch.zeros(2, device=device)
+    ref = trie_log_softmax(logits, allowed, parent, backend="torch")
+    tri = trie_log_softmax(logits, allowed, parent, backend="triton")
+    assert torch.isneginf(ref[0]).all() and torch.isneginf(tri[0]).all()
+    torch.testing.assert_close(ref[1], tri[1])
+    nan = float("nan")
+    scores = torch.tensor([[[nan, 1.0, 1.0]], [[nan, nan, nan]], [[0.5, nan, 2.0]]], device=device)
+    child = torch.arange(9, device=device, dtype=torch.int32).view(3, 1, 3)
+    a = grouped_topk(scores, child, 2, backend="torch")
+    b = grouped_topk(scores, child, 2, backend="triton")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert a[1].tolist() == [[1, 2], [-1, -1], [2, 0]]

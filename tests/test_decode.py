@@ -203,6 +203,17 @@ def test_inconsistent_trie_raises(level):
         beam_search(model, ids, mask, trie, SIDVocab(START, SIZES), 4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_logits_raise_after_the_search(backend):
+    trie = random_trie(4)
+    model = tiny_model("qwen2", 4)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[START + SIZES[0] + 2] = float("nan")  # one level-1 SID row
+    ids, mask = left_padded_prompts(2, 5, 4)
+    with pytest.raises(RuntimeError, match=r"NaN scores at level 1 \(prompt, beam\) = \[\(0, 0\)"):
+        beam_search(model, ids, mask, trie, SIDVocab(START, SIZES), 4, score="sid", backend=backend)
+
+
 def test_input_errors_and_training_flag_restored():
     trie = random_trie(6)
     model = tiny_model("qwen2", 6).train()

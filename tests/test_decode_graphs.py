@@ -5,6 +5,7 @@ index, then the real run; later calls reuse the set) with the captured functions
 The functions must also be capturable: no host sync and no tensor made from Python data inside
 them, which a dispatch mode checks op by op. On a GPU the real capture is compared with eager."""
 import gc
+import weakref
 
 import pytest
 import torch
@@ -94,12 +95,22 @@ def test_four_levels_reuse_across_widths_batches_and_lru():
     keys = list(graphs._sets[base])
     assert [k[:4] for k in keys] == [(2, 10, 16, 4), (3, 10, 16, 4)]  # widths 8 and 11 share the 16 bucket
     assert graphs.GRAPH_SETS == 4
-    for P in (2, 1, 4, 5):  # P=2 is used again (most recent), then three new shapes: one set must go
-        ids, mask = left_padded_prompts(P, 8, seed)
-        beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
-    assert [k[0] for k in graphs._sets[base]] == [2, 1, 4, 5]  # P=3, the least recently used, was evicted
-    graphs.clear_graphs(base)
-    assert base not in graphs._sets
+    # an evicted or cleared set frees its KV buffers at once, not at the next garbage collection
+    buffer_of = lambda key: weakref.ref(graphs._sets[base][key].beam_layers[0]._k)  # noqa: E731
+    evicted = buffer_of(keys[1])
+    gc.disable()
+    try:
+        for P in (2, 1, 4, 5):  # P=2 is used again (most recent), then three new shapes: one set must go
+            ids, mask = left_padded_prompts(P, 8, seed)
+            beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
+        assert [k[0] for k in graphs._sets[base]] == [2, 1, 4, 5]  # P=3, the least recently used, was evicted
+        assert evicted() is None
+        kept = [buffer_of(k) for k in graphs._sets[base]]
+        assert all(r() is not None for r in kept)
+        graphs.clear_graphs(base)
+        assert base not in graphs._sets and all(r() is None for r in kept)
+    finally:
+        gc.enable()
     beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
     assert len(graphs._sets) == 1
     del model, base
@@ -158,6 +169,18 @@ def test_graph_path_errors():
     model.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="full-attention layers only"):
         beam_search(model, ids, mask, trie, vocab, 4, cuda_graphs="emulate")
+    # a config whose window has no switch (Mistral, Phi-3) is a sliding-window model
+    from transformers import MistralConfig
+
+    mistral = MistralConfig(sliding_window=4096)
+    mistral._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        graphs.check_supported(type("Base", (), {"config": mistral})())
+    mistral.sliding_window = None
+    graphs.check_supported(type("Base", (), {"config": mistral})())
+    mistral.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        graphs.check_supported(type("Base", (), {"config": mistral})())
     with pytest.raises(ValueError, match="mode must be one of"):
         graphs.GraphForward(lm_modules(model)[0], 2, 4, 8, 3, torch.device("cpu"), "capture")
 

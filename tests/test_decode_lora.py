@@ -60,3 +60,44 @@ def test_non_affine_head_raises():
     ids, mask = encode_prompts(tok, ["Red tape"])
     with pytest.raises(ValueError, match="not an affine map"):
         beam_search(model, ids, mask, trie, vocab, num_beams=2, backend="torch")
+
+
+def test_head_is_read_in_eval_mode_and_again_after_an_in_place_update():
+    """A head with dropout is read after model.eval() (a train-mode read was random); the cached read of a
+    non-Linear head is dropped when a parameter changes in place (an optimizer step)."""
+    model, tok, vocab = _lora_model()
+    base = model.get_base_model()
+    inner = base.get_output_embeddings()
+    base.set_output_embeddings(torch.nn.Sequential(torch.nn.Dropout(0.5), inner))
+    rng = np.random.default_rng(0)
+    trie = SIDTrie(np.unique(np.stack([rng.integers(0, k, 40) for k in SIZES], 1), axis=0), SIZES)
+    ids, mask = encode_prompts(tok, ["Red tape", "Blue glue for the shop"])
+    want = beam_search(model.eval(), ids, mask, trie, vocab, num_beams=6, backend="torch")
+    for _ in range(3):
+        got = beam_search(model.train(), ids, mask, trie, vocab, num_beams=6, backend="torch")
+        assert model.training
+        assert torch.equal(got.codes, want.codes) and torch.allclose(got.scores, want.scores, atol=1e-5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.neg_()
+    after = beam_search(model, ids, mask, trie, vocab, num_beams=6, backend="torch")
+    merged = copy.deepcopy(model).eval()
+    merged.get_base_model().set_output_embeddings(merged.get_base_model().get_output_embeddings()[1])
+    ref = beam_search(merged.merge_and_unload(), ids, mask, trie, vocab, num_beams=6, backend="torch")
+    assert torch.equal(after.codes, ref.codes) and torch.allclose(after.scores, ref.scores, atol=1e-4)
+    assert not torch.equal(after.scores, want.scores)
+
+
+def test_graph_sets_are_keyed_by_the_adapter_state():
+    """A capture bakes in which adapters run: disabling them (the LoRA reference policy) must select
+    another graph set, not replay the adapted one."""
+    from genrec_fast.decode import graphs
+    from genrec_fast.model import lm_modules
+
+    model, _, _ = _lora_model()
+    base = lm_modules(model)[0]
+    on = graphs._fingerprint(base)
+    with model.disable_adapter():
+        off = graphs._fingerprint(base)
+    assert on != off and graphs._fingerprint(base) == on

@@ -48,7 +48,10 @@ _sets: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def clear_graphs(model=None) -> None:
-    """Drop the captured graphs (and their buffers) of ``model``'s base transformer, or of every model."""
+    """Drop the captured graphs (and free their buffers) of ``model``'s base transformer, or of every model."""
+    for per_model in (list(_sets.values()) if model is None else [_sets.get(model) or {}]):
+        for graph_set in per_model.values():
+            graph_set.close()
     if model is None:
         _sets.clear()
     else:
@@ -65,10 +68,20 @@ def check_supported(base) -> None:
         raise ValueError(f"beam_search(cuda_graphs=True) needs attn_implementation in {_SUPPORTED_ATTENTION} "
                          f"(4-D attention masks), the model has {impl!r}")
     layer_types = getattr(cfg, "layer_types", None) or ()
-    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+    # a sliding window: per layer (layer_types), switched (use_sliding_window), or always on where the
+    # config has no switch (Mistral, Phi-3: sliding_window set means it is used)
+    window = getattr(cfg, "use_sliding_window", getattr(cfg, "sliding_window", None) is not None)
+    if any(t != "full_attention" for t in layer_types) or window:
         raise ValueError("beam_search(cuda_graphs=True) supports full-attention layers only "
-                         f"(layer_types={sorted(set(layer_types))}, use_sliding_window="
-                         f"{getattr(cfg, 'use_sliding_window', False)})")
+                         f"(layer_types={sorted(set(layer_types))}, sliding_window="
+                         f"{getattr(cfg, 'sliding_window', None)}, use_sliding_window="
+                         f"{getattr(cfg, 'use_sliding_window', None)})")
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = getattr(cfg, name, None)
+        kind = str((rope or {}).get("rope_type", (rope or {}).get("type", ""))) if isinstance(rope, dict) else ""
+        if "dynamic" in kind:
+            raise ValueError(f"beam_search(cuda_graphs=True): {name} rope_type {kind!r} recomputes its frequencies "
+                             "from the sequence length on the host, which a captured graph cannot follow")
 
 
 def _autocast_without_cache():
@@ -82,8 +95,18 @@ def _autocast_state(device: torch.device):
 
 
 def _fingerprint(base) -> int:
-    """Changes when a parameter is re-allocated (``model.to``, ...): captured graphs read weights by address."""
-    return hash(tuple(p.data_ptr() for p in base.parameters()))
+    """Changes when a parameter is re-allocated (``model.to``, ...): captured graphs read weights by address;
+    and with the PEFT adapter state (active adapters, disabled or not), which a capture bakes in."""
+    return hash((tuple(p.data_ptr() for p in base.parameters()), _adapter_state(base)))
+
+
+def _adapter_state(base) -> tuple:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapters
+        return ()
+    return tuple((tuple(m.active_adapters), bool(m.disable_adapters))
+                 for m in base.modules() if isinstance(m, BaseTunerLayer))
 
 
 class _Graph:
@@ -149,6 +172,17 @@ class GraphForward:
         # warm-up with the identity parent index: the tail reorder is not idempotent
         self.step_graphs = [None] + [_Graph(f"level-{l} step", self._stepper(l), mode, pool,
                                             warmup=lambda: self.index.copy_(self.identity)) for l in range(1, L)]
+
+    def close(self) -> None:
+        """Free the graphs and buffers now (the captured functions refer back to this object, so without
+        this they would wait for the garbage collector)."""
+        for g in [self.prefill_graph, *self.step_graphs]:
+            if g is not None:
+                g.graph = g.out = g.fn = g.warmup = None
+        self.prefill_graph, self.step_graphs = None, []
+        self.pre_layers = self.beam_layers = self.pre_cache = self.beam_cache = None
+        self.ids = self.pos = self.mask4 = self.tok = self.index = self.identity = None
+        self.step_pos = self.step_mask4 = []
 
     @property
     def base(self):
@@ -217,6 +251,6 @@ def graph_forward(base, P: int, B: int, T: int, L: int, device: torch.device, mo
         per_model.move_to_end(key)
         return per_model[key]
     while len(per_model) >= GRAPH_SETS:
-        per_model.popitem(last=False)
+        per_model.popitem(last=False)[1].close()
     per_model[key] = GraphForward(base, P, B, width, L, device, mode)
     return per_model[key]

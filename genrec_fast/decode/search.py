@@ -19,6 +19,7 @@ applied.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from typing import List, Optional, Union
@@ -74,7 +75,10 @@ def trie_device_arrays(trie, device: torch.device):
 
 
 def _lse(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_0 - log_softmax(x)_0."""
+    """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_0 - log_softmax(x)_0.
+
+    (Reading it at the row's arg-max instead costs one more pass over [rows, V], 25 % of a CPU search.
+    A logit of -inf in column 0 gives NaN, which beam_search reports as an error, never silently.)"""
     return logits[:, 0].float() - torch.log_softmax(logits, dim=1, dtype=torch.float32)[:, 0]
 
 
@@ -105,7 +109,22 @@ def _lm_parts(model):
     return (base, *_affine_head(head, base.config.hidden_size))
 
 
+_affine_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _affine_head(head: torch.nn.Module, hidden: int):
+    """:func:`_read_affine_head`, cached per head while none of its parameters is re-allocated or updated
+    in place (``Tensor._version``): reading it costs an [H + 1, V] forward and a [V, H] copy."""
+    state = tuple((p.data_ptr(), p._version) for p in head.parameters())
+    hit = _affine_cache.get(head)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    out = _read_affine_head(head, hidden)
+    _affine_cache[head] = (state, out)
+    return out
+
+
+def _read_affine_head(head: torch.nn.Module, hidden: int):
     """(weight [V, H], bias [V] or None) of an LM head that is an affine map but no plain nn.Linear.
 
     PEFT wraps the head under LoRA (``lora.Linear``, or ``TrainableTokensWrapper`` when SID rows of a
@@ -188,18 +207,21 @@ def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket):
     return graphs.graph_forward(base, P, B, T, L, device, mode, int(bucket))
 
 
-def _raise_if_stuck(stuck: List[torch.Tensor], B: int) -> None:
-    """Raise for the first level where a live beam had no allowed continuation (one host sync)."""
-    any_stuck = torch.stack([s.any() for s in stuck])
-    if not bool(any_stuck.any()):
+def _raise_if_stuck(stuck: List[torch.Tensor], nan: List[torch.Tensor], B: int) -> None:
+    """Raise for the first level where a live beam had no allowed continuation, or a beam's scores were
+    NaN (both checked with one host sync after the search)."""
+    flags = torch.stack([torch.stack([s.any(), n.any()]) for s, n in zip(stuck, nan)])  # [L, 2]
+    if not bool(flags.any()):
         return
-    level = int(torch.nonzero(any_stuck)[0])
+    level, kind = (int(x) for x in torch.nonzero(flags)[0])
     nb = 1 if level == 0 else B
-    beams = torch.nonzero(stuck[level]).flatten()[:5].tolist()
-    raise RuntimeError(
-        f"beam_search: trie state with no allowed continuation at level {level} "
-        f"(prompt, beam) = {[(r // nb, r % nb) for r in beams]}; the trie is inconsistent"
-    )
+    rows = torch.nonzero((stuck if kind == 0 else nan)[level]).flatten()[:5].tolist()
+    beams = [(r // nb, r % nb) for r in rows]
+    if kind == 0:
+        raise RuntimeError(f"beam_search: trie state with no allowed continuation at level {level} "
+                           f"(prompt, beam) = {beams}; the trie is inconsistent")
+    raise RuntimeError(f"beam_search: NaN scores at level {level} (prompt, beam) = {beams}: the model's "
+                       f"logits are NaN (an overflow in float16? try bfloat16 or float32)")
 
 
 @torch.inference_mode()
@@ -216,8 +238,21 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     (``genrec_fast.decode.graphs``; prompts left padded to a multiple of ``graph_bucket`` tokens);
     "emulate" runs the same static-buffer protocol eagerly (any device; for tests).
     """
-    base, weight, bias = _lm_parts(model)
-    device = weight.device
+    was_training = model.training
+    model.eval()  # before the head is read: a LoRA head's dropout must be off
+    try:
+        base, weight, bias = _lm_parts(model)
+        device = weight.device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            # graphs, streams and replays all act on the CURRENT CUDA device: make it the model's
+            return _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab,
+                           num_beams, score, backend, cuda_graphs, graph_bucket)
+    finally:
+        model.train(was_training)
+
+
+def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab, num_beams, score,
+            backend, cuda_graphs, graph_bucket) -> BeamSearchResult:
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     _check_inputs(input_ids, mask, trie, sid_vocab, num_beams, score, weight.shape[0])
@@ -225,42 +260,38 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     da = trie_device_arrays(trie, device)
     P, B, L = input_ids.shape[0], int(num_beams), trie.num_levels
     runner = _forward_runner(base, cuda_graphs, P, B, input_ids.shape[1], L, device, graph_bucket)
-
-    was_training = model.training
-    model.eval()
-    try:
-        hidden = runner.prefill(input_ids, mask)
-        rows = torch.arange(P, device=device)[:, None]
-        scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
-        nodes = torch.zeros(P, dtype=torch.long, device=device)
-        nb = 1
-        codes = torch.zeros((P, 1, 0), dtype=torch.long, device=device)
-        parent = code = None
-        stuck: List[torch.Tensor] = []
-        for level in range(L):
-            if level > 0:
-                nb = B
-                token = sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)
-                parent_rows = None if level == 1 else (rows * B + parent.clamp_min(0)).reshape(-1)
-                hidden = runner.step(level, token.reshape(-1), parent_rows)
-            lo, hi = sid_vocab.level_range(level)
-            logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
-            lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
-            allowed, child = da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
-            # a live beam with no allowed child: checked once after the loop (no host sync per level);
-            # such a row scores -inf everywhere, so it only ever yields padding until then
-            stuck.append((nodes >= 0) & ~allowed.any(dim=1))
-            cand = trie_log_softmax(logits, allowed, scores, lse, backend=backend)
-            K = hi - lo
-            parent, code, top_scores, top_nodes = grouped_topk(cand.view(P, nb, K), child.view(P, nb, K), B,
-                                                               backend=backend)
-            history = torch.gather(codes, 1, parent.clamp_min(0)[..., None].expand(P, B, level))
-            codes = torch.cat([history, code[..., None]], dim=2)
-            scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
-        del runner
-        _raise_if_stuck(stuck, B)
-    finally:
-        model.train(was_training)
+    hidden = runner.prefill(input_ids, mask)
+    rows = torch.arange(P, device=device)[:, None]
+    scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
+    nodes = torch.zeros(P, dtype=torch.long, device=device)
+    nb = 1
+    codes = torch.zeros((P, 1, 0), dtype=torch.long, device=device)
+    parent = code = None
+    stuck: List[torch.Tensor] = []
+    nan: List[torch.Tensor] = []
+    for level in range(L):
+        if level > 0:
+            nb = B
+            token = sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)
+            parent_rows = None if level == 1 else (rows * B + parent.clamp_min(0)).reshape(-1)
+            hidden = runner.step(level, token.reshape(-1), parent_rows)
+        lo, hi = sid_vocab.level_range(level)
+        logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
+        lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
+        allowed, child = da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
+        # a live beam with no allowed child, NaN scores: checked once after the loop (no host sync per
+        # level); such candidates are never picked, so they only ever yield padding until then
+        stuck.append((nodes >= 0) & ~allowed.any(dim=1))
+        cand = trie_log_softmax(logits, allowed, scores, lse, backend=backend)
+        nan.append(torch.isnan(cand).any(dim=1))
+        K = hi - lo
+        parent, code, top_scores, top_nodes = grouped_topk(cand.view(P, nb, K), child.view(P, nb, K), B,
+                                                           backend=backend)
+        history = torch.gather(codes, 1, parent.clamp_min(0)[..., None].expand(P, B, level))
+        codes = torch.cat([history, code[..., None]], dim=2)
+        scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
+    del runner
+    _raise_if_stuck(stuck, nan, B)
     leaf_ids = nodes.view(P, B)
     codes = torch.where(leaf_ids[..., None] >= 0, codes, torch.full_like(codes, -1))
     return BeamSearchResult(codes, scores.view(P, B), leaf_ids, trie)

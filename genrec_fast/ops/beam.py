@@ -8,15 +8,19 @@ with the same signature and semantics; ``backend`` ("auto" | "triton" | "torch")
     ``out[r, c] = logits[r, c] - norm[r] + parent_scores[r]`` where ``allowed[r, c]``, else -inf.
     ``norm[r]`` is ``lse[r]`` when given (the log-sum-exp over the WHOLE vocabulary,
     score="full_vocab") or the log-sum-exp of the allowed entries of the row (score="sid").
-    A row with nothing allowed, or with parent score -inf (a padding beam), is all -inf.
+    A row with nothing allowed, or with parent score -inf (a padding beam), or whose allowed logits
+    are all -inf, is all -inf.
 
 ``grouped_topk(scores, child, k)``
     scores [P, NB, K] (P prompts, NB parent beams, K codes), child [P, NB, K] int (the trie
     node each candidate leads to). Per prompt, the k best of its NB*K candidates, best first:
     (parent beam [P, k] long, code [P, k] long, score [P, k] float32, node [P, k] int32).
     Ties: lower code first, then lower parent beam (parent beams are themselves ordered best
-    first). Candidates with score -inf are not valid: when a prompt has fewer than k valid
-    candidates the tail is padded with parent -1, code -1, score -inf, node -1.
+    first). Candidates with score -inf or NaN are not valid (never picked; ``beam_search`` reports
+    NaN scores itself): when a prompt has fewer than k valid candidates the tail is padded with
+    parent -1, code -1, score -inf, node -1. The Triton kernel holds at most
+    ``MAX_TOPK_CANDIDATES`` (65536) candidates per prompt; ``backend="auto"`` uses the reference
+    beyond that.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from genrec_fast.ops.backend import resolve_backend
 
 TopK = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+MAX_TOPK_CANDIDATES = 65536  # NB x K per prompt that the Triton top-k kernel holds in one block
 
 
 def _check_log_softmax_inputs(logits, allowed, parent_scores, lse) -> None:
@@ -58,6 +63,7 @@ def trie_log_softmax_ref(logits: torch.Tensor, allowed: torch.Tensor, parent_sco
         norm = torch.logsumexp(torch.where(allowed, x, neg_inf), dim=1)
     else:
         norm = lse.float()
+    norm = norm.masked_fill(norm == float("-inf"), 0.0)  # all allowed logits -inf: -inf out, not -inf - -inf = NaN
     return torch.where(allowed, x - norm[:, None] + parent_scores.float()[:, None], neg_inf)
 
 
@@ -98,14 +104,13 @@ def grouped_topk_ref(scores: torch.Tensor, child: torch.Tensor, k: int) -> TopK:
     P, NB, K = scores.shape
     n = NB * K
     flat = scores.transpose(1, 2).reshape(P, n)  # code-major: index = code * NB + parent
+    flat = flat.masked_fill(torch.isnan(flat), float("-inf"))  # NaN: never picked, as in the kernel
     kk = min(k, n)
     kth = torch.topk(flat, kk, dim=1).values[:, -1:]
     above = flat > kth
     tie = flat == kth
     take = above | (tie & (tie.cumsum(1) <= kk - above.sum(1, keepdim=True)))
     idx = torch.nonzero(take)[:, 1]  # row-major: ascending index within each row
-    if idx.numel() != P * kk:
-        raise ValueError("grouped_topk: scores contain NaN")
     idx = idx.view(P, kk)
     vals = flat.gather(1, idx)
     vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
@@ -128,7 +133,8 @@ def grouped_topk_ref(scores: torch.Tensor, child: torch.Tensor, k: int) -> TopK:
 def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int, backend: str = "auto") -> TopK:
     """Per-prompt top-k over NB x K beam candidates (see module doc)."""
     _check_topk_inputs(scores, child, k)
-    if resolve_backend(backend, scores.device) == "torch":
+    chosen = resolve_backend(backend, scores.device)
+    if chosen == "torch" or (backend == "auto" and scores.shape[1] * scores.shape[2] > MAX_TOPK_CANDIDATES):
         return grouped_topk_ref(scores, child, int(k))
     from genrec_fast.kernels import beam as beam_kernels  # lazy: imports triton
 
