@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from genrec_fast.eval.metrics import DEFAULT_KS, format_table, metrics_from_ranks, ranking_metrics, target_ranks
+from genrec_fast.eval.metrics import (DEFAULT_KS, check_ks, format_table, metrics_from_ranks, ranking_metrics,
+                                      target_ranks)
 
 
 def test_hand_computed():
@@ -62,3 +63,11 @@ def test_format_table():
     assert lines[0].split() == ["method", "HR@10", "NDCG@10", "invalid_rate"]
     assert lines[1].split() == ["model", "0.1250", "0.0945", "0.0000"]
     assert lines[2].split() == ["popularity", "baseline", "0.0600", "0.0443", "-"]
+
+
+def test_check_ks_names_what_it_got():
+    assert check_ks((10, 1, 10)) == (1, 10)
+    with pytest.raises(ValueError, match=r"positive cut-offs, got \[5, 0\]"):
+        check_ks(k for k in (5, 0))  # a generator is reported, not an exhausted []
+    with pytest.raises(ValueError, match=r"got \[\]"):
+        check_ks([])

@@ -15,9 +15,10 @@ DEFAULT_KS = (1, 3, 5, 10, 20, 50)
 
 
 def check_ks(ks: Iterable[int]) -> tuple:
-    out = tuple(int(k) for k in ks)
+    given = list(ks)  # once: ks may be a generator
+    out = tuple(int(k) for k in given)
     if not out or any(k <= 0 for k in out):
-        raise ValueError(f"ks must be a non-empty list of positive cut-offs, got {list(ks)}")
+        raise ValueError(f"ks must be a non-empty list of positive cut-offs, got {given}")
     return tuple(sorted(set(out)))
 
 
