@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 
-
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"

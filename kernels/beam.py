@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_TOPK_BLOCK = 1 << 16  # NB * K candidates one program may hold
+from genrec_fast.ops.beam import MAX_TOPK_CANDIDATES
+
+MAX_TOPK_BLOCK = MAX_TOPK_CANDIDATES  # NB * K candidates one program may hold (one constant, in ops.beam)
 
 
 @triton.jit

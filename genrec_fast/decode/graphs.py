@@ -78,7 +78,7 @@ def check_supported(base) -> None:
                          f"{getattr(cfg, 'use_sliding_window', None)})")
     for name in ("rope_parameters", "rope_scaling"):
         rope = getattr(cfg, name, None)
-        kind = str((rope or {}).get("rope_type", (rope or {}).get("type", ""))) if isinstance(rope, dict) else ""
+        kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""
         if "dynamic" in kind:
             raise ValueError(f"beam_search(cuda_graphs=True): {name} rope_type {kind!r} recomputes its frequencies "
                              "from the sequence length on the host, which a captured graph cannot follow")

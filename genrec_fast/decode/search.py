@@ -207,7 +207,7 @@ def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket):
     return graphs.graph_forward(base, P, B, T, L, device, mode, int(bucket))
 
 
-def _raise_if_stuck(stuck: List[torch.Tensor], nan: List[torch.Tensor], B: int) -> None:
+def _raise_if_stuck_or_nan(stuck: List[torch.Tensor], nan: List[torch.Tensor], B: int) -> None:
     """Raise for the first level where a live beam had no allowed continuation, or a beam's scores were
     NaN (both checked with one host sync after the search)."""
     flags = torch.stack([torch.stack([s.any(), n.any()]) for s, n in zip(stuck, nan)])  # [L, 2]
@@ -291,7 +291,7 @@ def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, 
         codes = torch.cat([history, code[..., None]], dim=2)
         scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
     del runner
-    _raise_if_stuck(stuck, nan, B)
+    _raise_if_stuck_or_nan(stuck, nan, B)
     leaf_ids = nodes.view(P, B)
     codes = torch.where(leaf_ids[..., None] >= 0, codes, torch.full_like(codes, -1))
     return BeamSearchResult(codes, scores.view(P, B), leaf_ids, trie)

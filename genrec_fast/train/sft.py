@@ -442,10 +442,11 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
              "stopped_early": False, "tokens": 0, "train_seconds": 0.0,
              "history": {"loss": [], "valid": []}}
-    if acc.is_main_process:  # what a crash inside a folder swap can leave behind
-        recover_dir(out / "model")
-        for d in _checkpoints(out):
-            recover_dir(d)
+    if acc.is_main_process:
+        recover_dir(out / "model")  # what a crash inside its folder swap can leave behind
+        if not (cfg.resume and _checkpoints(out)):  # a fresh start: nothing of an earlier run may be resumed later
+            (out / "train_log.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     acc.wait_for_everyone()
     ckpts = _checkpoints(out) if cfg.resume else []
     if ckpts:
@@ -460,12 +461,6 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
             lines = (out / "train_log.jsonl").read_text().splitlines()
             keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= state["step"]]
             atomic_write_text(out / "train_log.jsonl", "".join(ln + "\n" for ln in keep))
-    elif acc.is_main_process:  # a fresh start: nothing of an earlier run in this output_dir may be resumed later
-        if (out / "train_log.jsonl").exists():
-            (out / "train_log.jsonl").unlink()
-        if (out / "checkpoints").exists():
-            shutil.rmtree(out / "checkpoints")
-    acc.wait_for_everyone()
     if acc.is_main_process:  # the config of the latest (re)start
         atomic_write_text(out / "sft_config.json", json.dumps(asdict(cfg), indent=2))
 
