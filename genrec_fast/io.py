@@ -8,6 +8,14 @@ from pathlib import Path
 from typing import Union
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` under the process umask: temp files / folders are made private (0600 / 0700), and the
+    published file should have the permissions a plain ``open`` / ``mkdir`` would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_text(path: Union[str, Path], text: str, encoding: str = "utf-8") -> None:
     atomic_write_bytes(path, text.encode(encoding))
 
@@ -20,6 +28,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _umask_mode(0o666))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -74,6 +83,7 @@ def atomic_dir(final: Union[str, Path], write) -> Path:
     recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        os.chmod(tmp, _umask_mode(0o777))
         write(tmp)
         _fsync_tree(tmp)
     except BaseException:

@@ -10,7 +10,7 @@ import re
 from typing import List, Sequence
 
 LEVEL_PREFIXES = "abcdefgh"
-_TOKEN_RE = re.compile(r"<([a-h])_(\d+)>")
+_TOKEN_RE = re.compile(r"<([a-h])_(0|[1-9]\d*)>")  # no leading zeros: <a_01> is not a token of the block
 
 
 def token_string(level: int, code: int) -> str:

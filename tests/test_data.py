@@ -106,10 +106,16 @@ def test_round_trip_keeps_codebook_sizes_and_zero_padded_ids(tmp_path):
     assert np.array_equal(again.catalog.codes[idx["0078"]], [3, 1])
     meta = json.loads((out / "sids_meta.json").read_text())
     assert meta["codebook_sizes"] == [4, 3] and meta["report"] == {"note": "x"}
-    # stale metadata is an error naming the file
-    meta["item_ids"] = ["1", "2", "3", "4"]
+    # stale metadata is an error naming the file: another index.json (same items), or other items
+    index = json.loads((out / "index.json").read_text())
+    (out / "info.txt").unlink()  # (it would disagree first)
+    (out / "index.json").write_text(json.dumps({**index, "56": ["<a_3>", "<b_2>"]}))
+    with pytest.raises(DataFormatError, match=r"sids_meta\.json: written for another index\.json"):
+        load_minionerec(out)
+    (out / "index.json").write_text(json.dumps(index))
+    meta["item_ids"], meta["index_sha256"] = ["1", "2", "3", "4"], None
     (out / "sids_meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataFormatError, match=r"sids_meta\.json: its item ids are not those of the SID index"):
+    with pytest.raises(DataFormatError, match=r"sids_meta\.json: its item ids are not those of .*index\.json"):
         load_minionerec(out)
 
 

@@ -58,3 +58,14 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(p, "{}")
     atomic_write_text(p, "[1]")
     assert p.read_text() == "[1]" and sorted(q.name for q in p.parent.iterdir()) == ["f.json"]
+
+
+def test_published_files_and_folders_get_umask_permissions_not_private_temp_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+        atomic_dir(tmp_path / "d", _write("one"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -56,3 +56,10 @@ def test_build_examples_respects_task_switches(data):
 def test_tokenizer_corpus_holds_titles_and_template(data):
     corpus = P.tokenizer_corpus(data.catalog, template_weight=3)
     assert corpus[:3] == ["Hammer", "Nails", "Saw"] and len(corpus) == 3 + 3 * len(P.TASKS)
+
+
+def test_parse_sid_accepts_only_the_spelling_of_the_token_block():
+    assert parse_sid("<a_0><b_12>") == [0, 12] and parse_sid(["<a_10>", "<b_3>"]) == [10, 3]
+    for bad in ("<a_01><b_2>", "<b_1><a_2>", "<a_1>x", "<a_-1>"):
+        with pytest.raises(ValueError):
+            parse_sid(bad)

@@ -121,6 +121,11 @@ def test_build_sids_rejects_bad_input():
         build_sids(np.array([[0.0, 1.0], [1.0, 0.0], [np.nan, 0.0]]), progress=False)
     with pytest.raises(ValueError, match="method"):
         build_sids(np.zeros((3, 2)), method="vq", progress=False)
+    # checked before any fitting: 8 levels + a dedup level cannot be spelled <a_..>..<h_..>
+    with pytest.raises(ValueError, match=r"levels \(--levels\) must be in 1\.\.7, got 8"):
+        build_sids(np.zeros((3, 2)), levels=8, progress=False)
+    with pytest.raises(ValueError, match=r"rqvae_epochs \(--epochs\) must be >= 1"):
+        build_sids(np.zeros((3, 2)), method="rqvae", rqvae_epochs=0, progress=False)
 
 
 def test_residual_kmeans_encode_matches_fit_without_balancing():

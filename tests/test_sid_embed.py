@@ -39,7 +39,7 @@ def test_cache_hit_skips_the_encoder(tmp_path, monkeypatch):
     texts = ["one item", "another item"]
     first = embed_items(texts, cache_dir=tmp_path, progress=False, device="cpu")
     files = list(tmp_path.iterdir())
-    assert [f.name for f in files] == [f"{cache_key(texts, embed.DEFAULT_ENCODER, 256)}.npy"]
+    assert [f.name for f in files] == [f"{cache_key(texts, embed._resolve_encoder(None)[1], 256)}.npy"]
 
     def boom(*a, **k):
         raise AssertionError("encoder called despite a cached result")
@@ -51,6 +51,37 @@ def test_cache_hit_skips_the_encoder(tmp_path, monkeypatch):
     assert cache_key(texts, "path:/x", 256) != cache_key(texts, embed.DEFAULT_ENCODER, 256)
     with pytest.raises(AssertionError, match="encoder called"):
         embed_items(texts[::-1], cache_dir=tmp_path, progress=False)
+
+
+def test_cache_key_follows_the_encoder_files(tmp_path, tiny_encoder, monkeypatch):
+    """A model folder re-written in place (retrained, upgraded) is a new cache key, not a stale hit."""
+    import shutil
+
+    enc = tmp_path / "enc"
+    shutil.copytree(tiny_encoder, enc)
+    calls = []
+    real = embed._encode
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "_encode", counting)
+    texts = ["one item", "another item"]
+    first = embed_items(texts, encoder=str(enc), cache_dir=tmp_path / "c", progress=False, device="cpu")
+    embed_items(texts, encoder=str(enc), cache_dir=tmp_path / "c", progress=False, device="cpu")
+    assert len(calls) == 1  # the second call was a cache hit
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(enc)
+    import torch
+
+    with torch.no_grad():
+        w = model.embeddings.word_embeddings.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(enc)  # same folder, new weights
+    again = embed_items(texts, encoder=str(enc), cache_dir=tmp_path / "c", progress=False, device="cpu")
+    assert len(calls) == 2 and not np.allclose(again, first)
 
 
 def test_bad_texts():

@@ -125,25 +125,18 @@ def load_catalog(directory: Union[str, Path]) -> Catalog:
         texts.append(item_text({**entry, "title": title}))
     codes = np.asarray([sids[i] for i in ids], dtype=np.int32)
     return Catalog(item_ids=ids, titles=titles, texts=texts, codes=codes,
-                   codebook_sizes=_saved_codebook_sizes(d, ids, codes))
+                   codebook_sizes=_saved_codebook_sizes(d, ids))
 
 
-def _saved_codebook_sizes(d: Path, ids: List[str], codes: np.ndarray):
+def _saved_codebook_sizes(d: Path, ids: List[str]):
     """Codebook sizes from ``sids_meta.json`` (written by ``genrec-fast sids`` and :func:`save_minionerec`);
     None without it (the release ships none: sizes are then inferred from the codes)."""
-    meta_path = d / "sids_meta.json"
-    if not meta_path.is_file():
-        return None
-    meta = _read_json(meta_path)
-    if not isinstance(meta, dict) or "codebook_sizes" not in meta or "item_ids" not in meta:
-        raise DataFormatError(f"{meta_path}: expected an object with 'item_ids' and 'codebook_sizes'")
-    if sorted(str(i) for i in meta["item_ids"]) != sorted(ids):
-        raise DataFormatError(f"{meta_path}: its item ids are not those of the SID index (stale metadata?)")
-    sizes = tuple(int(k) for k in meta["codebook_sizes"])
-    if len(sizes) != codes.shape[1] or (codes.size and (codes >= np.asarray(sizes)).any()):
-        raise DataFormatError(f"{meta_path}: codebook sizes {list(sizes)} do not fit SIDs of {codes.shape[1]} levels "
-                              f"with maxima {codes.max(axis=0).tolist()}")
-    return sizes
+    from genrec_fast.sid.index_io import saved_codebook_sizes
+
+    try:
+        return saved_codebook_sizes(d, ids)
+    except ValueError as e:
+        raise DataFormatError(str(e)) from None
 
 
 def _parse_list(value: str, what: str, where: str) -> list:

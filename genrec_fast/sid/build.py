@@ -12,6 +12,7 @@ from genrec_fast.sid.collisions import make_unique
 from genrec_fast.sid.embed import embed_items
 from genrec_fast.sid.kmeans import ResidualKMeans
 from genrec_fast.sid.rqvae import train_rqvae
+from genrec_fast.sid_tokens import LEVEL_PREFIXES
 
 METHODS = ("rqkmeans", "rqvae")
 
@@ -62,6 +63,12 @@ def build_sids(
     """
     if method not in METHODS:
         raise ValueError(f"build_sids: method must be one of {METHODS}, got {method!r}")
+    max_levels = len(LEVEL_PREFIXES) - 1  # one more may be appended to separate colliding items
+    if not 1 <= int(levels) <= max_levels:
+        raise ValueError(f"build_sids: levels (--levels) must be in 1..{max_levels}, got {levels}: SID tokens are "
+                         f"spelled <{LEVEL_PREFIXES[0]}_..> to <{LEVEL_PREFIXES[-1]}_..> and a dedup level may be added")
+    if method == "rqvae" and int(rqvae_epochs) < 1:
+        raise ValueError(f"build_sids: rqvae_epochs (--epochs) must be >= 1, got {rqvae_epochs}")
     t0 = time.perf_counter()
     emb = _as_embeddings(data)
     embed_s = 0.0

@@ -40,14 +40,32 @@ def default_encoder_path() -> Path:
     return path
 
 
+def _files_fingerprint(d: Path) -> str:
+    """Name, size and mtime of every file in a model folder (recursively): changes when the weights,
+    config or tokenizer are replaced, so the embedding cache never serves another model's vectors."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(d)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def _resolve_encoder(encoder: Optional[str]) -> Tuple[str, str]:
-    """-> (what to load, stable id for the cache key)."""
+    """-> (what to load, id for the cache key: the encoder's name plus a fingerprint of its files when
+    they are on disk; a hub name is resolved to its snapshot folder when the hub cache has it)."""
     if encoder is None or encoder == DEFAULT_ENCODER:
-        return str(default_encoder_path()), DEFAULT_ENCODER
+        path = default_encoder_path()
+        return str(path), f"{DEFAULT_ENCODER}:{_files_fingerprint(path)}"
     p = Path(encoder).expanduser()
     if p.exists():
-        return str(p.resolve()), f"path:{p.resolve()}"
-    return encoder, f"hub:{encoder}"
+        return str(p.resolve()), f"path:{p.resolve()}:{_files_fingerprint(p.resolve())}"
+    try:  # a hub model already downloaded: key on its snapshot (the revision's commit folder)
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(encoder, local_files_only=True))
+        return encoder, f"hub:{encoder}:{snap.name}:{_files_fingerprint(snap)}"
+    except Exception:  # noqa: BLE001 - not cached yet (or no hub client): the name is all there is
+        return encoder, f"hub:{encoder}"
 
 
 def cache_key(texts: Sequence[str], encoder_id: str, max_length: int) -> str:

@@ -8,6 +8,7 @@ written atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -87,12 +88,35 @@ def write_index(
     codebook_sizes = tuple(int(k) for k in codebook_sizes)
     _check_table(item_ids, codes, codebook_sizes)
     out = Path(out_dir)
-    index = {item: sid_tokens(row) for item, row in zip(item_ids, codes.tolist())}
-    atomic_write_text(out / INDEX_FILE, json.dumps(index))
+    index_text = json.dumps({item: sid_tokens(row) for item, row in zip(item_ids, codes.tolist())})
+    atomic_write_text(out / INDEX_FILE, index_text)
     save_npy_atomic(out / CODES_FILE, codes)
-    meta = {"item_ids": item_ids, "codebook_sizes": list(codebook_sizes), "report": report or {}}
+    # the three files are each atomic, not as a set: the checksum ties the metadata to its index.json
+    meta = {"item_ids": item_ids, "codebook_sizes": list(codebook_sizes), "report": report or {},
+            "index_sha256": hashlib.sha256(index_text.encode("utf-8")).hexdigest()}
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1, default=float))
     return out / INDEX_FILE
+
+
+def saved_codebook_sizes(directory: Union[str, Path], item_ids: Sequence[str]) -> Optional[Tuple[int, ...]]:
+    """The codebook sizes recorded in ``directory/sids_meta.json`` for these items, or None without one.
+
+    Raises ValueError naming the file when it is malformed or belongs to another ``index.json`` (a
+    checksum mismatch, or other item ids: stale metadata)."""
+    d = Path(directory)
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+        return None
+    meta = read_json_object(meta_path, "SID metadata")
+    if not isinstance(meta.get("codebook_sizes"), list) or not isinstance(meta.get("item_ids"), list):
+        raise ValueError(f"{meta_path}: expected 'item_ids' and 'codebook_sizes' lists")
+    digest = meta.get("index_sha256")
+    if digest is not None and (d / INDEX_FILE).is_file() and \
+            hashlib.sha256((d / INDEX_FILE).read_bytes()).hexdigest() != digest:
+        raise ValueError(f"{meta_path}: written for another {INDEX_FILE} (stale metadata?)")
+    if sorted(str(i) for i in meta["item_ids"]) != sorted(str(i) for i in item_ids):
+        raise ValueError(f"{meta_path}: its item ids are not those of {d / INDEX_FILE} (stale metadata?)")
+    return tuple(int(k) for k in meta["codebook_sizes"])
 
 
 def read_index(path: Union[str, Path], codebook_sizes: Optional[Sequence[int]] = None) -> SIDIndex:
@@ -116,12 +140,8 @@ def read_index(path: Union[str, Path], codebook_sizes: Optional[Sequence[int]] =
         item_ids.append(str(item))
         rows.append(codes)
     codes = np.asarray(rows, dtype=np.int32)
-    meta_path = path.parent / META_FILE
-    if codebook_sizes is None and meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("item_ids") != item_ids:
-            raise ValueError(f"{meta_path}: item ids do not match {path} (stale metadata?)")
-        codebook_sizes = meta["codebook_sizes"]
+    if codebook_sizes is None and path.name == INDEX_FILE:
+        codebook_sizes = saved_codebook_sizes(path.parent, item_ids)
     if codebook_sizes is None:
         codebook_sizes = (codes.max(axis=0) + 1).tolist()
     codebook_sizes = tuple(int(k) for k in codebook_sizes)
