@@ -40,8 +40,10 @@ int bits_for(int64_t k) {  // bits needed to store codes 0..k-1
 
 class Trie {
  public:
-  Trie(py::array_t<int32_t, py::array::c_style> codes, std::vector<int64_t> codebook_sizes,
-       py::array_t<int64_t, py::array::c_style> item_ids, bool allow_duplicates) {
+  // The arrays come by const reference: the binding releases the GIL around this constructor, so it
+  // must not copy, move or destroy a Python object (a by-value array would be decref'd without the GIL).
+  Trie(const py::array_t<int32_t, py::array::c_style>& codes, const std::vector<int64_t>& codebook_sizes,
+       const py::array_t<int64_t, py::array::c_style>& item_ids, bool allow_duplicates) {
     if (codes.ndim() != 2) throw std::invalid_argument("codes must be a 2-D array [N, L]");
     N_ = codes.shape(0);
     L_ = static_cast<int>(codes.shape(1));
@@ -323,8 +325,8 @@ class Trie {
 PYBIND11_MODULE(_trie, m) {
   m.doc() = "Static Semantic-ID trie (see genrec_fast.trie.SIDTrie for the public API)";
   py::class_<Trie>(m, "Trie")
-      .def(py::init<py::array_t<int32_t, py::array::c_style>, std::vector<int64_t>,
-                    py::array_t<int64_t, py::array::c_style>, bool>(),
+      .def(py::init<const py::array_t<int32_t, py::array::c_style>&, const std::vector<int64_t>&,
+                    const py::array_t<int64_t, py::array::c_style>&, bool>(),
            py::arg("codes"), py::arg("codebook_sizes"), py::arg("item_ids"), py::arg("allow_duplicates"),
            py::call_guard<py::gil_scoped_release>())
       .def("num_items", &Trie::num_items)

@@ -31,26 +31,28 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             os.fchmod(f.fileno(), _umask_mode(0o666))
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_path(path.parent)  # the rename itself reaches the disk
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+def _fsync_path(path: Union[str, Path]) -> None:
+    """fsync a file or a folder by path (for a folder: the renames into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` and the folders themselves (so a rename publishes written data)."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
 
 
 def recover_dir(final: Union[str, Path]) -> None:
@@ -93,7 +95,9 @@ def atomic_dir(final: Union[str, Path], write) -> Path:
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"  # unique: never a leftover's name
         os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+        _fsync_path(final.parent)
     return final

@@ -145,7 +145,7 @@ def load_model_and_tokenizer(
         cfg.update(model_overrides or {})
         config = Qwen2Config(
             vocab_size=len(tokenizer),
-            tie_word_embeddings=True,
+            tie_word_embeddings=cfg.pop("tie_word_embeddings", True),
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=None,
@@ -176,9 +176,16 @@ def load_model_and_tokenizer(
         from peft import LoraConfig, get_peft_model
 
         sid_ids = list(range(vocab.start, vocab.end))
+        # the SID rows must train in the input embedding AND in the LM head: a tied head follows the
+        # embedding, an untied one (Qwen2.5 >= 1.5B, Llama, ...) needs its own entry ("all-linear" skips it)
+        names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tokens = {names[id(emb)]: sid_ids}
+        if head is not None and head.weight is not emb.weight:
+            tokens[names[id(head)]] = sid_ids
         model = get_peft_model(model, LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
-            task_type="CAUSAL_LM", trainable_token_indices={"embed_tokens": sid_ids},
+            task_type="CAUSAL_LM", trainable_token_indices=tokens,
         ))
     return model, tokenizer, vocab
 

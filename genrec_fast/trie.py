@@ -149,11 +149,15 @@ class SIDTrie:
                 raise ValueError(f"item_ids must be 1-D with {arr.shape[0]} entries (one per row of codes), got shape {ids.shape}")
             if not np.issubdtype(ids.dtype, np.integer):
                 raise ValueError(f"item_ids must be integers, got dtype {ids.dtype}")
-            ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self._codes = arr
-        self._item_ids = ids
+            ids = ids.astype(np.int64)
+        # own, read-only copies: save() writes these, so a caller changing its arrays later must not
+        # change what is saved (the C++ trie has its own copy of the structure)
+        self._codes = np.array(arr, dtype=np.int32, order="C", copy=True)
+        self._item_ids = np.array(ids, dtype=np.int64, order="C", copy=True)
+        self._codes.setflags(write=False)
+        self._item_ids.setflags(write=False)
         self._allow_duplicates = bool(allow_duplicates)
-        self._t = _trie.Trie(arr, sizes, ids, self._allow_duplicates)
+        self._t = _trie.Trie(self._codes, sizes, self._item_ids, self._allow_duplicates)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -203,11 +207,19 @@ class SIDTrie:
         return self._t.allowed([int(c) for c in prefix])
 
     def lookup(self, codes) -> np.ndarray:
-        """Leaf id of each SID row of ``codes`` [M, L], -1 where the SID is not in the trie."""
-        arr = _as_codes(codes, "query codes")
-        if arr.shape[1] != self.num_levels:
+        """Leaf id of each SID row of ``codes`` [M, L], -1 where the SID is not in the trie (codes of any
+        integer value, out of every codebook's range included)."""
+        arr = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        if arr.ndim != 2 or arr.shape[1] != self.num_levels:
             raise ValueError(f"query codes must have shape [M, {self.num_levels}], got {arr.shape}")
-        return self._t.lookup(arr)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"query codes must have an integer dtype, got {arr.dtype}")
+        i32 = np.iinfo(np.int32)
+        fits = ((arr >= i32.min) & (arr <= i32.max)).all(axis=1)  # a row beyond int32 is in no codebook
+        out = np.full(arr.shape[0], -1, dtype=np.int64)
+        if fits.any():
+            out[fits] = self._t.lookup(np.ascontiguousarray(arr[fits], dtype=np.int32))
+        return out
 
     def contains(self, codes) -> np.ndarray:
         return self.lookup(codes) >= 0
@@ -259,7 +271,8 @@ class SIDTrie:
         """Write the trie to one file, atomically (temp file in the same folder, then rename)."""
         path = Path(path)
         sizes = np.asarray(self.codebook_sizes, dtype=np.int64)
-        payload = sizes.tobytes() + self._codes.tobytes() + self._item_ids.tobytes()
+        # little-endian like the header, on any machine
+        payload = sizes.astype("<i8").tobytes() + self._codes.astype("<i4").tobytes() + self._item_ids.astype("<i8").tobytes()
         header = _HEADER.pack(_MAGIC, _VERSION, self.num_levels, self.num_items, len(payload),
                               int(self._allow_duplicates))
         crc = struct.pack("<I", zlib.crc32(payload, zlib.crc32(header)))
@@ -280,7 +293,7 @@ class SIDTrie:
         (crc,) = struct.unpack_from("<I", data, _HEADER.size + nbytes)
         if crc != zlib.crc32(payload, zlib.crc32(data[:_HEADER.size])):
             raise ValueError(f"{path}: corrupt trie file (checksum mismatch)")
-        sizes = np.frombuffer(payload, dtype=np.int64, count=L)
-        codes = np.frombuffer(payload, dtype=np.int32, count=N * L, offset=L * 8).reshape(N, L)
-        ids = np.frombuffer(payload, dtype=np.int64, count=N, offset=L * 8 + N * L * 4)
-        return cls(codes.copy(), [int(k) for k in sizes], ids.copy(), allow_duplicates=bool(dup))
+        sizes = np.frombuffer(payload, dtype="<i8", count=L)
+        codes = np.frombuffer(payload, dtype="<i4", count=N * L, offset=L * 8).reshape(N, L)
+        ids = np.frombuffer(payload, dtype="<i8", count=N, offset=L * 8 + N * L * 4)
+        return cls(codes, [int(k) for k in sizes], ids, allow_duplicates=bool(dup))  # the constructor copies

@@ -15,9 +15,10 @@ SMALL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "n
          "intermediate_size": 64}
 
 
-def _lora_model():
+def _lora_model(tied: bool = True):
     model, tok, vocab = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300,
-                                                 model_overrides=SMALL, lora=True, lora_r=4, seed=0)
+                                                 model_overrides={**SMALL, "tie_word_embeddings": tied}, lora=True,
+                                                 lora_r=4, seed=0)
     # adapters start as the identity (LoRA B = 0, token deltas = the original rows): move them
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -27,10 +28,14 @@ def _lora_model():
     return model, tok, vocab
 
 
-def test_lora_model_searches_like_its_merged_copy():
-    model, tok, vocab = _lora_model()
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_model_searches_like_its_merged_copy(tied):
+    model, tok, vocab = _lora_model(tied)
     head = model.get_base_model().get_output_embeddings()
     assert not isinstance(head, torch.nn.Linear)  # the case this test is about
+    # the SID rows train in the head too, tied to the embedding or not (an untied head was left frozen)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    assert len(trainable) == (1 if tied else 2) and (tied or any("lm_head" in n for n in trainable))
     rng = np.random.default_rng(0)
     codes = np.unique(np.stack([rng.integers(0, k, 40) for k in SIZES], 1), axis=0)
     trie = SIDTrie(codes, SIZES)

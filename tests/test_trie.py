@@ -1,5 +1,6 @@
 """SIDTrie against a pure-Python dict trie, persistence, error paths and device arrays."""
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,51 @@ def test_every_sort_path(levels, k):
         assert trie.allowed(prefix).tolist() == sorted(nxt)
     for sid, items in ref.items.items():
         assert trie.items(sid).tolist() == items
+
+
+def test_binding_never_touches_python_objects_without_the_gil(tmp_path):
+    """Build the extension with pybind11's own assertions on (no NDEBUG): every method, the constructor
+    (which releases the GIL) included, runs on temporaries without a refcount change outside the GIL.
+    A by-value array argument aborted here with 'dec_ref() PyGILState_Check() failure'."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    import pybind11
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / f"_trie{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run([cxx, "-O0", "-UNDEBUG", "-shared", "-fPIC", "-std=c++17", f"-I{pybind11.get_include()}",
+                    f"-I{sysconfig.get_paths()['include']}", str(root / "csrc" / "trie.cpp"), "-o", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    code = (
+        "import numpy as np, _trie\n"
+        "for _ in range(50):\n"
+        "    t = _trie.Trie(np.array([[0, 1], [1, 0], [1, 1]], dtype=np.int32), [2, 2], np.arange(3), False)\n"
+        "    assert list(t.allowed([1])) == [0, 1] and t.num_items() == 3\n"
+        "    t.lookup(np.array([[1, 0], [0, 0]], dtype=np.int32)); t.leaf_items(0); t.order()\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_trie_owns_its_inputs_and_answers_for_any_integer_code(tmp_path):
+    codes = np.array([[0, 1], [1, 0]], dtype=np.int32)
+    ids = np.array([10, 11], dtype=np.int64)
+    t = SIDTrie(codes, 2, item_ids=ids)
+    codes[0] = [1, 1]  # the caller's arrays change afterwards: neither the trie nor its file follow
+    ids[:] = 99
+    t.save(tmp_path / "t.trie")
+    again = SIDTrie.load(tmp_path / "t.trie")
+    for tr in (t, again):
+        assert tr.contains([[0, 1]]).tolist() == [True] and tr.contains([[1, 1]]).tolist() == [False]
+        assert tr.items([0, 1]).tolist() == [10]
+    # codes beyond int32 or below 0 are in no codebook: not found, never an error
+    assert t.contains(np.array([[0, 2 ** 40], [-5, 0], [1, 0]])).tolist() == [False, False, True]
+    with pytest.raises(KeyError):
+        t.items([0, 2 ** 40])
