@@ -96,7 +96,8 @@ def test_four_levels_reuse_across_widths_batches_and_lru():
     assert [k[:4] for k in keys] == [(2, 10, 16, 4), (3, 10, 16, 4)]  # widths 8 and 11 share the 16 bucket
     assert graphs.GRAPH_SETS == 4
     # an evicted or cleared set frees its KV buffers at once, not at the next garbage collection
-    buffer_of = lambda key: weakref.ref(graphs._sets[base][key].beam_layers[0]._k)  # noqa: E731
+    sets = graphs._sets[base]  # this model's LRU (the same dict until clear_graphs drops it)
+    buffer_of = lambda key: weakref.ref(sets[key].beam_layers[0]._k)  # noqa: E731
     evicted = buffer_of(keys[1])
     gc.disable()
     try:

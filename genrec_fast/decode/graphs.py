@@ -213,7 +213,7 @@ class GraphForward:
     # ---- the search's calls ----------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fill the static inputs from a left-padded [P, t <= T] batch and run the prefill -> hidden [P, H]."""
-        P, T, B = self.P, self.T, self.B
+        T, B = self.T, self.B
         pad = T - input_ids.shape[1]
         ids, mask = F.pad(input_ids, (pad, 0)), F.pad(mask, (pad, 0))
         key_ok = mask.bool()

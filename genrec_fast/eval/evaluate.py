@@ -21,7 +21,7 @@ import torch
 
 from genrec_fast.io import atomic_write_text
 from genrec_fast.eval.baselines import baseline_metrics
-from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, format_table, ks_for_beams, ranking_metrics
+from genrec_fast.eval.metrics import DEFAULT_KS, format_table, ks_for_beams, ranking_metrics
 
 
 # ---- trie over a catalogue -------------------------------------------------------------------
