@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -152,19 +153,28 @@ def main() -> int:
     with torch.no_grad(), autocast:
         first_loss = {name: float(fn(batches[0])) for name, fn, batches in variants[:2]}
 
-    names = [v[0] for v in variants]
-    times, cpu_times, peak = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
-    compile_s = {}
-    for name, fn, batches in variants[2:]:  # the first forward + backward compiles (no update: same weights)
+    compile_s, errors = {}, {}
+    for variant in variants[2:]:  # the first forward + backward compiles (no update: same weights)
+        name, fn, batches = variant
         sync(device)
         t0 = time.perf_counter()
-        with autocast:
-            loss = fn(batches[0])
-        loss.backward()
+        try:
+            with autocast:
+                loss = fn(batches[0])
+            loss.backward()
+        except Exception as err:  # noqa: BLE001 - a compile variant that fails is reported, the others stand
+            traceback.print_exc()
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"{name} failed: {errors[name]}", file=sys.stderr)
+            variants.remove(variant)
+            opt.zero_grad(set_to_none=True)
+            continue
         opt.zero_grad(set_to_none=True)
         first_loss[name] = float(loss.detach())
         sync(device)
         compile_s[name] = time.perf_counter() - t0
+    names = [v[0] for v in variants]
+    times, cpu_times, peak = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
     for r in range(rounds + 1):  # round 0 is warm-up (CUDA graphs are recorded there)
         for name, fn, batches in variants:
             if device.type == "cuda":
@@ -209,7 +219,7 @@ def main() -> int:
         "setting": {**s, "vocab": vocab, "rounds": rounds, "compile_shape": fixed},
         "real_tokens_per_step": sum(tokens) / n_steps, "ratio_by": "wall" if device.type == "cuda" else "cpu_time",
         "wall_ratio": wall, "cpu_time_ratio": cpu, "compile_seconds": compile_s, "rows": rows,
-        "loss_first_batch": first_loss,
+        "loss_first_batch": first_loss, **({"errors": errors} if errors else {}),
     }, args.json)
     return 0
 

@@ -3,11 +3,14 @@
 #   install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
 #   on the GPU, then each GPU bench. Tables go to stdout; JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
-#   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="rq decode" narrow the run (default: all).
+#   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="decode tests beam" pick and order the steps
+#   ("tests" is the pytest step; default: tests rq beam decode sft rl); ARGS_<bench>="..." adds
+#   arguments to one bench (e.g. ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else
+#   BENCH_TIMEOUT, 300 s) and TEST_TIMEOUT (240 s) cap each step.
 # A device call is capped at 10 minutes, and bench_sft compiles 24 layers twice (cold inductor cache),
 # so on a fresh machine split it in two calls:
-#   BENCHES="beam decode rl rq" bash benches/run_gpu.sh     (tests + beam ops, decode/RL with CUDA graphs, ~5 min)
-#   TESTS=- BENCHES=sft bash benches/run_gpu.sh            (SFT step: eager, compiled, reduce-overhead)
+#   BENCHES="decode tests beam rl rq" bash benches/run_gpu.sh   (decode with CUDA graphs, tests, beam ops, RL)
+#   BENCHES=sft bash benches/run_gpu.sh                         (SFT step: eager, compiled, reduce-overhead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,14 +33,22 @@ if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; th
 fi
 
 status=0
-stamp "GPU tests (kernels compiled for the device, not the interpreter)"
 TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_decode_graphs.py tests/test_rq.py}
-[ "$TESTS" = "-" ] || timeout 240 $PY -m pytest -q -p no:cacheprovider -x $TESTS 2>&1 | tee -a "$LOG" | tail -15 || status=1
-
-for b in ${BENCHES:-rq beam decode sft rl}; do
-  [ -f "benches/bench_$b.py" ] || continue
+for b in ${BENCHES:-tests rq beam decode sft rl}; do
+  if [ "$b" = tests ]; then
+    [ "$TESTS" = "-" ] && continue
+    stamp "GPU tests (kernels compiled for the device, not the interpreter)"
+    timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider --maxfail=5 $TESTS 2>&1 | tee -a "$LOG" | tail -15
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    continue
+  fi
+  [ -f "benches/bench_$b.py" ] || { echo "no benches/bench_$b.py"; status=1; continue; }
   stamp "bench_$b"
-  timeout ${BENCH_TIMEOUT:-300} $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" 2>&1 | tee -a "$LOG" | grep -v '^\s*$' | tail -40 || status=1
+  args_var="ARGS_$b" timeout_var="TIMEOUT_$b"
+  # shellcheck disable=SC2086  # ARGS_<bench> is a list of arguments
+  timeout "${!timeout_var:-${BENCH_TIMEOUT:-300}}" $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" ${!args_var:-} 2>&1 \
+    | tee -a "$LOG" | grep -v '^\s*$' | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 stamp "done (status $status)"
 exit $status
