@@ -25,6 +25,8 @@ depth-1 trie nodes of random items).
 """
 from __future__ import annotations
 
+import argparse
+
 import sys
 import time
 from pathlib import Path
@@ -111,7 +113,7 @@ def ours_step(x: dict, score: str, backend: str = "auto"):
     return parent, code + lo, top
 
 
-def run_setting(name: str, device: torch.device, repeat: int) -> tuple:
+def run_setting(name: str, device: torch.device, repeat: int, kernels: bool) -> tuple:
     x = make_inputs(name, device)
     t = {}
     t["hf_processor"] = timeit(lambda: hf_step(x, True), device, repeat=max(2, repeat // 4))
@@ -134,7 +136,7 @@ def run_setting(name: str, device: torch.device, repeat: int) -> tuple:
         same_beams_as_hf=same, max_score_diff=float((hs - os_).abs().max()),
     )
     kernel_rows = []
-    if device.type == "cuda":
+    if kernels:
         P, B, K = x["P"], x["B"], x["K"]
         lo, hi = x["vocab"].level_range(LEVEL)
         logits = F.linear(x["h"], x["weight"][lo:hi])
@@ -156,7 +158,7 @@ def run_setting(name: str, device: torch.device, repeat: int) -> tuple:
         kernel_rows.append(dict(setting=name, op="grouped_topk", shape=f"[{P}, {B}, {K}] -> {B}",
                                 torch_ms=ref_t * 1e3, triton_ms=tri_t * 1e3, speedup=ref_t / tri_t,
                                 max_abs_diff=float((a[2] - b[2]).abs().nan_to_num(0.0).max()),
-                                same=float(all(torch.equal(u, v) for u, v in (a[0:2] + a[3:4], b[0:2] + b[3:4])))))
+                                same=float(all(torch.equal(u, v) for u, v in zip(a[0:2] + a[3:4], b[0:2] + b[3:4])))))
     step_row.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(x["dtype"]).split(".")[-1])
     return step_row, kernel_rows
 
@@ -166,26 +168,31 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=None, help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="time each Triton kernel against its torch reference (default: on CUDA; on CPU it needs "
+                        "TRITON_INTERPRET=1 and is a correctness check, not a timing)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    kernels = device.type == "cuda" if args.kernels is None else args.kernels
     names = pick_settings(SETTINGS, args.settings, device, "bench_beam")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    steps, kernels = [], []
+    steps, kernel_rows = [], []
     for name in names:
-        s, k = run_setting(name, device, args.repeat)
+        s, k = run_setting(name, device, args.repeat, kernels)
         steps.append(s)
-        kernels += k
+        kernel_rows += k
         sync(device)
     print_table([{k: v for k, v in r.items() if k not in ("device", "dtype")} for r in steps],
                 title=f"one constrained level step ({steps[0]['device']}, {steps[0]['dtype']})")
-    if kernels:
-        print_table(kernels, title="Triton kernels vs their torch references")
+    if kernel_rows:
+        print_table(kernel_rows, title="Triton kernels vs their torch references"
+                    + ("" if device.type == "cuda" else " (Triton interpreter: not a timing)"))
     else:
         print("\n(Triton kernel timings: GPU only; on CPU the kernels run in the interpreter, which is not a timing)")
     print(f"total {time.perf_counter() - t0:.1f}s")
-    write_json("bench_beam", {"bench": "beam", "steps": steps, "kernels": kernels}, args.json)
+    write_json("bench_beam", {"bench": "beam", "steps": steps, "kernels": kernel_rows}, args.json)
     return 0
 
 

@@ -181,6 +181,14 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
     our_codes = results["ours"].codes.cpu()
     in_block = ((hf_tokens >= vocab.start) & (hf_tokens < vocab.end)).all(-1).all(-1)
     same = [bool(in_block[u]) and torch.equal(vocab.codes(hf_tokens[u]), our_codes[u]) for u in range(users)]
+
+    def overlap(a, b):  # share of the B SIDs that both lists hold, whatever their order (bf16 near-ties swap ranks)
+        return float(np.mean([len(set(map(tuple, a[u].tolist())) & set(map(tuple, b[u].tolist()))) / beams
+                              for u in range(users)]))
+
+    off, size = torch.tensor(vocab.offsets[:L]), torch.tensor(vocab.codebook_sizes[:L])
+    hf_codes = hf_tokens - vocab.start - off  # per level; a token outside its level's block marks the row -1
+    hf_codes = torch.where(((hf_codes >= 0) & (hf_codes < size)).all(-1, keepdim=True), hf_codes, -1)
     valid = trie.contains(our_codes.reshape(-1, L).numpy()) | (our_codes.reshape(-1, L) < 0).all(1).numpy()
     ups = {method: users / statistics.median(ts) for method, ts in times.items()}
     graphs = {}
@@ -188,6 +196,7 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         graph_codes = results["graphs"].codes.cpu()
         graphs = {"ours_graphs_over_hf_constrained": ups["ours_graphs"] / ups["hf_constrained"],
                   "ours_graphs_over_floor": ups["ours_graphs"] / ups["floor"],
+                  "graphs_same_set_as_ours": overlap(graph_codes, our_codes),
                   "graphs_same_ranking_as_ours": float(np.mean([torch.equal(graph_codes[u], our_codes[u])
                                                                 for u in range(users)]))}
     return {
@@ -198,6 +207,7 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         "ours_over_hf_constrained": ups["ours"] / ups["hf_constrained"],
         "ours_over_floor": ups["ours"] / ups["floor"],
         "same_ranking_as_hf": float(np.mean(same)),
+        "same_set_as_hf": overlap(hf_codes, our_codes),
         "invalid_rate": float(1.0 - valid.mean()),
         **graphs,
         **({"errors": errors} if errors else {}),
@@ -223,10 +233,11 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     cols = ["setting", "users", "beams", "items", "hf_constrained_users_per_s", "hf_unconstrained_users_per_s",
             "floor_users_per_s", "ours_users_per_s", "ours_sid_users_per_s", "ours_over_hf_constrained",
-            "ours_over_floor", "same_ranking_as_hf", "invalid_rate"]
+            "ours_over_floor", "same_ranking_as_hf", "same_set_as_hf", "invalid_rate"]
     if device.type == "cuda":
         cols[8:8] = ["ours_graphs_users_per_s"]
-        cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "graphs_same_ranking_as_ours"]
+        cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "graphs_same_ranking_as_ours",
+                 "graphs_same_set_as_ours"]
     print_table([{c: r.get(c, "-") for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
     print(f"total {time.perf_counter() - t0:.1f}s")
     write_json("bench_decode", {"bench": "decode", "rows": rows}, args.json)

@@ -6,6 +6,13 @@
 // d (= prefixes of length d) are numbered 0..n_d-1 in sorted order, so the children of one node
 // are a contiguous run of ids at depth d+1: the CSR entry j of depth d *is* child node j.
 // No torch here: arrays go out as numpy buffers (see ../shared/DESIGN.md, "The trie").
+// Error paths are kept plain. On a lent GPU machine (Python 3.12, torch 2.11, the image's own
+// compiler and pybind11) the process died with SIGSEGV on two of them: allowed() of an absent prefix
+// and the constructor's range check. Both formatted a message with std::ostringstream, and allowed()
+// also threw through pybind11; the success paths, which do neither, ran. The cause was not pinned
+// down there, so both are gone: no C++ exception crosses the binding (bad input comes back as a
+// value, error() / None / -1, and genrec_fast.trie.SIDTrie raises the Python error), and messages
+// are built without iostreams.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,7 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
-#include <sstream>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -22,8 +29,18 @@ namespace py = pybind11;
 
 namespace {
 
+// Error text from std::string and std::to_string only (no iostreams: see the file comment).
+struct Msg {
+  std::string s;
+  Msg& operator<<(const char* x) { s += x; return *this; }
+  Msg& operator<<(const std::string& x) { s += x; return *this; }
+  template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
+  Msg& operator<<(T x) { s += std::to_string(x); return *this; }
+  const std::string& str() const { return s; }
+};
+
 std::string sid_repr(const int32_t* row, int L) {
-  std::ostringstream os;
+  Msg os;
   os << "(";
   for (int l = 0; l < L; ++l) os << (l ? ", " : "") << row[l];
   os << ")";
@@ -44,26 +61,26 @@ class Trie {
   // must not copy, move or destroy a Python object (a by-value array would be decref'd without the GIL).
   Trie(const py::array_t<int32_t, py::array::c_style>& codes, const std::vector<int64_t>& codebook_sizes,
        const py::array_t<int64_t, py::array::c_style>& item_ids, bool allow_duplicates) {
-    if (codes.ndim() != 2) throw std::invalid_argument("codes must be a 2-D array [N, L]");
+    if (codes.ndim() != 2) { fail("codes must be a 2-D array [N, L]"); return; }
     N_ = codes.shape(0);
     L_ = static_cast<int>(codes.shape(1));
-    if (N_ == 0) throw std::invalid_argument("empty catalogue: codes has no rows");
-    if (L_ == 0) throw std::invalid_argument("codes has zero levels (shape [N, 0])");
+    if (N_ == 0) { fail("empty catalogue: codes has no rows"); return; }
+    if (L_ == 0) { fail("codes has zero levels (shape [N, 0])"); return; }
     if (static_cast<int>(codebook_sizes.size()) != L_) {
-      std::ostringstream os;
+      Msg os;
       os << "codebook_sizes has " << codebook_sizes.size() << " entries, codes has " << L_ << " levels";
-      throw std::invalid_argument(os.str());
+      { fail(os.str()); return; }
     }
     for (int l = 0; l < L_; ++l)
       if (codebook_sizes[l] <= 0 || codebook_sizes[l] > (int64_t(1) << 30)) {
-        std::ostringstream os;
+        Msg os;
         os << "codebook size of level " << l << " must be in 1..2^30, got " << codebook_sizes[l];
-        throw std::invalid_argument(os.str());
+        { fail(os.str()); return; }
       }
     if (item_ids.ndim() != 1 || item_ids.shape(0) != N_) {
-      std::ostringstream os;
+      Msg os;
       os << "item_ids must be 1-D with " << N_ << " entries";
-      throw std::invalid_argument(os.str());
+      { fail(os.str()); return; }
     }
     K_ = codebook_sizes;
     const int32_t* c = codes.data();
@@ -81,13 +98,13 @@ class Trie {
           }
         }
       if (!bad.empty()) {
-        std::ostringstream os;
+        Msg os;
         os << "codes out of range [0, codebook_size) in row(s)";
         for (auto i : bad) os << " " << i << " " << sid_repr(c + i * L_, L_);
         os << "; codebook_sizes = (";
         for (int l = 0; l < L_; ++l) os << (l ? ", " : "") << K_[l];
         os << ")";
-        throw std::invalid_argument(os.str());
+        { fail(os.str()); return; }
       }
     }
 
@@ -196,10 +213,10 @@ class Trie {
       leaf_ptr_.push_back(s);
     }
     if (!dups.empty()) {
-      std::ostringstream os;
+      Msg os;
       os << "duplicate SIDs (pass allow_duplicates=True to keep them):";
       for (auto& p : dups) os << " rows " << p.first << " and " << p.second << " share " << sid_repr(c + p.second * L_, L_) << ";";
-      throw std::invalid_argument(os.str());
+      { fail(os.str()); return; }
     }
     for (int d = 0; d < L_; ++d) indptr_[d].push_back(n_nodes_[d + 1]);
     leaf_ptr_.push_back(N_);
@@ -213,11 +230,11 @@ class Trie {
   int num_levels() const { return L_; }
   std::vector<int64_t> codebook_sizes() const { return K_; }
   int64_t num_nodes(int depth) const {
-    if (depth < 0 || depth > L_) throw py::index_error("depth must be in 0.." + std::to_string(L_));
+    if (!error_.empty() || depth < 0 || depth > L_) return -1;  // the Python wrapper checks first
     return n_nodes_[depth];
   }
   int64_t max_branch(int depth) const {
-    if (depth < 0 || depth >= L_) throw py::index_error("depth must be in 0.." + std::to_string(L_ - 1));
+    if (!error_.empty() || depth < 0 || depth >= L_) return -1;
     return max_branch_[depth];
   }
 
@@ -236,25 +253,27 @@ class Trie {
     return node;
   }
 
-  py::array_t<int32_t> allowed(const std::vector<int64_t>& prefix) const {
+  // codes that may follow the prefix (sorted), or None when the prefix is not in the trie
+  py::object allowed(const std::vector<int64_t>& prefix) const {
     int n = static_cast<int>(prefix.size());
-    if (n > L_) throw std::invalid_argument("prefix longer than the SID length " + std::to_string(L_));
+    if (!error_.empty() || n > L_) return py::none();
     int64_t node = 0;
     for (int d = 0; d < n; ++d) {
       int64_t code = prefix[d];
       node = (code < 0 || code >= K_[d]) ? -1 : child(d, node, static_cast<int32_t>(code));
-      if (node < 0) throw py::key_error("prefix not in trie: " + prefix_repr(prefix, d + 1));
+      if (node < 0) return py::none();
     }
-    if (n == L_) return py::array_t<int32_t>(0);
+    if (n == L_) return py::array_t<int32_t>(py::ssize_t(0));
     const auto& cc = child_codes_[n];
     int64_t b = indptr_[n][node], e = indptr_[n][node + 1];
     py::array_t<int32_t> out(e - b);
     std::copy(cc.begin() + b, cc.begin() + e, out.mutable_data());
-    return out;
+    return std::move(out);
   }
 
-  py::array_t<int64_t> lookup(py::array_t<int32_t, py::array::c_style> q) const {
-    check_query(q);
+  // leaf id per query row, -1 when absent; None for a query that is not [M, L] (the wrapper checks first)
+  py::object lookup(py::array_t<int32_t, py::array::c_style> q) const {
+    if (!error_.empty() || q.ndim() != 2 || q.shape(1) != L_) return py::none();
     int64_t M = q.shape(0);
     py::array_t<int64_t> out(M);
     const int32_t* d = q.data();
@@ -268,20 +287,26 @@ class Trie {
         o[i] = ok ? walk(row, L_) : -1;
       }
     }
-    return out;
+    return std::move(out);
   }
 
-  py::array_t<int64_t> leaf_items(int64_t leaf) const {
-    if (leaf < 0 || leaf >= n_nodes_[L_]) throw py::index_error("leaf id " + std::to_string(leaf) + " out of range");
+  // item ids of a leaf, or None for a leaf id out of range
+  py::object leaf_items(int64_t leaf) const {
+    if (!error_.empty() || leaf < 0 || leaf >= n_nodes_[L_]) return py::none();
     int64_t b = leaf_ptr_[leaf], e = leaf_ptr_[leaf + 1];
     py::array_t<int64_t> out(e - b);
     std::copy(sorted_items_.begin() + b, sorted_items_.begin() + e, out.mutable_data());
-    return out;
+    return std::move(out);
   }
 
   // exports (copies into numpy)
-  py::array_t<int64_t> indptr(int d) const { return to_np(indptr_.at(d)); }
-  py::array_t<int32_t> child_codes(int d) const { return to_np(child_codes_.at(d)); }
+  // per depth d in 0..L-1 (an empty array for any other d)
+  py::array_t<int64_t> indptr(int d) const { return to_np(d >= 0 && d < int(indptr_.size()) ? indptr_[d] : no_i64_); }
+  py::array_t<int32_t> child_codes(int d) const {
+    return to_np(d >= 0 && d < int(child_codes_.size()) ? child_codes_[d] : no_i32_);
+  }
+  // "" when the constructor succeeded, else why it did not (the wrapper raises ValueError with it)
+  const std::string& error() const { return error_; }
   py::array_t<int64_t> leaf_ptr() const { return to_np(leaf_ptr_); }
   py::array_t<int64_t> sorted_items() const { return to_np(sorted_items_); }
   py::array_t<int64_t> order() const { return to_np(order_); }
@@ -293,21 +318,8 @@ class Trie {
     std::copy(v.begin(), v.end(), out.mutable_data());
     return out;
   }
-  static std::string prefix_repr(const std::vector<int64_t>& p, int n) {
-    std::ostringstream os;
-    os << "(";
-    for (int i = 0; i < n; ++i) os << (i ? ", " : "") << p[i];
-    os << ")";
-    return os.str();
-  }
-  void check_query(const py::array_t<int32_t, py::array::c_style>& q) const {
-    if (q.ndim() != 2 || q.shape(1) != L_) {
-      std::ostringstream os;
-      os << "query codes must have shape [M, " << L_ << "], got ndim " << q.ndim();
-      if (q.ndim() == 2) os << " shape [" << q.shape(0) << ", " << q.shape(1) << "]";
-      throw std::invalid_argument(os.str());
-    }
-  }
+  // the constructor's way out: no C++ exception crosses the binding (see the file comment)
+  void fail(const std::string& why) { error_ = why.empty() ? "invalid trie input" : why; }
 
   int64_t N_ = 0;
   int L_ = 0;
@@ -320,6 +332,9 @@ class Trie {
   std::vector<std::vector<int32_t>> child_codes_;
   std::vector<int64_t> leaf_ptr_;
   std::vector<int64_t> max_branch_;
+  std::string error_;
+  static inline const std::vector<int64_t> no_i64_{};
+  static inline const std::vector<int32_t> no_i32_{};
 };
 
 PYBIND11_MODULE(_trie, m) {
@@ -334,6 +349,7 @@ PYBIND11_MODULE(_trie, m) {
       .def("codebook_sizes", &Trie::codebook_sizes)
       .def("num_nodes", &Trie::num_nodes, py::arg("depth"))
       .def("max_branch", &Trie::max_branch, py::arg("depth"))
+      .def("error", &Trie::error)
       .def("allowed", &Trie::allowed, py::arg("prefix"))
       .def("lookup", &Trie::lookup, py::arg("codes"))
       .def("leaf_items", &Trie::leaf_items, py::arg("leaf"))

@@ -157,7 +157,10 @@ class SIDTrie:
         self._codes.setflags(write=False)
         self._item_ids.setflags(write=False)
         self._allow_duplicates = bool(allow_duplicates)
-        self._t = _trie.Trie(self._codes, sizes, self._item_ids, self._allow_duplicates)
+        t = _trie.Trie(self._codes, sizes, self._item_ids, self._allow_duplicates)
+        if t.error():  # the extension reports bad input as a value, never as a C++ exception
+            raise ValueError(t.error())
+        self._t = t
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -189,10 +192,16 @@ class SIDTrie:
         return self._t.num_nodes(self.num_levels)
 
     def num_nodes(self, depth: int) -> int:
-        return self._t.num_nodes(depth)
+        """Nodes at ``depth`` (0..L; depth L = leaves, distinct SIDs)."""
+        if not 0 <= depth <= self.num_levels:
+            raise IndexError(f"depth must be in 0..{self.num_levels}, got {depth}")
+        return self._t.num_nodes(int(depth))
 
     def max_branch(self, depth: int) -> int:
-        return self._t.max_branch(depth)
+        """The most children of one node at ``depth`` (0..L-1)."""
+        if not 0 <= depth < self.num_levels:
+            raise IndexError(f"depth must be in 0..{self.num_levels - 1}, got {depth}")
+        return self._t.max_branch(int(depth))
 
     def __len__(self) -> int:
         return self.num_items
@@ -204,7 +213,13 @@ class SIDTrie:
     # ---- host queries -----------------------------------------------------------------------
     def allowed(self, prefix: Sequence[int]) -> np.ndarray:
         """Sorted codes that may follow ``prefix``; KeyError when the prefix is not in the trie."""
-        return self._t.allowed([int(c) for c in prefix])
+        prefix = [int(c) for c in prefix]
+        if len(prefix) > self.num_levels:
+            raise ValueError(f"prefix {tuple(prefix)} is longer than the SID length {self.num_levels}")
+        out = self._t.allowed(prefix)
+        if out is None:
+            raise KeyError(f"prefix not in trie: {tuple(prefix)}")
+        return out
 
     def lookup(self, codes) -> np.ndarray:
         """Leaf id of each SID row of ``codes`` [M, L], -1 where the SID is not in the trie (codes of any
@@ -225,7 +240,11 @@ class SIDTrie:
         return self.lookup(codes) >= 0
 
     def leaf_items(self, leaf: int) -> np.ndarray:
-        return self._t.leaf_items(int(leaf))
+        """Item ids of leaf ``leaf`` (0..num_leaves-1, as ``lookup`` returns them)."""
+        out = self._t.leaf_items(int(leaf))
+        if out is None:
+            raise IndexError(f"leaf id {leaf} out of range 0..{self.num_leaves - 1}")
+        return out
 
     def items(self, sid: Sequence[int]) -> np.ndarray:
         """Item ids whose SID is ``sid``; KeyError when no item has it."""

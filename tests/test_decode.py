@@ -314,3 +314,60 @@ def test_full_vocab_lse_chunked_equals_logsumexp():
     for chunk in (1, 7 * 1024, 1 << 26):  # 1024-column chunks (the floor), 1024 again, one chunk
         torch.testing.assert_close(full_vocab_lse(h, w, b, chunk_elems=chunk), expect)
     torch.testing.assert_close(full_vocab_lse(h, w, None, chunk_elems=1), torch.logsumexp(h @ w.T, dim=1))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_decode_sdpa_equals_repeated_kv_attention(dtype, tol):
+    """One query token, grouped K/V heads, a mask shared by the heads: the packed attention equals sdpa
+    over K/V repeated to every head (what transformers' sdpa path computes), on a strided cache view."""
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        dtype, tol = torch.bfloat16, 2e-2  # CPU sdpa: half types via bf16
+    gen = torch.Generator().manual_seed(5)
+    R, H, KVH, S, D = 7, 6, 2, 19, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups = H // KVH
+    q = torch.randn(R, H, 1, D, generator=gen).to(dtype)
+    buf = torch.randn(2, R, KVH, S + 5, D, generator=gen).to(dtype)  # capacity > length: strided views
+    k, v = buf[0][:, :, :S], buf[1][:, :, :S]
+    keep = torch.rand(R, 1, 1, S, generator=gen) > 0.3
+    keep[..., -1] = True
+    mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+    out, _ = kv.decode_sdpa(module, q, k, v, mask, scaling=D ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1), attn_mask=mask, scale=D ** -0.5)
+    assert out.shape == (R, 1, H, D)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=tol, rtol=tol)
+    # several query tokens or a per-head mask: transformers' own sdpa path, same result
+    q2 = torch.randn(R, H, 3, D, generator=gen).to(dtype)
+    mask2 = mask.expand(R, 1, 3, S).contiguous()
+    out2, _ = kv.decode_sdpa(module, q2, k, v, mask2, scaling=D ** -0.5)
+    ref2 = torch.nn.functional.scaled_dot_product_attention(
+        q2, k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1), attn_mask=mask2, scale=D ** -0.5)
+    torch.testing.assert_close(out2, ref2.transpose(1, 2), atol=tol, rtol=tol)
+
+
+def test_beam_search_steps_use_decode_sdpa_and_restore_the_config(monkeypatch):
+    model = tiny_model("qwen2", 3)
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+    real = kv.decode_sdpa
+
+    def spy(module, query, *a, **kw):
+        calls.append((query.shape[2], model.config._attn_implementation))
+        return real(module, query, *a, **kw)
+
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, kv.DECODE_SDPA, spy)
+    codes = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 0], [2, 2, 2]])
+    trie = SIDTrie(codes, SIZES)
+    ids, mask = left_padded_prompts(3, 9, 4)
+    for graphs in (False, "emulate"):
+        calls.clear()
+        beam_search(model, ids, mask, trie, SIDVocab(START, SIZES), 3, cuda_graphs=graphs, graph_bucket=16)
+        steps = [c for c in calls if c[0] == 1]
+        assert steps and all(impl == kv.DECODE_SDPA for _, impl in calls)
+        # levels 1 and 2, every layer (the emulated capture protocol runs each step function more than once)
+        per_search = 2 * model.config.num_hidden_layers
+        assert len(steps) == per_search if graphs is False else len(steps) % per_search == 0
+    assert model.config._attn_implementation == "sdpa"

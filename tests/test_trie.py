@@ -269,6 +269,15 @@ def test_binding_never_touches_python_objects_without_the_gil(tmp_path):
         "    t = _trie.Trie(np.array([[0, 1], [1, 0], [1, 1]], dtype=np.int32), [2, 2], np.arange(3), False)\n"
         "    assert list(t.allowed([1])) == [0, 1] and t.num_items() == 3\n"
         "    t.lookup(np.array([[1, 0], [0, 0]], dtype=np.int32)); t.leaf_items(0); t.order()\n"
+        "    assert t.error() == ''\n"
+        # bad input comes back as values, never as a C++ exception through the binding
+        "    assert t.allowed([1, 1, 0]) is None and t.allowed([5]) is None and t.allowed([0, 0]) is None\n"
+        "    assert t.leaf_items(99) is None and t.num_nodes(7) == -1 and t.max_branch(-1) == -1\n"
+        "    assert t.lookup(np.zeros((2, 3), dtype=np.int32)) is None and len(t.indptr(9)) == 0\n"
+        "    bad = _trie.Trie(np.array([[0, 5]], dtype=np.int32), [2, 2], np.arange(1), False)\n"
+        "    assert 'out of range' in bad.error() and bad.allowed([]) is None\n"
+        "    dup = _trie.Trie(np.array([[0, 1], [0, 1]], dtype=np.int32), [2, 2], np.arange(2), False)\n"
+        "    assert 'duplicate SIDs' in dup.error()\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

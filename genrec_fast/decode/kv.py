@@ -123,8 +123,67 @@ def _cache_arg(model_class: type) -> str:
 
 
 def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache):
-    """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H])."""
+    """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H]).
+
+    An sdpa model runs with :func:`decode_sdpa` as its attention for this call (see there)."""
     name = _cache_arg(type(base))
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-               **{name: cache})
+    with decode_attention(base.config):
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   **{name: cache})
     return getattr(out, name), out.last_hidden_state[:, -1]
+
+
+# ---- one-token attention without repeating K/V ----------------------------------------------------
+DECODE_SDPA = "genrec_fast_decode_sdpa"
+
+try:  # transformers >= 4.53: named attention and mask functions
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError:  # pragma: no cover - older transformers: the model's own sdpa is used
+    AttentionInterface = None
+
+
+def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                **kwargs):
+    """transformers' sdpa attention, except for one query token with grouped K/V heads (GQA) and a mask
+    shared by all heads: the G query heads of each K/V head are stacked as G query positions
+    ([R, H, 1, D] -> [R, H_kv, G, D]), so K/V are read as they are. transformers' sdpa path instead
+    copies K/V to all H heads (``repeat_kv``) whenever a mask is given (releases before 5.2x), which
+    at decode sizes (R = prompts x beams rows, a prompt-long cache) was most of a step's GPU time.
+    Same result: each query row attends to the K/V of its own head group under the same mask."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    shared_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+                                             and attention_mask.shape[2] == 1)
+    if (query.shape[2] != 1 or groups <= 1 or not shared_mask or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions", False)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    rows, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask, dropout_p=dropout,
+        scale=scaling)
+    return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+if AttentionInterface is not None:
+    AttentionInterface.register(DECODE_SDPA, decode_sdpa)
+    AttentionMaskInterface.register(DECODE_SDPA, sdpa_mask)  # the masks of "sdpa", so 2-D masks work as there
+
+
+class decode_attention:  # noqa: N801 - a context manager used like a function
+    """Within: a model configured with "sdpa" attention uses :func:`decode_sdpa` (set on its config, put back
+    after; other implementations are left alone)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.swap = AttentionInterface is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+
+    def __enter__(self):
+        if self.swap:
+            self.config._attn_implementation = DECODE_SDPA
+
+    def __exit__(self, *exc):
+        if self.swap:
+            self.config._attn_implementation = "sdpa"
+        return False
