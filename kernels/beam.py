@@ -42,7 +42,11 @@ def _trie_log_softmax_kernel(logits_ptr, allowed_ptr, parent_ptr, lse_ptr, out_p
         m = tl.max(tl.where(ok, x, float("-inf")), axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.sum(tl.where(ok, tl.exp(x - m_safe), 0.0), axis=0)
-        norm = m_safe + tl.log(tl.where(total > 0, total, 1.0))  # nothing allowed: the row is all -inf anyway
+        # a NaN among the allowed logits makes total (so norm, so the row) NaN, as logsumexp does in the
+        # reference, whether or not this GPU's max ignored it
+        norm = m_safe + tl.log(total)
+    # every allowed logit -inf (norm -inf): -inf out, not -inf - -inf = NaN (the reference does the same)
+    norm = tl.where(norm == float("-inf"), 0.0, norm)
     out = tl.where(ok, x - norm + parent, float("-inf"))
     tl.store(out_ptr + row * stride_o + offs, out, mask=inb)
 
@@ -79,6 +83,9 @@ def _grouped_topk_kernel(scores_ptr, child_ptr, parent_out, code_out, score_out,
     beam = offs % NB
     base = p * n
     s = tl.load(scores_ptr + base + beam * K + code, mask=inb, other=float("-inf"))
+    # NaN is never picked (as in the reference): made -inf here, since how an arg-max reduction orders NaN
+    # depends on its combine tree (the interpreter and the compiled kernel differed)
+    s = tl.where(s == s, s, float("-inf"))
     for j in range(0, TOPK):
         best, idx = tl.max(s, axis=0, return_indices=True, return_indices_tie_break_left=True)
         valid = best > float("-inf")

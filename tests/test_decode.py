@@ -204,12 +204,12 @@ def test_inconsistent_trie_raises(level):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_nan_logits_raise_after_the_search(backend):
+def test_nan_logits_raise_after_the_search(backend, device):
     trie = random_trie(4)
-    model = tiny_model("qwen2", 4)
+    model = tiny_model("qwen2", 4).to(device)  # on a GPU machine the Triton kernels are compiled, not interpreted
     with torch.no_grad():
         model.get_output_embeddings().weight[START + SIZES[0] + 2] = float("nan")  # one level-1 SID row
-    ids, mask = left_padded_prompts(2, 5, 4)
+    ids, mask = (t.to(device) for t in left_padded_prompts(2, 5, 4))
     with pytest.raises(RuntimeError, match=r"NaN scores at level 1 \(prompt, beam\) = \[\(0, 0\)"):
         beam_search(model, ids, mask, trie, SIDVocab(START, SIZES), 4, score="sid", backend=backend)
 
