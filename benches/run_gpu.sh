@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (meant for a lent H100/H200, < 5 minutes):
+# Every GPU check, in one or two device calls (meant for a lent H100/H200; timings below):
 #   install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
 #   on the GPU, then each GPU bench. Tables go to stdout; JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
@@ -7,10 +7,12 @@
 #   ("tests" is the pytest step; default: tests rq beam decode sft rl); ARGS_<bench>="..." adds
 #   arguments to one bench (e.g. ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else
 #   BENCH_TIMEOUT, 300 s) and TEST_TIMEOUT (240 s) cap each step.
-# A device call is capped at 10 minutes, and bench_sft compiles 24 layers twice (cold inductor cache),
-# so on a fresh machine split it in two calls:
+# A device call is capped at 10 minutes. Seen on a fresh H100 (2026-11-26): install 15 s, bench_decode
+# 47-52 s, the pytest step over 150 s (cut there at test 83 of 89: Triton compiles per shape), bench_beam 13 s, bench_rl 11-16 s,
+# bench_sft 130 s (two ~50 s compiles of 24 layers). Two calls fit:
 #   BENCHES="decode tests beam rl rq" bash benches/run_gpu.sh   (decode with CUDA graphs, tests, beam ops, RL)
 #   BENCHES=sft bash benches/run_gpu.sh                         (SFT step: eager, compiled, reduce-overhead)
+# benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
