@@ -162,7 +162,7 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
                 continue
             try:  # the graph capture is the one GPU-only path: a failure is reported, the other columns stand
                 fn()
-            except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+            except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
                 errors[method] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
                 print(f"{name}: ours_graphs failed: {errors[method]}", file=sys.stderr)
@@ -183,8 +183,9 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
     same = [bool(in_block[u]) and torch.equal(vocab.codes(hf_tokens[u]), our_codes[u]) for u in range(users)]
 
     def overlap(a, b):  # share of the B SIDs that both lists hold, whatever their order (bf16 near-ties swap ranks)
-        return float(np.mean([len(set(map(tuple, a[u].tolist())) & set(map(tuple, b[u].tolist()))) / beams
-                              for u in range(users)]))
+        def sids(x):  # padding / invalid rows (-1) are no SID
+            return {tuple(r) for r in x.tolist() if min(r) >= 0}
+        return float(np.mean([len(sids(a[u]) & sids(b[u])) / beams for u in range(users)]))
 
     off, size = torch.tensor(vocab.offsets[:L]), torch.tensor(vocab.codebook_sizes[:L])
     hf_codes = hf_tokens - vocab.start - off  # per level; a token outside its level's block marks the row -1
@@ -239,9 +240,13 @@ def main(argv=None) -> int:
         cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "graphs_same_ranking_as_ours",
                  "graphs_same_set_as_ours"]
     print_table([{c: r.get(c, "-") for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
+    failed = {r["setting"]: r["errors"] for r in rows if r.get("errors")}
+    for setting, errs in failed.items():
+        for method, err in errs.items():
+            print(f"FAILED {setting} {method}: {err}")
     print(f"total {time.perf_counter() - t0:.1f}s")
     write_json("bench_decode", {"bench": "decode", "rows": rows}, args.json)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

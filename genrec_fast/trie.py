@@ -11,6 +11,7 @@ reference of one trie-masked step.
 """
 from __future__ import annotations
 
+import operator
 import os
 import struct
 import zlib
@@ -193,15 +194,17 @@ class SIDTrie:
 
     def num_nodes(self, depth: int) -> int:
         """Nodes at ``depth`` (0..L; depth L = leaves, distinct SIDs)."""
+        depth = operator.index(depth)
         if not 0 <= depth <= self.num_levels:
             raise IndexError(f"depth must be in 0..{self.num_levels}, got {depth}")
-        return self._t.num_nodes(int(depth))
+        return self._t.num_nodes(depth)
 
     def max_branch(self, depth: int) -> int:
         """The most children of one node at ``depth`` (0..L-1)."""
+        depth = operator.index(depth)
         if not 0 <= depth < self.num_levels:
             raise IndexError(f"depth must be in 0..{self.num_levels - 1}, got {depth}")
-        return self._t.max_branch(int(depth))
+        return self._t.max_branch(depth)
 
     def __len__(self) -> int:
         return self.num_items
@@ -241,7 +244,7 @@ class SIDTrie:
 
     def leaf_items(self, leaf: int) -> np.ndarray:
         """Item ids of leaf ``leaf`` (0..num_leaves-1, as ``lookup`` returns them)."""
-        out = self._t.leaf_items(int(leaf))
+        out = self._t.leaf_items(operator.index(leaf))
         if out is None:
             raise IndexError(f"leaf id {leaf} out of range 0..{self.num_leaves - 1}")
         return out

@@ -45,6 +45,7 @@ def _trie_log_softmax_kernel(logits_ptr, allowed_ptr, parent_ptr, lse_ptr, out_p
         # a NaN among the allowed logits makes total (so norm, so the row) NaN, as logsumexp does in the
         # reference, whether or not this GPU's max ignored it
         norm = m_safe + tl.log(total)
+        norm = tl.where(m == float("inf"), float("inf"), norm)  # +inf allowed: NaN at that entry only, as in the reference
     # every allowed logit -inf (norm -inf): -inf out, not -inf - -inf = NaN (the reference does the same)
     norm = tl.where(norm == float("-inf"), 0.0, norm)
     out = tl.where(ok, x - norm + parent, float("-inf"))

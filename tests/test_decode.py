@@ -317,7 +317,7 @@ def test_full_vocab_lse_chunked_equals_logsumexp():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_decode_sdpa_equals_repeated_kv_attention(dtype, tol):
+def test_decode_sdpa_equals_repeated_kv_attention(dtype, tol, monkeypatch):
     """One query token, grouped K/V heads, a mask shared by the heads: the packed attention equals sdpa
     over K/V repeated to every head (what transformers' sdpa path computes), on a strided cache view."""
     if dtype == torch.float16 and not torch.cuda.is_available():
@@ -332,6 +332,13 @@ def test_decode_sdpa_equals_repeated_kv_attention(dtype, tol):
     keep = torch.rand(R, 1, 1, S, generator=gen) > 0.3
     keep[..., -1] = True
     mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+    real = kv.sdpa_attention_forward
+
+    def no_one_token_fallback(module, query, *a, **kw):
+        assert query.shape[2] != 1, "one query token must take the packed path"
+        return real(module, query, *a, **kw)
+
+    monkeypatch.setattr(kv, "sdpa_attention_forward", no_one_token_fallback)
     out, _ = kv.decode_sdpa(module, q, k, v, mask, scaling=D ** -0.5)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1), attn_mask=mask, scale=D ** -0.5)
@@ -365,9 +372,30 @@ def test_beam_search_steps_use_decode_sdpa_and_restore_the_config(monkeypatch):
     for graphs in (False, "emulate"):
         calls.clear()
         beam_search(model, ids, mask, trie, SIDVocab(START, SIZES), 3, cuda_graphs=graphs, graph_bucket=16)
-        steps = [c for c in calls if c[0] == 1]
-        assert steps and all(impl == kv.DECODE_SDPA for _, impl in calls)
+        steps = [c for c in calls if c[0] == 1]  # the spy is only reached when the swap happened
         # levels 1 and 2, every layer (the emulated capture protocol runs each step function more than once)
         per_search = 2 * model.config.num_hidden_layers
         assert len(steps) == per_search if graphs is False else len(steps) % per_search == 0
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_decode_attention_swaps_only_sdpa_configs_and_restores_them(monkeypatch):
+    """Only (sub-)configs on "sdpa" are swapped, each restored exactly, after an exception too; nothing
+    is swapped when "sdpa" is not transformers' own function (a library replaced it)."""
+    cfg = transformers.LlavaConfig()
+    cfg._attn_implementation = {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
+    tree = kv._config_tree(cfg)
+    before = [c._attn_implementation for c in tree]
+    assert sorted(before) == ["eager", "sdpa", "sdpa"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with kv.decode_attention(cfg):
+            inside = [c._attn_implementation for c in tree]
+            raise RuntimeError("boom")
+    assert inside == [kv.DECODE_SDPA if b == "sdpa" else b for b in before]
+    assert [c._attn_implementation for c in tree] == before
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", lambda *a, **k: None)
+    with kv.decode_attention(cfg):
+        assert [c._attn_implementation for c in tree] == before

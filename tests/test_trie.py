@@ -219,6 +219,19 @@ def test_query_errors():
     assert trie.contains([[0, 1, 9], [0, 1, -1], [0, 1, 3]]).tolist() == [False, False, True]
     with pytest.raises(IndexError):
         trie.device_arrays().step(1, torch.tensor([5]))
+    assert [trie.num_nodes(d) for d in range(4)] == [1, 1, 1, 2] and trie.max_branch(2) == 2
+    for bad in (-1, 4):
+        with pytest.raises(IndexError, match=r"depth must be in 0\.\.3"):
+            trie.num_nodes(bad)
+    for bad in (-1, 3):
+        with pytest.raises(IndexError, match=r"depth must be in 0\.\.2"):
+            trie.max_branch(bad)
+    with pytest.raises(TypeError):
+        trie.num_nodes(1.5)
+    assert trie.leaf_items(1).tolist() == [1]
+    for bad in (-1, 2):
+        with pytest.raises(IndexError, match=r"leaf id .* out of range 0\.\.1"):
+            trie.leaf_items(bad)
 
 
 def test_torch_inputs_and_defaults():

@@ -139,9 +139,15 @@ DECODE_SDPA = "genrec_fast_decode_sdpa"
 try:  # transformers >= 4.53: named attention and mask functions
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError:  # pragma: no cover - older transformers: the model's own sdpa is used
     AttentionInterface = None
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -149,14 +155,15 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     """transformers' sdpa attention, except for one query token with grouped K/V heads (GQA) and a mask
     shared by all heads: the G query heads of each K/V head are stacked as G query positions
     ([R, H, 1, D] -> [R, H_kv, G, D]), so K/V are read as they are. transformers' sdpa path instead
-    copies K/V to all H heads (``repeat_kv``) whenever a mask is given (releases before 5.2x), which
-    at decode sizes (R = prompts x beams rows, a prompt-long cache) was most of a step's GPU time.
-    Same result: each query row attends to the K/V of its own head group under the same mask."""
+    copies K/V to all H heads (``repeat_kv``) whenever a mask is given (5.17 does; 5.24 packs like
+    this itself), which at decode sizes (R = prompts x beams rows, a prompt-long cache) was most of a
+    step's GPU time. Same result: each query row attends to the K/V of its own head group under the
+    same mask. Under torch.compile it defers to transformers, as transformers' own packing does."""
     groups = getattr(module, "num_key_value_groups", 1)
     shared_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1
                                              and attention_mask.shape[2] == 1)
     if (query.shape[2] != 1 or groups <= 1 or not shared_mask or kwargs.get("softcap") is not None
-            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions", False)):
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions", False) or _compiling()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     rows, heads, _, dim = query.shape
@@ -171,19 +178,41 @@ if AttentionInterface is not None:
     AttentionMaskInterface.register(DECODE_SDPA, sdpa_mask)  # the masks of "sdpa", so 2-D masks work as there
 
 
+def _stock_sdpa() -> bool:
+    """The functions registered as "sdpa" are transformers' own (a library that replaced them keeps its own:
+    no swap then)."""
+    return (AttentionInterface is not None and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+            and ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is sdpa_mask)
+
+
+def _config_tree(config) -> List:
+    """``config`` and its sub-configs, recursively, each once."""
+    out, seen, todo = [], set(), [config]
+    while todo:
+        c = todo.pop()
+        if c is None or id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        todo += [getattr(c, k, None) for k in (getattr(c, "sub_configs", None) or {})]
+    return out
+
+
 class decode_attention:  # noqa: N801 - a context manager used like a function
-    """Within: a model configured with "sdpa" attention uses :func:`decode_sdpa` (set on its config, put back
-    after; other implementations are left alone)."""
+    """Within: every config of the model (sub-configs included) whose attention is "sdpa" uses
+    :func:`decode_sdpa`; each is put back exactly after, the others are never touched. Set on the
+    configs' stored value directly: the ``_attn_implementation`` setter would copy one value into every
+    sub-config. A nested use finds nothing left to swap."""
 
     def __init__(self, config):
-        self.config = config
-        self.swap = AttentionInterface is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+        self.configs = [c for c in _config_tree(config)
+                        if getattr(c, "_attn_implementation_internal", None) == "sdpa"] if _stock_sdpa() else []
 
     def __enter__(self):
-        if self.swap:
-            self.config._attn_implementation = DECODE_SDPA
+        for c in self.configs:
+            c._attn_implementation_internal = DECODE_SDPA
 
     def __exit__(self, *exc):
-        if self.swap:
-            self.config._attn_implementation = "sdpa"
+        for c in self.configs:
+            c._attn_implementation_internal = "sdpa"
         return False
