@@ -6,7 +6,7 @@
 #   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="decode tests beam" pick and order the steps
 #   ("tests" is the pytest step; default: tests rq beam decode sft rl); ARGS_<bench>="..." adds
 #   arguments to one bench (e.g. ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else
-#   BENCH_TIMEOUT, 300 s) and TEST_TIMEOUT (240 s) cap each step.
+#   BENCH_TIMEOUT, 300 s) and TEST_TIMEOUT (240 s) cap each step; TEST_WORKERS (4) pytest-xdist processes.
 # A device call is capped at 10 minutes. Seen on a fresh H100 (2026-11-26): install 15 s, bench_decode
 # 47-52 s, the pytest step over 150 s (cut there at test 83 of 89: Triton compiles per shape), bench_beam 13 s, bench_rl 11-16 s,
 # bench_sft 130 s (two ~50 s compiles of 24 layers). Two calls fit:
@@ -39,8 +39,14 @@ TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py te
 for b in ${BENCHES:-tests rq beam decode sft rl}; do
   if [ "$b" = tests ]; then
     [ "$TESTS" = "-" ] && continue
-    stamp "GPU tests (kernels compiled for the device, not the interpreter)"
-    timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider --maxfail=5 $TESTS 2>&1 | tee -a "$LOG" | tail -15
+    # Triton compiles for every new shape take most of this step: spread the tests over TEST_WORKERS
+    # processes (pytest-xdist, when installed; 0 = one process); the slowest are listed for next time
+    workers=${TEST_WORKERS:-4} xdist=""
+    if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then xdist="-n $workers"; fi
+    stamp "GPU tests (kernels compiled for the device, not the interpreter) ${xdist:-in one process}"
+    # shellcheck disable=SC2086
+    timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $xdist $TESTS 2>&1 \
+      | tee -a "$LOG" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     continue
   fi
