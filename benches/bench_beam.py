@@ -26,7 +26,6 @@ depth-1 trie nodes of random items).
 from __future__ import annotations
 
 import argparse
-
 import sys
 import time
 from pathlib import Path

@@ -179,17 +179,17 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
 
     hf_tokens = results["hf"].reshape(users, beams, L).cpu()
     our_codes = results["ours"].codes.cpu()
-    in_block = ((hf_tokens >= vocab.start) & (hf_tokens < vocab.end)).all(-1).all(-1)
-    same = [bool(in_block[u]) and torch.equal(vocab.codes(hf_tokens[u]), our_codes[u]) for u in range(users)]
+    off, size = torch.tensor(vocab.offsets[:L]), torch.tensor(vocab.codebook_sizes[:L])
+    hf_codes = hf_tokens - vocab.start - off  # per level; a token outside its level's block marks the row -1
+    hf_codes = torch.where(((hf_codes >= 0) & (hf_codes < size)).all(-1, keepdim=True), hf_codes, -1)
+    # same ranking: every HF beam a valid SID, in our order
+    same = [bool((hf_codes[u] >= 0).all()) and torch.equal(hf_codes[u], our_codes[u]) for u in range(users)]
 
     def overlap(a, b):  # share of the B SIDs that both lists hold, whatever their order (bf16 near-ties swap ranks)
         def sids(x):  # padding / invalid rows (-1) are no SID
             return {tuple(r) for r in x.tolist() if min(r) >= 0}
         return float(np.mean([len(sids(a[u]) & sids(b[u])) / beams for u in range(users)]))
 
-    off, size = torch.tensor(vocab.offsets[:L]), torch.tensor(vocab.codebook_sizes[:L])
-    hf_codes = hf_tokens - vocab.start - off  # per level; a token outside its level's block marks the row -1
-    hf_codes = torch.where(((hf_codes >= 0) & (hf_codes < size)).all(-1, keepdim=True), hf_codes, -1)
     valid = trie.contains(our_codes.reshape(-1, L).numpy()) | (our_codes.reshape(-1, L) < 0).all(1).numpy()
     ups = {method: users / statistics.median(ts) for method, ts in times.items()}
     graphs = {}

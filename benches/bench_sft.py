@@ -154,6 +154,16 @@ def main() -> int:
         first_loss = {name: float(fn(batches[0])) for name, fn, batches in variants[:2]}
 
     compile_s, errors = {}, {}
+
+    def drop(variant, err, *tables):  # a compiled variant that fails is reported, the others stand
+        traceback.print_exc()
+        errors[variant[0]] = f"{type(err).__name__}: {err}"
+        print(f"{variant[0]} failed: {errors[variant[0]]}", file=sys.stderr)
+        variants.remove(variant)
+        for table in tables:
+            table.pop(variant[0])
+        opt.zero_grad(set_to_none=True)
+
     for variant in variants[2:]:  # the first forward + backward compiles (no update: same weights)
         name, fn, batches = variant
         sync(device)
@@ -162,12 +172,8 @@ def main() -> int:
             with autocast:
                 loss = fn(batches[0])
             loss.backward()
-        except Exception as err:  # noqa: BLE001 - a compile variant that fails is reported, the others stand
-            traceback.print_exc()
-            errors[name] = f"{type(err).__name__}: {err}"
-            print(f"{name} failed: {errors[name]}", file=sys.stderr)
-            variants.remove(variant)
-            opt.zero_grad(set_to_none=True)
+        except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
+            drop(variant, err)
             continue
         opt.zero_grad(set_to_none=True)
         first_loss[name] = float(loss.detach())
@@ -189,14 +195,8 @@ def main() -> int:
                         step(fn, b)
                     sync(device)
                 except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
-                    traceback.print_exc()
-                    errors[name] = f"{type(err).__name__}: {err}"
-                    print(f"{name} failed: {errors[name]}", file=sys.stderr)
-                    variants.remove(variant)
+                    drop(variant, err, times, cpu_times, peak)
                     names.remove(name)
-                    for d in (times, cpu_times, peak):
-                        d.pop(name)
-                    opt.zero_grad(set_to_none=True)
                 continue
             for b in batches:
                 step(fn, b)

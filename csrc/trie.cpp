@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <numeric>
 #include <type_traits>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -69,18 +68,21 @@ class Trie {
     if (static_cast<int>(codebook_sizes.size()) != L_) {
       Msg os;
       os << "codebook_sizes has " << codebook_sizes.size() << " entries, codes has " << L_ << " levels";
-      { fail(os.str()); return; }
+      fail(os.str());
+      return;
     }
     for (int l = 0; l < L_; ++l)
       if (codebook_sizes[l] <= 0 || codebook_sizes[l] > (int64_t(1) << 30)) {
         Msg os;
         os << "codebook size of level " << l << " must be in 1..2^30, got " << codebook_sizes[l];
-        { fail(os.str()); return; }
+        fail(os.str());
+        return;
       }
     if (item_ids.ndim() != 1 || item_ids.shape(0) != N_) {
       Msg os;
       os << "item_ids must be 1-D with " << N_ << " entries";
-      { fail(os.str()); return; }
+      fail(os.str());
+      return;
     }
     K_ = codebook_sizes;
     const int32_t* c = codes.data();
@@ -104,7 +106,8 @@ class Trie {
         os << "; codebook_sizes = (";
         for (int l = 0; l < L_; ++l) os << (l ? ", " : "") << K_[l];
         os << ")";
-        { fail(os.str()); return; }
+        fail(os.str());
+        return;
       }
     }
 
@@ -216,7 +219,8 @@ class Trie {
       Msg os;
       os << "duplicate SIDs (pass allow_duplicates=True to keep them):";
       for (auto& p : dups) os << " rows " << p.first << " and " << p.second << " share " << sid_repr(c + p.second * L_, L_) << ";";
-      { fail(os.str()); return; }
+      fail(os.str());
+      return;
     }
     for (int d = 0; d < L_; ++d) indptr_[d].push_back(n_nodes_[d + 1]);
     leaf_ptr_.push_back(N_);
