@@ -24,9 +24,12 @@ import triton.language as tl
 from genrec_fast.ops.beam import MAX_TOPK_CANDIDATES
 
 MAX_TOPK_BLOCK = MAX_TOPK_CANDIDATES  # NB * K candidates one program may hold (one constant, in ops.beam)
+# Compiles: sizes are not specialised on (do_not_specialize) and blocks start at _MIN_BLOCK, so small
+# shapes share one compiled kernel (the GPU test step compiled one per odd size); a masked tail is free here
+_MIN_BLOCK = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _trie_log_softmax_kernel(logits_ptr, allowed_ptr, parent_ptr, lse_ptr, out_ptr, K,
                              stride_x, stride_a, stride_o,
                              HAS_LSE: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -64,7 +67,7 @@ def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores:
         return out.fill_(float("-inf"))
     has_lse = lse is not None
     lse_arg = lse.float().contiguous() if has_lse else parent_scores  # unused when HAS_LSE is False
-    block = triton.next_power_of_2(K)
+    block = max(_MIN_BLOCK, triton.next_power_of_2(K))
     _trie_log_softmax_kernel[(R,)](
         logits, allowed, parent_scores, lse_arg, out, K,
         logits.stride(0), allowed.stride(0), out.stride(0),
@@ -73,7 +76,7 @@ def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "K", "TOPK"])
 def _grouped_topk_kernel(scores_ptr, child_ptr, parent_out, code_out, score_out, node_out,
                          NB, K, TOPK, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
@@ -103,7 +106,7 @@ def _grouped_topk_kernel(scores_ptr, child_ptr, parent_out, code_out, score_out,
 
 def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
     P, NB, K = scores.shape
-    block = triton.next_power_of_2(max(NB * K, 1))
+    block = max(_MIN_BLOCK, triton.next_power_of_2(NB * K))
     if block > MAX_TOPK_BLOCK:
         raise ValueError(
             f"grouped_topk (triton): {NB} beams x {K} codes = {NB * K} candidates per prompt exceeds the "

@@ -11,6 +11,10 @@ fp32 inputs use ``tf32x3`` dots on GPUs (about fp32 accuracy on tensor cores); b
 inputs feed the dot in their own dtype with fp32 accumulation. The residual, x_hat and
 the per-level squared residual norms are always accumulated in fp32.
 
+On a GPU the tile sizes are autotuned per (D, K, L) (eight configs, compiled and timed on first
+use of a shape); ``GENREC_FAST_AUTOTUNE=0``, read when this module is imported, takes one fixed
+config instead (the test suite sets it: tests check results, not speed).
+
 Plain-torch reference with the same signature: ``genrec_fast.ops.rq.residual_quantize_ref``.
 Import this module lazily: triton is imported here and, on CPU, TRITON_INTERPRET=1 must
 be set before that happens.
@@ -72,10 +76,24 @@ def _rq_fwd_kernel(
     tl.store(xhat_ptr + rows[:, None] * D + dcol[None, :], xhat.to(xhat_ptr.dtype.element_ty), mask=xmask)
 
 
+def _autotune_on() -> bool:
+    value = os.environ.get("GENREC_FAST_AUTOTUNE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"GENREC_FAST_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+_AUTOTUNE = _autotune_on()  # a bad value is an error here, on CPU too
+
 if _INTERPRET:
     # The interpreter is for correctness: one fixed, large-ish tile (fewer numpy programs).
     _kernel = _rq_fwd_kernel
     _FIXED = {"BLOCK_N": 32, "BLOCK_K": 64}
+elif not _AUTOTUNE:  # pragma: no cover - needs a GPU
+    # GENREC_FAST_AUTOTUNE=0 (the test suite's default): one config, one compile per shape instead of
+    # eight compiles and a timing round; every config computes the same codes
+    _kernel = _rq_fwd_kernel
+    _FIXED = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 else:  # pragma: no cover - needs a GPU
     _kernel = triton.autotune(
         configs=[

@@ -1,4 +1,8 @@
 """residual_quantize: Triton kernel (interpreter on CPU) vs the torch reference, autograd, errors."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -117,3 +121,12 @@ def test_bad_inputs_are_named():
         residual_quantize(x.long(), torch.randn(2, 4, 3).long())
     with pytest.raises(ValueError, match="backend"):
         residual_quantize(x, torch.randn(2, 4, 3), backend="cuda")
+
+
+def test_autotune_switch_is_checked():
+    code = "import genrec_fast.kernels.rq"
+    env = {**os.environ, "GENREC_FAST_AUTOTUNE": "yes", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "GENREC_FAST_AUTOTUNE must be 0 or 1, got 'yes'" in r.stderr
+    env["GENREC_FAST_AUTOTUNE"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
