@@ -22,17 +22,22 @@ def test_beams_to_ranked_items_shared_sids_invalid_and_padding():
     ])
     scores = np.array([[-0.1, -0.5, -0.7, -1.0], [-0.2, NEG, -0.3, -0.4]])
     lists, n_ret, n_bad = r.rank(codes, scores, top_n=10)
-    assert lists == [[1, 3, 4, 0], [2, 4]]
+    # the invalid beam keeps its rank (-1, never a hit); the padding beam takes none
+    assert lists == [[1, 3, 4, 0], [2, -1, 4]]
     assert n_ret.tolist() == [4, 3] and n_bad.tolist() == [0, 1]
     lists, _, _ = r.rank(codes, scores, top_n=2)
-    assert lists == [[1, 3], [2, 4]]
+    assert lists == [[1, 3], [2, -1]]
 
 
 def test_invalid_sid_in_range_counts_as_invalid():
     codes = np.array([[0, 0], [1, 1]])
     r = BeamRanker(SIDTrie(codes, codebook_sizes=(2, 2)))
     lists, n_ret, n_bad = r.rank(np.array([[[0, 1], [1, 1], [1, 0]]]), np.array([[-1.0, -2.0, -3.0]]), top_n=5)
-    assert lists == [[1]] and n_ret.tolist() == [3] and n_bad.tolist() == [2]
+    assert lists == [[-1, 1, -1]] and n_ret.tolist() == [3] and n_bad.tolist() == [2]
+    # a target behind an invalid beam is at rank 1, not moved up to rank 0
+    m = metrics_from_records([{"index": 0, "target": 1, "ranked": lists[0], "num_beams": 3, "num_invalid": 2}],
+                             ks=(1, 3))
+    assert m["HR@1"] == 0.0 and m["HR@3"] == 1.0 and m["NDCG@3"] == pytest.approx(1 / np.log2(3))
     with pytest.raises(ValueError, match="3 levels, the trie 2"):
         r.rank(np.zeros((1, 1, 3), dtype=np.int64), np.zeros((1, 1)), top_n=1)
 

@@ -48,6 +48,10 @@ def test_ranks_and_errors():
     assert target_ranks([[5, 4], [1], []], [4, 2, 0]).tolist() == [1, -1, -1]
     with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
         target_ranks([[1, 2], [3, 3]], [1, 3])
+    # invalid-beam slots (-1) may repeat, take a rank each and are never a hit
+    assert target_ranks([[-1, -1, 7], [-1, 2]], [7, 3]).tolist() == [2, -1]
+    with pytest.raises(ValueError, match="row 0: target -1 is the invalid-beam marker"):
+        target_ranks([[-1, 2]], [-1])
     with pytest.raises(ValueError, match="2 ranked lists but 1 targets"):
         ranking_metrics([[1], [2]], [1])
     with pytest.raises(ValueError, match="positive"):

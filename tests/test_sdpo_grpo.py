@@ -195,6 +195,9 @@ def test_cli_config_parsing(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="eval_beams 5 < 10: the evals report HR@10"):
         GRPOConfig(model="m", data="d", out="o", eval_beams=5)
     assert GRPOConfig(model="m", data="d", out="o", eval_beams=5, eval_splits=()).eval_beams == 5
+    # what the error message advises works on the command line
+    args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--eval-beams", "5", "--eval-splits", "none"])
+    assert config_from_args(GRPOConfig, args).eval_splits == ()
 
 
 def test_sdpo_with_lora_reference_is_the_sft_model(tiny_run, tmp_path):
@@ -283,3 +286,44 @@ def test_rollouts_pass_cuda_graphs_to_the_search(tiny_run, tmp_path):
     s.cfg.cuda_graphs = True
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         s.beam_search(ids, mask, 4)
+
+
+def test_session_turns_dropout_off(tiny_run, tmp_path):
+    """Policy log-probs in train mode equal the eval-mode (rollout / reference) ones: no dropout noise in
+    the ratios, the KL or S-DPO's rewards, even for a base model saved with dropout and a LoRA adapter."""
+    import shutil
+
+    from genrec_fast.train import SDPOConfig, sequence_logprobs
+    from genrec_fast.train.post_training import Session
+
+    data_dir, model_dir = tiny_run
+    noisy = tmp_path / "noisy"
+    shutil.copytree(model_dir, noisy)
+    cfg_json = json.loads((noisy / "config.json").read_text())
+    cfg_json["attention_dropout"] = 0.5
+    (noisy / "config.json").write_text(json.dumps(cfg_json))
+    s = Session(SDPOConfig(model=str(noisy), data=str(data_dir), out=str(tmp_path / "o"), lora_r=4, **COMMON))
+    samples = s.train[:6]
+    ids, mask = s.prompts(samples)
+    resp = s.response_tokens(s.data.catalog.codes[[x.target for x in samples]])
+    s.model.train()
+    with torch.no_grad():
+        a = sequence_logprobs(s.model, ids, mask, resp)
+        b = sequence_logprobs(s.model, ids, mask, resp)
+        s.model.eval()
+        c = sequence_logprobs(s.model, ids, mask, resp)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+def test_disable_dropout_counts_and_clears():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from genrec_fast.train.post_training import disable_dropout
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).train()
+    x = torch.randint(50, (2, 7))
+    assert not torch.equal(model(x).logits, model(x).logits)  # GPT-2's dropout is on in train mode
+    assert disable_dropout(model) > 0 and disable_dropout(model) == 0
+    assert torch.equal(model(x).logits, model(x).logits)

@@ -21,7 +21,7 @@ import torch
 
 from genrec_fast.io import atomic_write_text
 from genrec_fast.eval.baselines import baseline_metrics
-from genrec_fast.eval.metrics import DEFAULT_KS, format_table, ks_for_beams, ranking_metrics
+from genrec_fast.eval.metrics import DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics
 
 
 # ---- trie over a catalogue -------------------------------------------------------------------
@@ -56,7 +56,8 @@ class BeamRanker:
         """codes [P, B, L], scores [P, B] (best first; -inf marks padding beams).
 
         Returns (ranked item lists truncated to ``top_n``, returned beams per row [P],
-        invalid beams per row [P]).
+        invalid beams per row [P]). An invalid beam (codes that are no SID) holds its place in the
+        list as ``INVALID_SLOT`` (-1), which is never a hit.
         """
         codes = np.asarray(codes, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float64)
@@ -74,8 +75,10 @@ class BeamRanker:
         for p in range(P):
             ranked: List[int] = []
             seen = set()
-            for b in np.nonzero(valid[p])[0]:
-                for item in self._items_of_leaf(int(leaf[p, b])):
+            for b in np.nonzero(returned[p])[0]:
+                if not valid[p, b]:
+                    ranked.append(INVALID_SLOT)  # an invalid beam keeps its rank: later hits are not moved up
+                for item in self._items_of_leaf(int(leaf[p, b])) if valid[p, b] else ():
                     if item not in seen:
                         seen.add(item)
                         ranked.append(item)

@@ -41,10 +41,14 @@ def ks_for_beams(ks: Optional[Iterable[int]], num_beams: int, where: str = "eval
     return ks
 
 
+INVALID_SLOT = -1  # a ranked-list entry that holds a rank but is no item (an invalid beam); never a hit
+
+
 def target_ranks(ranked_item_lists: Sequence[Sequence[int]], targets: Sequence[int]) -> np.ndarray:
     """0-based rank of each sample's target in its ranked list, -1 where it is absent.
 
-    Raises ValueError naming the rows whose list repeats an item (ranks would be ambiguous).
+    Entries equal to ``INVALID_SLOT`` take a rank and are never a hit. Raises ValueError naming
+    the rows whose list repeats an item (ranks would be ambiguous).
     """
     if len(ranked_item_lists) != len(targets):
         raise ValueError(f"{len(ranked_item_lists)} ranked lists but {len(targets)} targets")
@@ -52,9 +56,12 @@ def target_ranks(ranked_item_lists: Sequence[Sequence[int]], targets: Sequence[i
     repeated = []
     for i, (lst, t) in enumerate(zip(ranked_item_lists, targets)):
         lst = [int(x) for x in lst]
-        if len(set(lst)) != len(lst):
+        items = [x for x in lst if x != INVALID_SLOT]
+        if len(set(items)) != len(items):
             repeated.append(i)
             continue
+        if int(t) == INVALID_SLOT:
+            raise ValueError(f"row {i}: target {INVALID_SLOT} is the invalid-beam marker, not an item")
         try:
             ranks[i] = lst.index(int(t))
         except ValueError:

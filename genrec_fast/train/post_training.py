@@ -63,13 +63,31 @@ class PostTrainConfig:
         for name in ("steps", "batch_size", "eval_beams", "eval_batch_size", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{type(self).__name__}: '{name}' must be >= 1, got {getattr(self, name)}")
-        self.eval_splits = tuple(self.eval_splits)
+        splits = tuple(self.eval_splits)
+        self.eval_splits = () if splits == ("none",) else splits  # `--eval-splits none`: no evaluation
         if self.eval_splits and self.eval_beams < 10:
             raise ValueError(f"{type(self).__name__}: eval_beams {self.eval_beams} < 10: the evals report HR@10 / "
-                             f"NDCG@10, which need >= 10 beams (or set eval_splits to none)")
+                             f"NDCG@10, which need >= 10 beams (or pass --eval-splits none)")
         bad = [s for s in self.eval_splits if s not in ("train", "valid", "test")]
         if bad:
             raise ValueError(f"eval_splits must name train/valid/test splits, got {bad}")
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout off everywhere in ``model`` (as TRL does for DPO / GRPO): ``nn.Dropout`` modules and
+    the ``attention_dropout`` rate HF attention modules apply in train mode. The policy's log-probs in
+    a training step then equal those of the rollout (which runs in eval mode), so PPO ratios, the KL
+    and S-DPO's implicit rewards carry no dropout noise. Returns how many modules were changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p != 0:
+            module.p = 0.0
+            changed += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate != 0:
+            module.attention_dropout = 0.0
+            changed += 1
+    return changed
 
 
 class Session:
@@ -97,8 +115,9 @@ class Session:
         self.item_leaf = self.trie.lookup(catalog.codes)  # [N] leaf (= SID) of every item
         model, self.tokenizer, self.sid_vocab = load_model_and_tokenizer(
             cfg.model, catalog.codebook_sizes, lora=cfg.lora_r > 0, lora_r=max(cfg.lora_r, 1), lora_alpha=cfg.lora_alpha,
-            device=self.accelerator.device,
+            lora_dropout=0.0, device=self.accelerator.device,
         )
+        disable_dropout(model)
         self.reference = ReferenceModel(model)  # before prepare: an unwrapped, un-sharded copy
         if cfg.cuda_graphs and self._zero3:
             raise ValueError("cuda_graphs: ZeRO-3 gathers the weights anew for every search, so captured graphs "
