@@ -8,6 +8,7 @@ catalogue titles and the prompt template, for CPU runs and tests.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -210,6 +211,20 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
     return ids, mask
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model.eval()`` for the block, then every submodule's own train / eval flag back as it was
+    (``model.train(flag)`` would give them all the top module's flag, e.g. a frozen eval-mode tower
+    would come back in train mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
 
 
 _RESCALED_LOGITS_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma2/3, Cohere, Granite

@@ -139,7 +139,10 @@ class SIDTrie:
         elif isinstance(codebook_sizes, (int, np.integer)):
             sizes = [int(codebook_sizes)] * L
         else:
-            sizes = [int(k) for k in codebook_sizes]
+            try:
+                sizes = [operator.index(k) for k in codebook_sizes]
+            except TypeError:
+                raise ValueError(f"codebook_sizes must be an int or {L} ints (one per level), got {codebook_sizes!r}") from None
             if len(sizes) != L:
                 raise ValueError(f"codebook_sizes has {len(sizes)} entries, codes has {L} levels")
         if item_ids is None:

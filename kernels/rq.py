@@ -85,34 +85,35 @@ def _autotune_on() -> bool:
 
 _AUTOTUNE = _autotune_on()  # a bad value is an error here, on CPU too
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) the GPU autotuner picks from; tests run every one of them
+CONFIGS = [
+    (64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+    (64, 128, 4, 2), (256, 64, 8, 2), (64, 256, 8, 1), (128, 256, 8, 1),
+]
+
 if _INTERPRET:
     # The interpreter is for correctness: one fixed, large-ish tile (fewer numpy programs).
     _kernel = _rq_fwd_kernel
     _FIXED = {"BLOCK_N": 32, "BLOCK_K": 64}
 elif not _AUTOTUNE:  # pragma: no cover - needs a GPU
     # GENREC_FAST_AUTOTUNE=0 (the test suite's default): one config, one compile per shape instead of
-    # eight compiles and a timing round; every config computes the same codes
+    # eight compiles and a timing round; every config computes the same codes (tests run each one)
     _kernel = _rq_fwd_kernel
-    _FIXED = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    _FIXED = dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), CONFIGS[0]))
 else:  # pragma: no cover - needs a GPU
     _kernel = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [
-                (64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-                (64, 128, 4, 2), (256, 64, 8, 2), (64, 256, 8, 1), (128, 256, 8, 1),
-            ]
-        ],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in CONFIGS],
         key=["D", "K", "L"],
     )(_rq_fwd_kernel)
     _FIXED = {}
 
 
-def rq_forward(x: torch.Tensor, codebooks: torch.Tensor):
+def rq_forward(x: torch.Tensor, codebooks: torch.Tensor, config=None):
     """Fused forward: ``x`` [N, D], ``codebooks`` [L, K, D] (same dtype, same device).
 
     Returns ``codes`` [N, L] int32, ``x_hat`` [N, D] (x's dtype) and ``norms`` [N, L] fp32,
-    the squared norm of the residual left after each level.
+    the squared norm of the residual left after each level. ``config``: one entry of ``CONFIGS``
+    to launch with instead of the autotuned / fixed choice (for tests).
     """
     x = x.contiguous()
     codebooks = codebooks.contiguous()
@@ -130,8 +131,12 @@ def rq_forward(x: torch.Tensor, codebooks: torch.Tensor):
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _kernel[grid](
+    kernel, tiles = _kernel, _FIXED
+    if config is not None:
+        bn, bk, warps, stages = config
+        kernel, tiles = _rq_fwd_kernel, {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+    kernel[grid](
         x, codebooks, cnorm, codes, xhat, norms, n, d, k,
-        L=levels, BLOCK_D=block_d, INPUT_PRECISION=precision, **_FIXED,
+        L=levels, BLOCK_D=block_d, INPUT_PRECISION=precision, **tiles,
     )
     return codes, xhat, norms

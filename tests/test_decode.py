@@ -236,10 +236,20 @@ def test_input_errors_and_training_flag_restored():
     with pytest.raises(ValueError, match="logits are rescaled"):
         beam_search(model, ids, mask, trie, vocab, 4)
     model.config.final_logit_softcapping = None
+    with pytest.raises(ValueError, match="input_ids must be a torch.Tensor, got list"):
+        beam_search(model, ids.tolist(), mask, trie, vocab, 4)
+    with pytest.raises(ValueError, match="attention_mask must be a torch.Tensor, got list"):
+        beam_search(model, ids, mask.tolist(), trie, vocab, 4)
+    model.model.layers[0].eval()  # a submodule kept in eval mode on purpose (a frozen block)
     res = beam_search(model, ids, mask, trie, vocab, 4)
-    assert model.training  # restored after the search (which ran in eval mode)
+    # restored after the search (which ran in eval mode): each module's own flag, not the top one's
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
     res_eval = beam_search(model.eval(), ids, mask, trie, vocab, 4)
     assert torch.equal(res.codes, res_eval.codes)
+    # the results are ordinary tensors (not inference-mode ones): callers may edit them in place
+    assert not res.codes.is_inference() and not res.scores.is_inference() and not res.leaf_ids.is_inference()
+    res.codes[res.codes < 0] = 0
+    res.scores.mul_(2.0)
 
 
 def test_sid_vocab_roundtrip_and_errors():

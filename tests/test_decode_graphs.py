@@ -114,6 +114,10 @@ def test_four_levels_reuse_across_widths_batches_and_lru():
         gc.enable()
     beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
     assert len(graphs._sets) == 1
+    graphs.clear_graphs(model)  # the causal LM the user holds: its base transformer's sets go
+    assert len(graphs._sets) == 0
+    beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
+    assert len(graphs._sets) == 1
     del model, base
     gc.collect()
     assert len(graphs._sets) == 0  # a freed model takes its graph sets (and their buffers) with it

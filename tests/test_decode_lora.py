@@ -106,3 +106,30 @@ def test_graph_sets_are_keyed_by_the_adapter_state():
     with model.disable_adapter():
         off = graphs._fingerprint(base)
     assert on != off and graphs._fingerprint(base) == on
+    # a capture also bakes in each LoRA scale (a Python float in the forward)
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.set_scale("default", 0.5)
+    assert graphs._fingerprint(base) not in (on, off)
+
+
+def test_cached_lora_head_follows_the_adapter_state():
+    """The LM head read off a LoRA model is cached; disabling / re-enabling the adapter (the LoRA reference
+    policy) changes the head's output without touching a parameter, so it must not reuse the stale read."""
+    from genrec_fast.decode import search
+
+    model, tok, vocab = _lora_model(tied=False)
+    rng = np.random.default_rng(2)
+    trie = SIDTrie(np.unique(np.stack([rng.integers(0, k, 40) for k in SIZES], 1), axis=0), SIZES)
+    ids, mask = encode_prompts(tok, ["Red tape", "Blue glue for the shop"])
+    on = beam_search(model, ids, mask, trie, vocab, num_beams=5, backend="torch")
+    with model.disable_adapter():
+        off = beam_search(model, ids, mask, trie, vocab, num_beams=5, backend="torch")
+        search._affine_cache.clear()
+        fresh = beam_search(model, ids, mask, trie, vocab, num_beams=5, backend="torch")
+    assert torch.equal(off.codes, fresh.codes) and torch.equal(off.scores, fresh.scores)
+    assert not torch.allclose(off.scores, on.scores, atol=1e-3)  # the adapter matters here
+    again = beam_search(model, ids, mask, trie, vocab, num_beams=5, backend="torch")
+    assert torch.equal(again.codes, on.codes) and torch.equal(again.scores, on.scores)

@@ -49,6 +49,42 @@ def test_triton_matches_reference(shape, device):
         assert (c1 == c2).all(1).float().mean() >= (0.99 if dtype == torch.float32 else 0.7)
 
 
+def test_every_autotune_config_matches_the_reference(device):
+    """The GPU autotuner picks any of kernels.rq.CONFIGS (the tests otherwise run one): each must give a
+    valid greedy path, the reference's codes, and ties to the lowest index across its own tiles."""
+    from genrec_fast.kernels import rq as rq_kernels
+
+    g = torch.Generator().manual_seed(3)
+    n, d, levels, k = 300, 20, 3, 300  # more rows and codes than the largest BLOCK_N / BLOCK_K
+    x = torch.randn(n, d, generator=g)
+    cb = torch.randn(levels, k, d, generator=g) * torch.tensor([1.0, 0.5, 0.25]).view(-1, 1, 1)
+    cb[0, 290] = cb[0, 5]  # the same codeword twice, in different tiles for every BLOCK_K
+    x[7] = cb[0, 5]
+    x, cb = x.to(device), cb.to(device)
+    c2 = residual_quantize_ref(x, cb)[0]
+    for config in rq_kernels.CONFIGS:
+        c1, h1, n1 = rq_kernels.rq_forward(x, cb, config=config)
+        _path_check(x, cb, c1, h1, n1, 1e-4)
+        assert int(c1[7, 0]) == 5, config
+        assert (c1 == c2).all(1).float().mean() >= 0.99, config
+
+
+def test_reference_chunks_agree_with_one_block(monkeypatch):
+    """The torch reference (the CPU path) scores rows in chunks of _REF_CHUNK_ELEMS // K; small chunks,
+    a ragged last one included, give the same result as one block."""
+    import genrec_fast.ops.rq as ops_rq
+
+    g = torch.Generator().manual_seed(4)
+    x, cb = torch.randn(103, 9, generator=g), torch.randn(3, 17, 9, generator=g)
+    whole = residual_quantize_ref(x, cb, return_norms=True)
+    monkeypatch.setattr(ops_rq, "_REF_CHUNK_ELEMS", 17 * 10)  # 10 rows per chunk: 11 chunks, the last of 3
+    chunked = residual_quantize_ref(x, cb, return_norms=True)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    d = torch.cdist(x.double(), cb[0].double())
+    assert torch.equal(chunked[0][:, 0].long(), d.argmin(1))
+
+
 def test_ties_go_to_lowest_index_across_tiles(device):
     torch.manual_seed(0)
     k, d = 150, 8

@@ -191,6 +191,8 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path):
         (np.array([[0, 1], [2, 5], [3, 9]]), {"codebook_sizes": [4, 6]}, r"row\(s\) 2 \(3, 9\)"),
         (np.array([[0, 1], [0, 2]]), {"codebook_sizes": [4, 4, 4]}, "3 entries, codes has 2 levels"),
         (np.array([[0, 1], [0, 1]]), {"codebook_sizes": [0, 4]}, "codebook size of level 0"),
+        (np.array([[0, 1], [0, 2]]), {"codebook_sizes": 5.0}, r"codebook_sizes must be an int or 2 ints .* got 5.0"),
+        (np.array([[0, 1], [0, 2]]), {"codebook_sizes": [4, 4.5]}, r"codebook_sizes must be an int or 2 ints"),
         (np.array([[0, 1], [2, 2], [0, 1], [2, 2]]), {}, "rows 0 and 2 share .*rows 1 and 3 share"),
         (np.array([[0, 1], [0, 2]]), {"item_ids": [1, 2, 3]}, "item_ids must be 1-D with 2 entries"),
         (np.array([[0, 1], [0, 2]]), {"item_ids": [1.0, 2.0]}, "item_ids must be integers"),

@@ -48,14 +48,22 @@ _sets: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def clear_graphs(model=None) -> None:
-    """Drop the captured graphs (and free their buffers) of ``model``'s base transformer, or of every model."""
-    for per_model in (list(_sets.values()) if model is None else [_sets.get(model) or {}]):
-        for graph_set in per_model.values():
-            graph_set.close()
+    """Drop the captured graphs (and free their buffers) of ``model`` (the causal LM, a PEFT wrapper or its
+    base transformer: graphs are kept per base transformer), or of every model when None."""
     if model is None:
-        _sets.clear()
+        keys = list(_sets.keys())
     else:
-        _sets.pop(model, None)
+        keys = [model]
+        if model not in _sets:
+            from genrec_fast.model import lm_modules
+
+            try:
+                keys.append(lm_modules(model)[0])
+            except (ValueError, AttributeError):  # not a causal LM: only ``model`` itself can be a key
+                pass
+    for key in keys:
+        for graph_set in (_sets.pop(key, None) or {}).values():
+            graph_set.close()
 
 
 def check_supported(base) -> None:
@@ -97,16 +105,19 @@ def _autocast_state(device: torch.device):
 def _fingerprint(base) -> int:
     """Changes when a parameter is re-allocated (``model.to``, ...): captured graphs read weights by address;
     and with the PEFT adapter state (active adapters, disabled or not), which a capture bakes in."""
-    return hash((tuple(p.data_ptr() for p in base.parameters()), _adapter_state(base)))
+    return hash((tuple(p.data_ptr() for p in base.parameters()), adapter_state(base)))
 
 
-def _adapter_state(base) -> tuple:
+def adapter_state(module) -> tuple:
+    """What of ``module``'s PEFT adapters changes its output without touching a parameter: per adapter
+    layer the active adapters, whether adapters are disabled, and the LoRA scales (captured graphs bake
+    the scale in as a constant). Empty without peft."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # no peft: no adapters
         return ()
-    return tuple((tuple(m.active_adapters), bool(m.disable_adapters))
-                 for m in base.modules() if isinstance(m, BaseTunerLayer))
+    return tuple((tuple(m.active_adapters), bool(m.disable_adapters), tuple(sorted(getattr(m, "scaling", {}).items())))
+                 for m in module.modules() if isinstance(m, BaseTunerLayer))
 
 
 class _Graph:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from genrec_fast.decode import graphs, kv
 from genrec_fast.decode.vocab import SIDVocab
-from genrec_fast.model import lm_modules
+from genrec_fast.model import eval_mode, lm_modules
 from genrec_fast.ops.backend import resolve_backend
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
 
@@ -45,7 +45,7 @@ class BeamSearchResult:
 
     codes [batch, B, L] long (-1 rows for padding), scores [batch, B] float32 (sum of the
     per-level log-probs; -inf for padding), leaf_ids [batch, B] long (trie leaf, -1 for
-    padding), all on the input's device. ``item_ids[p][b]`` is the np.ndarray of item ids
+    padding), all on the model's device (``input_ids`` are moved there). ``item_ids[p][b]`` is the np.ndarray of item ids
     whose SID is beam b's (empty for padding), computed on first access.
     """
 
@@ -114,8 +114,10 @@ _affine_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _affine_head(head: torch.nn.Module, hidden: int):
     """:func:`_read_affine_head`, cached per head while none of its parameters is re-allocated or updated
-    in place (``Tensor._version``): reading it costs an [H + 1, V] forward and a [V, H] copy."""
-    state = tuple((p.data_ptr(), p._version) for p in head.parameters())
+    in place (``Tensor._version``) and its adapters' state (active, enabled, scale) is unchanged: reading
+    it costs an [H + 1, V] forward and a [V, H] copy."""
+    # the adapter state too: disable_adapter() / set_adapter() change the head's output, not its parameters
+    state = (tuple((p.data_ptr(), p._version) for p in head.parameters()), graphs.adapter_state(head))
     hit = _affine_cache.get(head)
     if hit is not None and hit[0] == state:
         return hit[1]
@@ -224,7 +226,6 @@ def _raise_if_stuck_or_nan(stuck: List[torch.Tensor], nan: List[torch.Tensor], B
                        f"logits are NaN (an overflow in float16? try bfloat16 or float32)")
 
 
-@torch.inference_mode()
 def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
                 num_beams: int, score: str = "full_vocab", backend: str = "auto",
                 cuda_graphs: Union[bool, str] = False, graph_bucket: int = 64) -> BeamSearchResult:
@@ -238,17 +239,19 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     (``genrec_fast.decode.graphs``; prompts left padded to a multiple of ``graph_bucket`` tokens);
     "emulate" runs the same static-buffer protocol eagerly (any device; for tests).
     """
-    was_training = model.training
-    model.eval()  # before the head is read: a LoRA head's dropout must be off
-    try:
+    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if not (isinstance(t, torch.Tensor) or (t is None and name == "attention_mask")):
+            raise ValueError(f"beam_search: {name} must be a torch.Tensor, got {type(t).__name__}")
+    # eval mode before the head is read (a LoRA head's dropout must be off); each submodule's mode restored
+    with eval_mode(model), torch.inference_mode():
         base, weight, bias = _lm_parts(model)
         device = weight.device
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             # graphs, streams and replays all act on the CURRENT CUDA device: make it the model's
-            return _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab,
-                           num_beams, score, backend, cuda_graphs, graph_bucket)
-    finally:
-        model.train(was_training)
+            res = _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab,
+                          num_beams, score, backend, cuda_graphs, graph_bucket)
+    # out of inference mode: results the caller may edit in place or use in autograd (small tensors)
+    return BeamSearchResult(res.codes.clone(), res.scores.clone(), res.leaf_ids.clone(), trie)
 
 
 def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab, num_beams, score,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from genrec_fast.io import atomic_write_text
+from genrec_fast.model import eval_mode
 from genrec_fast.eval.baselines import baseline_metrics
 from genrec_fast.eval.metrics import DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics
 
@@ -151,15 +152,13 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
     order = sorted(idx, key=lambda i: (lengths[i], i))
     ranker = BeamRanker(trie)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     records = []
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="eval", unit="batch")
-    try:
+    with eval_mode(model):
         for batch in batches:
             ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch], max_length=max_prompt_length)
             res = beam_search(model, ids.to(device), mask.to(device), trie, sid_vocab, num_beams,
@@ -168,8 +167,6 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
             for j, i in enumerate(batch):
                 records.append({"index": i, "target": int(samples[i].target), "ranked": lists[j],
                                 "num_beams": int(n_ret[j]), "num_invalid": int(n_bad[j])})
-    finally:
-        model.train(was_training)
     records.sort(key=lambda r: r["index"])
     return records
 

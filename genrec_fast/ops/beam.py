@@ -31,6 +31,7 @@ import torch
 from genrec_fast.ops.backend import resolve_backend
 
 TopK = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_SIGNED_INT = (torch.int8, torch.int16, torch.int32, torch.int64)
 MAX_TOPK_CANDIDATES = 65536  # NB x K per prompt that the Triton top-k kernel holds in one block
 
 
@@ -83,9 +84,10 @@ def _check_topk_inputs(scores, child, k) -> None:
         raise ValueError(f"grouped_topk: scores must be a 3-D tensor [P, NB, K], got {getattr(scores, 'shape', type(scores))}")
     if scores.dtype != torch.float32:
         raise ValueError(f"grouped_topk: scores must be float32, got {scores.dtype}")
-    if not isinstance(child, torch.Tensor) or child.shape != scores.shape or child.is_floating_point() or child.dtype == torch.bool:
+    if not isinstance(child, torch.Tensor) or child.shape != scores.shape or child.dtype not in _SIGNED_INT:
         raise ValueError(
-            f"grouped_topk: child must be an integer tensor of shape {tuple(scores.shape)}, got "
+            f"grouped_topk: child must be a signed integer tensor of shape {tuple(scores.shape)} (-1 marks no "
+            f"child), got "
             f"{getattr(child, 'dtype', type(child))} {tuple(getattr(child, 'shape', ()))}"
         )
     if child.device != scores.device:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from genrec_fast.io import atomic_dir
+from genrec_fast.model import eval_mode
 from genrec_fast.train.logprobs import ReferenceModel
 
 
@@ -195,13 +196,8 @@ class Session:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
-        was_training = model.training
-        model.eval()
-        try:
-            with gather, torch.no_grad(), self.accelerator.autocast():
-                yield model
-        finally:
-            model.train(was_training)
+        with eval_mode(model), gather, torch.no_grad(), self.accelerator.autocast():
+            yield model
 
     def beam_search(self, ids: torch.Tensor, mask: torch.Tensor, num_beams: int):
         """Constrained beam search of the current policy; refuses groups with padding beams."""
