@@ -324,6 +324,10 @@ def test_full_vocab_lse_chunked_equals_logsumexp():
     for chunk in (1, 7 * 1024, 1 << 26):  # 1024-column chunks (the floor), 1024 again, one chunk
         torch.testing.assert_close(full_vocab_lse(h, w, b, chunk_elems=chunk), expect)
     torch.testing.assert_close(full_vocab_lse(h, w, None, chunk_elems=1), torch.logsumexp(h @ w.T, dim=1))
+    # -inf logits at the start of the vocabulary (a bias that masks tokens): still exact, not NaN
+    b[:40] = float("-inf")
+    for chunk in (7 * 2048, 1 << 26):
+        torch.testing.assert_close(full_vocab_lse(h, w, b, chunk_elems=chunk), torch.logsumexp(h @ w.T + b, dim=1))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])

@@ -74,12 +74,17 @@ def trie_device_arrays(trie, device: torch.device):
     return per_trie[key]
 
 
-def _lse(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_0 - log_softmax(x)_0.
+_LSE_PROBE = 1024  # columns searched for a finite logit to read the log-sum-exp at
 
-    (Reading it at the row's arg-max instead costs one more pass over [rows, V].
-    A logit of -inf in column 0 gives NaN, which beam_search reports as an error, never silently.)"""
-    return logits[:, 0].float() - torch.log_softmax(logits, dim=1, dtype=torch.float32)[:, 0]
+
+def _lse(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_j - log_softmax(x)_j, read at
+    j = the arg-max of the first ``_LSE_PROBE`` columns (a -inf logit there would give -inf - -inf = NaN;
+    the arg-max of the whole row would cost one more pass over [rows, V]). Only a row whose first
+    ``_LSE_PROBE`` logits are all -inf gives NaN, which beam_search reports as an error, never silently."""
+    j = logits[:, :_LSE_PROBE].argmax(dim=1, keepdim=True)
+    log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32)
+    return (logits.gather(1, j).float() - log_probs.gather(1, j)).squeeze(1)
 
 
 def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
