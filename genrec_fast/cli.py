@@ -4,7 +4,9 @@ Each stage lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them together (modules are imported
 lazily so ``genrec-fast --help`` stays fast). Every subcommand accepts
 ``--config FILE`` (JSON or YAML): its keys are the subcommand's option names
-(dashes or underscores), and flags given on the command line override them.
+(dashes or underscores; a ``--no-x`` switch is its dest ``x``), and flags given on the command line
+override them. Config values go through the flags' checks (type, choices; switches take true/false),
+and a bad one is an error naming the file and key.
 """
 from __future__ import annotations
 
@@ -28,25 +30,80 @@ COMMANDS: Dict[str, tuple] = {
 
 
 def load_config(path: str) -> Dict[str, Any]:
-    """Read a JSON or YAML config file into a flat dict of option values."""
+    """Read a JSON or YAML config file into a flat dict of option values (errors: ValueError / OSError
+    naming the file, and the line where the parser knows it)."""
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"genrec-fast: config file not found: {path}")
-    text = p.read_text()
+        raise FileNotFoundError(f"config file not found: {path}")
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        from genrec_fast.io import unicode_error_message
 
+        raise ValueError(f"config {unicode_error_message(path, e)}") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
             data = yaml.safe_load(text)
-        else:
+        except yaml.YAMLError as e:  # its message spans lines: one line, with the file and line
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ValueError(f"config {where}: invalid YAML: {' '.join(str(problem).split())}") from None
+    else:
+        try:
             data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - report any parse error with the file name
-        raise SystemExit(f"genrec-fast: cannot parse config {path}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SystemExit(f"genrec-fast: config {path} must hold a mapping of option -> value")
+        raise ValueError(f"config {path} must hold a mapping of option -> value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+_SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
+def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A config value as the flag would give it: through the option's type and choices; switches take
+    true / false only. ``where`` names the file and key in errors."""
+    if value is None and action.default is None and not action.required:
+        return None  # unset, as when the flag is not given
+    if isinstance(action, _SWITCHES):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if type(action) is not argparse._StoreAction:
+        raise ValueError(f"{where}: this option cannot be set from a config file")
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many:
+        values = value if isinstance(value, list) else [value]
+        if action.nargs == "+" and not values:
+            raise ValueError(f"{where}: expected at least one value")
+        return [_config_scalar(action, v, where) for v in values]
+    if isinstance(value, list):
+        raise ValueError(f"{where}: expected one value, got a list")
+    return _config_scalar(action, value, where)
+
+
+def _config_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, dict) and action.type is json.loads:
+        return value  # a JSON-dict option written as a mapping
+    if isinstance(value, bool) or not (value is None or isinstance(value, (str, int, float))):
+        raise ValueError(f"{where}: expected a single value, got {value!r}")
+    conv = action.type or str
+    try:  # null: what a flag would spell (an optional-typed option maps it to None)
+        out = conv("null" if value is None else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        kind = "JSON" if conv is json.loads else getattr(conv, "__name__", "")
+        raise ValueError(f"{where}: invalid {kind} value {value!r}") from None
+    if value is None and out is not None:
+        raise ValueError(f"{where}: null is not a value of this option")
+    if action.choices is not None and out not in action.choices:
+        raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return out
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
@@ -55,11 +112,12 @@ def _apply_config(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.
     known, _ = pre.parse_known_args(argv)
     if known.config:
         cfg = load_config(known.config)
-        valid = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - valid)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(cfg) - set(actions))
         if unknown:
-            raise SystemExit(f"genrec-fast: config {known.config} has unknown option(s): {', '.join(unknown)}")
-        parser.set_defaults(**cfg)
+            raise ValueError(f"config {known.config} has unknown option(s): {', '.join(unknown)}")
+        parser.set_defaults(**{k: _config_value(actions[k], v, f"config {known.config}: key {k!r}")
+                               for k, v in cfg.items()})
         # options given in the config are no longer required on the command line
         for a in parser._actions:
             if a.dest in cfg:
@@ -83,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\ngenrec-fast: unknown command {argv[0]!r}", file=sys.stderr)
+            print(f"genrec-fast: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
     command, rest = argv[0], argv[1:]

@@ -8,6 +8,27 @@ from pathlib import Path
 from typing import Union
 
 
+def unicode_error_message(path: Union[str, Path], err: UnicodeDecodeError) -> str:
+    """``path:line: not UTF-8 text (...)`` for a UnicodeDecodeError met while reading ``path`` as UTF-8 (the
+    error itself knows only an offset into some buffer: the line is found by decoding the file again)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            lineno = 0
+            for lineno, line in enumerate(f, 1):
+                decoder.decode(line)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        where = f"{path}:{lineno}"
+    except OSError:
+        pass
+    bad = err.object[err.start:err.end][:4]
+    return f"{where}: not UTF-8 text ({err.reason}: byte(s) {bad.hex(' ')}); re-save the file as UTF-8"
+
+
 def _umask_mode(mode: int) -> int:
     """``mode`` under the process umask: temp files / folders are made private (0600 / 0700), and the
     published file should have the permissions a plain ``open`` / ``mkdir`` would have given it."""

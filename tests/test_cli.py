@@ -40,7 +40,7 @@ def test_eval_cli_config_and_flags(tiny_run, tmp_path, capsys):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"data": str(data_dir), "split": "test", "num_beams": 8, "batch_size": 5,
                                    "ks": [1, 5, 10], "num_beams_unused": 1}))
-    with pytest.raises(SystemExit, match="unknown option"):
+    with pytest.raises(ValueError, match=r"eval\.yaml has unknown option\(s\): num_beams_unused"):
         cli.main(["eval", "--config", str(cfg), "--model", str(model_dir)])
     cfg.write_text(yaml.safe_dump({"data": str(data_dir), "split": "test", "num_beams": 12, "batch_size": 5,
                                    "ks": [1, 5, 10]}))

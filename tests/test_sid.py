@@ -40,6 +40,10 @@ def test_kmeans_recovers_separated_clusters():
     assert len(pairs) == 6 and len({a for a, _ in pairs}) == 6 and len({b for _, b in pairs}) == 6
     for a, b in pairs:
         assert torch.allclose(centroids[b], x[labels == a].mean(0), atol=1e-4)
+    with pytest.raises(ValueError, match="kmeans: iters must be >= 1, got 0"):
+        kmeans(x, 6, iters=0)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        ResidualKMeans(levels=2, codebook_size=6, iters=0)
 
 
 def test_kmeans_balanced_caps_cluster_sizes():
@@ -236,7 +240,7 @@ def test_cli_sids_with_precomputed_embeddings(tmp_path, capsys):
     assert idx.item_ids == [str(i) for i in range(120)] and len({tuple(r) for r in idx.codes.tolist()}) == 120
     assert idx.codebook_sizes[:2] == (16, 16)
     np.save(tmp_path / "short.npy", x.numpy()[:5])
-    with pytest.raises(SystemExit, match="expected \\[120, H\\]"):
+    with pytest.raises(ValueError, match="short.npy has shape \\(5, 16\\) dtype float32, expected \\[120, H\\]"):
         cli_main(["sids", "--items", str(items), "--out", str(out), "--embeddings", str(tmp_path / "short.npy")])
 
 

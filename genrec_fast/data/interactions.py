@@ -9,12 +9,13 @@ default, as in the MiniOneRec release).
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from genrec_fast.data.minionerec import DataFormatError
+from genrec_fast.data.minionerec import DataFormatError, csv_rows
 from genrec_fast.data.types import Catalog, RecData, Sample
 
 SPLIT_MODES = ("leave_one_out", "temporal")
@@ -71,17 +72,23 @@ def build_samples(
 
 
 def _reader(path: Path, sep: Optional[str]):
+    """(file, csv reader, its rows, header) of a header-ed CSV/TSV (UTF-8, a byte order mark allowed)."""
     if sep is None:
         sep = "\t" if path.suffix.lower() in (".tsv", ".inter", ".item", ".txt") else ","
-    f = path.open(encoding="utf-8", newline="")
+    f = path.open(encoding="utf-8-sig", newline="")
     reader = csv.reader(f, delimiter=sep)
-    header = next(reader, None)
+    rows = csv_rows(path, reader)
+    try:
+        header = next(rows, None)
+    except BaseException:
+        f.close()
+        raise
     if header is None:
         f.close()
         raise DataFormatError(f"{path}:1: empty file, expected a header row")
     # RecBole atomic files write 'name:type' headers
     header = [h.strip().split(":")[0] for h in header]
-    return f, reader, header
+    return f, reader, rows, header
 
 
 def _columns(path: Path, header: List[str], wanted: Sequence[str]) -> Dict[str, int]:
@@ -89,6 +96,12 @@ def _columns(path: Path, header: List[str], wanted: Sequence[str]) -> Dict[str, 
     if missing:
         raise DataFormatError(f"{path}:1: missing column(s) {missing}; header is {header}")
     return {c: header.index(c) for c in header}
+
+
+def _one_line(title: str) -> str:
+    """A title with its runs of whitespace (tabs, line breaks) collapsed to one space: info.txt holds one
+    'SID<TAB>title<TAB>item_id' line per item."""
+    return " ".join(title.split())
 
 
 def _default_item_text(title_col: str, item_col: str = "item_id") -> ItemText:
@@ -124,30 +137,44 @@ def load_interactions(
     metadata row (default: the ``title_col`` column, and all columns joined). ``max_users``
     keeps a seeded random subset of users; ``max_interactions_per_user`` keeps each user's
     most recent interactions. The catalogue holds the items that occur in the kept
-    interactions, in metadata-file order (else first-seen order), indexed 0..N-1.
+    interactions, in metadata-file order (else first-seen order), indexed 0..N-1. Titles have their
+    whitespace (tabs, line breaks) collapsed to single spaces. A log that gives no sample (no user with
+    two interactions) is an error.
     """
+    if sep is not None and len(sep) != 1:
+        raise ValueError(f"sep (--sep) must be a single character, got {sep!r}")
+    for name, value in (("max_users", max_users), ("max_interactions_per_user", max_interactions_per_user)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
     inter_path = Path(interactions)
     users: List[str] = []
     item_keys: List[str] = []
     times: List[float] = []
     lines: List[int] = []
-    f, reader, header = _reader(inter_path, sep)
+    f, reader, rows, header = _reader(inter_path, sep)
     with f:
         col = _columns(inter_path, header, (user_col, item_col, time_col))
         ui, ii, ti = col[user_col], col[item_col], col[time_col]
-        for row in reader:
+        for row in rows:
             if not row:
                 continue
+            where = f"{inter_path}:{reader.line_num}"
             if len(row) != len(header):
-                raise DataFormatError(f"{inter_path}:{reader.line_num}: {len(row)} fields, expected {len(header)}")
+                raise DataFormatError(f"{where}: {len(row)} fields, expected {len(header)}")
             try:
                 ts = float(row[ti])
             except ValueError:
-                raise DataFormatError(
-                    f"{inter_path}:{reader.line_num}: timestamp {row[ti]!r} is not a number"
-                ) from None
-            users.append(row[ui].strip())
-            item_keys.append(row[ii].strip())
+                raise DataFormatError(f"{where}: timestamp {row[ti]!r} is not a number") from None
+            if not math.isfinite(ts):
+                raise DataFormatError(f"{where}: timestamp {row[ti]!r} is not a finite number")
+            user, item = row[ui].strip(), row[ii].strip()
+            for name, value in ((user_col, user), (item_col, item)):
+                if not value:
+                    raise DataFormatError(f"{where}: column {name!r} is empty")
+            if any(c in item for c in "\t\r\n"):
+                raise DataFormatError(f"{where}: column {item_col!r}: item id {item!r} holds a tab or line break")
+            users.append(user)
+            item_keys.append(item)
             times.append(ts)
             lines.append(reader.line_num)
     if not users:
@@ -174,10 +201,11 @@ def load_interactions(
     meta_order: List[str] = []
     if items is not None:
         item_path = Path(items)
-        f, reader, header = _reader(item_path, sep)
+        f, reader, rows, header = _reader(item_path, sep)
         with f:
-            _columns(item_path, header, (item_col,))
-            for row in reader:
+            # the default text needs the title column: without it every title would silently be the item id
+            _columns(item_path, header, (item_col,) if item_text is not None else (item_col, title_col))
+            for row in rows:
                 if not row:
                     continue
                 if len(row) != len(header):
@@ -202,7 +230,7 @@ def load_interactions(
     for k in ids:
         row = meta_rows.get(k, {item_col: k})
         title, text = text_fn(row) if k in meta_rows else (k, k)
-        titles.append(title or k)
+        titles.append(_one_line(title) or k)
         texts.append(text or title or k)
     catalog = Catalog(item_ids=ids, titles=titles, texts=texts)
     train, valid, test = build_samples(
@@ -214,4 +242,7 @@ def load_interactions(
         valid_frac=valid_frac,
         test_frac=test_frac,
     )
+    if not (train or valid or test):
+        raise DataFormatError(f"{inter_path}: no samples: none of the {len(set(users[i] for i in idx))} kept users "
+                              "has two interactions (a sample is a history of at least one item and a target)")
     return RecData(catalog=catalog, train=train, valid=valid, test=test)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from genrec_fast.io import atomic_write_text
+from genrec_fast.io import atomic_dir, unicode_error_message
 from genrec_fast.data.types import Catalog, RecData, Sample
 from genrec_fast.sid_tokens import parse_sid, sid_string
 
@@ -33,10 +33,23 @@ CSV_COLUMNS = (
     "item_sid",
 )
 REQUIRED_COLUMNS = ("user_id", "history_item_id", "item_id")
+# csv's default cap of 128 KiB per field is below a long description or history-title list
+csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
 
 
 class DataFormatError(ValueError):
     """A malformed input file; the message names the file and line."""
+
+
+def csv_rows(path: Path, reader):
+    """The rows of ``reader`` (a csv.reader over ``path``); a csv error (e.g. a field over the size limit) or
+    bytes that are not UTF-8 raise a DataFormatError naming the file and line."""
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise DataFormatError(f"{path}:{reader.line_num}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataFormatError(unicode_error_message(path, e)) from None
 
 
 def item_text(entry: dict) -> str:
@@ -58,28 +71,38 @@ def item_text(entry: dict) -> str:
     return ". ".join(p for p in parts if p)
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, what: str) -> dict:
+    from genrec_fast.sid.index_io import read_json_object
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return read_json_object(path, what)
+    except ValueError as e:
+        raise DataFormatError(str(e)) from None
+
+
+def _lines(path: Path):
+    """(line number, line) of a UTF-8 text file; bytes that are not UTF-8 raise a DataFormatError naming the line."""
+    with path.open(encoding="utf-8") as f:
+        try:
+            yield from enumerate(f, 1)
+        except UnicodeDecodeError as e:
+            raise DataFormatError(unicode_error_message(path, e)) from None
 
 
 def _read_info(path: Path) -> Dict[str, tuple]:
     out: Dict[str, tuple] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < 3:
-                raise DataFormatError(f"{path}:{lineno}: expected 'SID<TAB>title<TAB>item_id', got {line[:80]!r}")
-            try:
-                codes = parse_sid(parts[0])
-            except ValueError as e:
-                raise DataFormatError(f"{path}:{lineno}: {e}") from None
-            out[parts[-1].strip()] = (codes, "\t".join(parts[1:-1]))
+    for lineno, line in _lines(path):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 3:
+            raise DataFormatError(f"{path}:{lineno}: expected 'SID<TAB>title<TAB>item_id', got {line[:80]!r}")
+        try:
+            codes = parse_sid(parts[0])
+        except ValueError as e:
+            raise DataFormatError(f"{path}:{lineno}: {e}") from None
+        out[parts[-1].strip()] = (codes, "\t".join(parts[1:-1]))
     return out
 
 
@@ -95,9 +118,12 @@ def load_catalog(directory: Union[str, Path]) -> Catalog:
     d = Path(directory)
     index_path, item_path, info_path = d / "index.json", d / "item.json", d / "info.txt"
     info = _read_info(info_path) if info_path.is_file() else {}
-    meta = _read_json(item_path) if item_path.is_file() else {}
+    meta = _read_json(item_path, "item id -> record") if item_path.is_file() else {}
+    for item, entry in meta.items():
+        if not isinstance(entry, dict):
+            raise DataFormatError(f"{item_path}: item {item!r}: record must be an object, got {type(entry).__name__}")
     if index_path.is_file():
-        index = _read_json(index_path)
+        index = _read_json(index_path, "item id -> SID tokens")
         sids = {}
         for item, toks in index.items():
             try:
@@ -153,9 +179,10 @@ def read_split(path: Union[str, Path], catalog: Catalog, check_sids: bool = True
     """Samples of one split csv; items are mapped to catalogue indices."""
     path = Path(path)
     samples: List[Sample] = []
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
+        rows = csv_rows(path, reader)
+        header = next(rows, None)
         if header is None:
             raise DataFormatError(f"{path}:1: empty file, expected a header row")
         header = [h.strip() for h in header]
@@ -165,7 +192,7 @@ def read_split(path: Union[str, Path], catalog: Catalog, check_sids: bool = True
         col = {name: i for i, name in enumerate(header)}
         has_sid = check_sids and catalog.codes is not None and "item_sid" in col and "history_item_sid" in col
         start = reader.line_num
-        for row in reader:
+        for row in rows:
             where = f"{path}:{start + 1}"
             start = reader.line_num
             if not row:
@@ -235,8 +262,31 @@ def _split_csv(samples: Sequence[Sample], catalog: Catalog) -> str:
     return buf.getvalue()
 
 
+def dataset_files() -> tuple:
+    """The names :func:`save_minionerec` writes into a dataset folder."""
+    from genrec_fast.sid.index_io import CODES_FILE, INDEX_FILE, META_FILE
+
+    return (*(f"{split}.csv" for split in SPLITS), INDEX_FILE, CODES_FILE, META_FILE, "item.json", "info.txt")
+
+
+def check_dataset_dir(directory: Union[str, Path]) -> Path:
+    """``directory`` as a Path, if :func:`save_minionerec` may replace it: a ValueError when it holds
+    files that are not a dataset's (they would be lost)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{d} exists and is not a folder")
+    if d.exists():
+        other = sorted(p.name for p in d.iterdir() if p.name not in dataset_files())
+        if other:
+            raise ValueError(f"{d} holds files that are not part of a dataset ({', '.join(other[:5])}); the dataset "
+                             "replaces the folder as a whole: give a new folder (or one holding a dataset)")
+    return d
+
+
 def save_minionerec(data: RecData, directory: Union[str, Path], sid_report: Optional[dict] = None) -> Path:
-    """Write ``data`` (with SIDs) in the release format; every file is written atomically.
+    """Write ``data`` (with SIDs) in the release format; the folder is written as a whole
+    (:func:`genrec_fast.io.atomic_dir`): a failure leaves the previous version, never a mix of old and new
+    files. An existing folder is replaced, so one that holds other files is refused.
 
     Besides the release's files, ``codes.npy`` and ``sids_meta.json`` (``genrec_fast.sid.index_io``) keep
     the codebook sizes, so a reload gives the same SID vocabulary (unused codes and non-power-of-2
@@ -248,16 +298,24 @@ def save_minionerec(data: RecData, directory: Union[str, Path], sid_report: Opti
     if cat.codes is None:
         raise ValueError("save_minionerec needs a catalogue with SIDs (catalog.codes is None)")
     data.validate()
-    d = Path(directory)
-    for split in SPLITS:
-        atomic_write_text(d / f"{split}.csv", _split_csv(getattr(data, split), cat))
-    write_index(d, cat.item_ids, cat.codes, cat.codebook_sizes, sid_report)  # index.json, codes.npy, sids_meta.json
-    atomic_write_text(
-        d / "item.json",
-        json.dumps({i: {"title": t, "text": x} for i, t, x in zip(cat.item_ids, cat.titles, cat.texts)}, indent=1),
-    )
-    atomic_write_text(
-        d / "info.txt",
-        "".join(f"{sid_string(c)}\t{t}\t{i}\n" for i, t, c in zip(cat.item_ids, cat.titles, cat.codes)),
-    )
-    return d
+    for item, title in zip(cat.item_ids, cat.titles):  # info.txt is one 'SID<TAB>title<TAB>item_id' line per item
+        for what, value in (("id", item), ("title", title)):
+            if any(c in value for c in "\t\r\n"):
+                raise ValueError(f"save_minionerec: item {item!r}: its {what} {value[:80]!r} holds a tab or line "
+                                 "break, which info.txt cannot hold")
+    d = check_dataset_dir(directory)
+
+    def write(tmp: Path) -> None:
+        def put(name: str, text: str) -> None:
+            (tmp / name).write_bytes(text.encode("utf-8"))
+
+        for split in SPLITS:
+            put(f"{split}.csv", _split_csv(getattr(data, split), cat))
+        # index.json, codes.npy, sids_meta.json
+        write_index(tmp, cat.item_ids, cat.codes, cat.codebook_sizes, sid_report)
+        put("item.json", json.dumps({i: {"title": t, "text": x}
+                                     for i, t, x in zip(cat.item_ids, cat.titles, cat.texts)}, indent=1))
+        put("info.txt", "".join(f"{sid_string(c)}\t{t}\t{i}\n"
+                                for i, t, c in zip(cat.item_ids, cat.titles, cat.codes)))
+
+    return atomic_dir(d, write)

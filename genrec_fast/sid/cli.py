@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,12 @@ from genrec_fast.data.interactions import SPLIT_MODES
 from genrec_fast.sid.build import METHODS, build_sids
 from genrec_fast.sid.embed import embed_items, read_item_json
 from genrec_fast.sid.index_io import write_index
+from genrec_fast.sid_tokens import LEVEL_PREFIXES
+
+# the options that only --log reads, with their defaults (--items rejects any other value)
+LOG_DEFAULTS = {"meta": None, "sep": None, "user_col": "user_id", "item_col": "item_id", "time_col": "timestamp",
+                "title_col": "title", "split": "leave_one_out", "max_history": 10, "max_users": None,
+                "max_interactions_per_user": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "(with --log: the whole dataset in the release format)")
     log = parser.add_argument_group("from an interaction log (instead of --items)")
     log.add_argument("--log", default=None, help="header-ed CSV/TSV of interactions (user, item, timestamp columns)")
-    log.add_argument("--meta", default=None, help="item metadata CSV/TSV (item column + title + any text columns)")
-    log.add_argument("--sep", default=None, help="field separator (default: tab for .tsv/.inter/.item/.txt, else comma)")
-    log.add_argument("--user-col", default="user_id")
-    log.add_argument("--item-col", default="item_id")
-    log.add_argument("--time-col", default="timestamp")
-    log.add_argument("--title-col", default="title")
-    log.add_argument("--split", choices=SPLIT_MODES, default="leave_one_out")
-    log.add_argument("--max-history", type=int, default=10)
-    log.add_argument("--max-users", type=int, default=None, help="a seeded random subset of users")
-    log.add_argument("--max-interactions-per-user", type=int, default=None, help="each user's most recent ones")
+    d = LOG_DEFAULTS
+    log.add_argument("--meta", default=d["meta"], help="item metadata CSV/TSV (item column + title + any text columns)")
+    log.add_argument("--sep", default=d["sep"],
+                     help="field separator (default: tab for .tsv/.inter/.item/.txt, else comma)")
+    log.add_argument("--user-col", default=d["user_col"])
+    log.add_argument("--item-col", default=d["item_col"])
+    log.add_argument("--time-col", default=d["time_col"])
+    log.add_argument("--title-col", default=d["title_col"], help="--meta's title column (required there)")
+    log.add_argument("--split", choices=SPLIT_MODES, default=d["split"])
+    log.add_argument("--max-history", type=int, default=d["max_history"])
+    log.add_argument("--max-users", type=int, default=d["max_users"], help="a seeded random subset of users")
+    log.add_argument("--max-interactions-per-user", type=int, default=d["max_interactions_per_user"],
+                     help="each user's most recent ones")
     parser.add_argument("--method", choices=METHODS, default="rqkmeans")
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--codebook", type=int, default=256, help="codes per level")
@@ -53,9 +63,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_options(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the inputs are read and embedded (the encoder is the slow part)."""
     if (args.items is None) == (args.log is None):
         raise ValueError("genrec-fast sids: give exactly one of --items (item.json) or --log (an interaction log)")
+    max_levels = len(LEVEL_PREFIXES) - 1  # as build_sids: a level may be appended to separate colliders
+    if not 1 <= args.levels <= max_levels:
+        raise ValueError(f"genrec-fast sids: --levels must be in 1..{max_levels}, got {args.levels}: SID tokens "
+                         f"are spelled <{LEVEL_PREFIXES[0]}_..> to <{LEVEL_PREFIXES[-1]}_..> and a dedup level may "
+                         "be added")
+    for flag, value in (("--codebook", args.codebook), ("--kmeans-iters", args.kmeans_iters),
+                        ("--epochs", args.epochs)):
+        if value < 1:
+            raise ValueError(f"genrec-fast sids: {flag} must be >= 1, got {value}")
+    if args.items is not None:
+        given = [k for k, default in LOG_DEFAULTS.items() if getattr(args, k) != default]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"genrec-fast sids: --items reads item.json only; {flags} go(es) with --log")
+        out = Path(args.out)
+        dataset = [n for n in ("info.txt", "train.csv", "valid.csv", "test.csv") if (out / n).exists()]
+        if dataset:
+            raise ValueError(f"genrec-fast sids: --out {out} holds a dataset ({', '.join(dataset)}): --items writes "
+                             "only index.json, codes.npy and sids_meta.json, and the dataset's other files would "
+                             "keep the old SIDs; give another --out")
+    else:
+        from genrec_fast.data.minionerec import check_dataset_dir
+
+        check_dataset_dir(args.out)  # before the slow part: --out is replaced by the dataset
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     data = None
     if args.log is not None:
         from genrec_fast.data import load_interactions
@@ -66,13 +105,16 @@ def run(args: argparse.Namespace) -> int:
                                  max_interactions_per_user=args.max_interactions_per_user, seed=args.seed)
         item_ids, texts = list(data.catalog.item_ids), list(data.catalog.texts)
     else:
-        if args.meta is not None:
-            raise ValueError("genrec-fast sids: --meta goes with --log (item.json already holds the item texts)")
         item_ids, texts = read_item_json(args.items)
     if args.embeddings:
-        emb = np.load(args.embeddings)
-        if emb.ndim != 2 or emb.shape[0] != len(item_ids):
-            raise SystemExit(f"genrec-fast sids: {args.embeddings} has shape {emb.shape}, expected [{len(item_ids)}, H]")
+        try:
+            emb = np.load(args.embeddings)
+        except ValueError as e:  # not a .npy of numbers (a pickle, a text file, ...)
+            raise ValueError(f"genrec-fast sids: {args.embeddings}: cannot read as a .npy array ({e})") from None
+        if not isinstance(emb, np.ndarray) or emb.dtype.kind not in "fiu" or emb.ndim != 2 \
+                or emb.shape[0] != len(item_ids):
+            desc = f"shape {emb.shape} dtype {emb.dtype}" if isinstance(emb, np.ndarray) else "not one array"
+            raise ValueError(f"genrec-fast sids: {args.embeddings} has {desc}, expected [{len(item_ids)}, H] numbers")
     else:
         emb = embed_items(texts, encoder=args.encoder, cache_dir=args.cache_dir, device=args.device,
                           progress=args.progress)

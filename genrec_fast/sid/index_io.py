@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from genrec_fast.io import atomic_write_bytes, atomic_write_text
+from genrec_fast.io import atomic_write_bytes, atomic_write_text, unicode_error_message
 from genrec_fast.sid_tokens import parse_sid, sid_tokens
 
 INDEX_FILE = "index.json"
@@ -38,14 +38,33 @@ def save_npy_atomic(path: Union[str, Path], array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_json_object(path: Path, what: str) -> dict:
-    """A non-empty JSON object from ``path``; errors name the file (and line for bad JSON)."""
+    """A non-empty JSON object from ``path``; errors name the file (and line for bad JSON), a key that
+    appears twice in one object (JSON would keep only the last) and bytes that are not UTF-8."""
+    path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise FileNotFoundError(f"file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(unicode_error_message(path, e)) from None
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: key {e.args[0]!r} appears twice in one object (JSON keeps only the last)") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON object of {what}")
     return data

@@ -69,6 +69,8 @@ def kmeans(
         raise ValueError(f"kmeans: x must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
     if k < 1:
         raise ValueError(f"kmeans: k must be >= 1, got {k}")
+    if iters < 1:
+        raise ValueError(f"kmeans: iters must be >= 1, got {iters}")
     x = x.float()
     n = x.shape[0]
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -76,7 +78,7 @@ def kmeans(
     cap = torch.full((k,), -(-n // k), dtype=torch.long)
     prev_inertia = None
     assign = None
-    for _ in range(max(1, iters)):
+    for _ in range(iters):
         if balanced:
             assign = balanced_assign(_sq_dists(x, centroids), cap.to(x.device))
             d2 = (x - centroids[assign]).pow(2).sum(1)
@@ -112,8 +114,9 @@ class ResidualKMeans:
 
     def __init__(self, levels: int = 3, codebook_size: int = 256, iters: int = 30, seed: int = 0,
                  balanced: bool = False, backend: str = "auto"):
-        if levels < 1 or codebook_size < 1:
-            raise ValueError(f"ResidualKMeans: levels and codebook_size must be >= 1, got {levels}, {codebook_size}")
+        if levels < 1 or codebook_size < 1 or iters < 1:
+            raise ValueError(f"ResidualKMeans: levels, codebook_size and iters must be >= 1, got {levels}, "
+                             f"{codebook_size}, {iters}")
         self.levels = levels
         self.codebook_size = codebook_size
         self.iters = iters
