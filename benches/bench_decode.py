@@ -3,11 +3,17 @@
   (b) HF unconstrained beam search (same call without f),
   (c) the floor: prefill each prompt once, expand the KV cache to B rows, L cached one-token
       forward steps with full-vocabulary logits (greedy tokens, no search at all),
+  (c') floor_search_steps: the same with L-1 cached steps, the forwards a search of L levels needs
+      (the prefill gives level 1's logits; HF generate(max_new_tokens=L) runs as many),
   (d) ours: genrec_fast.decode.beam_search(score="full_vocab"), and ours with score="sid",
   (e) GPU only: ours with cuda_graphs=True (prefill and SID steps replayed from CUDA graphs,
       captured in the warm-up round),
-all measured in the same run, with the ratios ours/(a) and ours/(c) (and for (e)), and the share
-of users whose ranked SIDs are identical in (a) and (d) and in (d) and (e).
+all measured in the same run, with the ratios ours/(a), ours/(c) and ours/(c') (and for (e)), and the
+share of users whose ranked SIDs are identical in (a) and (d) and in (d) and (e).
+
+Checks (a missed one prints a FAILED line, is in the JSON's "failed" and makes the exit status 1):
+invalid_rate == 0; fp32: same_ranking_as_hf == 1; bf16: same_set_as_hf >= 0.95 (near-ties swap ranks,
+see docs/decode.md); graphs_same_ranking_as_ours == 1 when (e) ran.
 
 CPU setting: tiny random Qwen2, 32 users x 20 beams, 3k items. GPU settings (bf16, sdpa):
 Qwen2.5-0.5B shapes with random weights, prompt 128, 8 x 50 and 64 x 16 over 3.7k items,
@@ -28,7 +34,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
+from common import Checks, bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
 
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import SIDVocab, beam_search  # noqa: E402
@@ -106,7 +112,8 @@ def hf_generate(model, ids, mask, beams, levels, allowed=None):
 
 
 def floor_forward(model, ids, mask, beams, levels):
-    """Prefill once per prompt, expand the cache to B rows, L cached steps with full logits; no search."""
+    """Prefill once per prompt, expand the cache to B rows, ``levels`` cached steps with full logits; no
+    search. The floor runs L steps, floor_search_steps L-1 (what a search of L levels needs)."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                 use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -122,6 +129,30 @@ def floor_forward(model, ids, mask, beams, levels):
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         token = out.logits[:, -1].argmax(-1)[:, None]
     return token
+
+
+def hf_codes(tokens: torch.Tensor, vocab: SIDVocab, levels: int) -> torch.Tensor:
+    """HF's generated SID tokens [..., L] as codes; a row with a token outside its level's block is all -1."""
+    off, size = torch.tensor(vocab.offsets[:levels]), torch.tensor(vocab.codebook_sizes[:levels])
+    codes = tokens.cpu() - vocab.start - off
+    return torch.where(((codes >= 0) & (codes < size)).all(-1, keepdim=True), codes, -1)
+
+
+def sid_sets(x: torch.Tensor) -> list:
+    """Per prompt, the set of its beams' SIDs ([users, B, L]); padding / invalid rows (-1) are no SID."""
+    return [{tuple(r) for r in u.tolist() if min(r) >= 0} for u in x]
+
+
+def same_set(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of the B SIDs per prompt that both lists hold, whatever their order (bf16 near-ties swap ranks)."""
+    beams = a.shape[1]
+    return float(np.mean([len(x & y) / beams for x, y in zip(sid_sets(a), sid_sets(b))]))
+
+
+def same_set_prompts(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of prompts whose B SIDs are the same set in both (all B valid)."""
+    beams = a.shape[1]
+    return float(np.mean([len(x) == beams and x == y for x, y in zip(sid_sets(a), sid_sets(b))]))
 
 
 def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
@@ -147,6 +178,7 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         "hf_constrained": (hf_constrained, hf_repeat),
         "hf_unconstrained": (lambda: hf_generate(model, ids, mask, beams, L), hf_repeat),
         "floor": (lambda: floor_forward(model, ids, mask, beams, L), our_repeat),
+        "floor_search_steps": (lambda: floor_forward(model, ids, mask, beams, L - 1), our_repeat),
         "ours": (ours, our_repeat),
         "ours_sid": (lambda: beam_search(model, ids, mask, trie, vocab, beams, score="sid"), our_repeat),
     }
@@ -177,18 +209,10 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
                     sync(device)
                     times[method].append(time.perf_counter() - t0)
 
-    hf_tokens = results["hf"].reshape(users, beams, L).cpu()
+    hf = hf_codes(results["hf"].reshape(users, beams, L), vocab, L)
     our_codes = results["ours"].codes.cpu()
-    off, size = torch.tensor(vocab.offsets[:L]), torch.tensor(vocab.codebook_sizes[:L])
-    hf_codes = hf_tokens - vocab.start - off  # per level; a token outside its level's block marks the row -1
-    hf_codes = torch.where(((hf_codes >= 0) & (hf_codes < size)).all(-1, keepdim=True), hf_codes, -1)
     # same ranking: every HF beam a valid SID, in our order
-    same = [bool((hf_codes[u] >= 0).all()) and torch.equal(hf_codes[u], our_codes[u]) for u in range(users)]
-
-    def overlap(a, b):  # share of the B SIDs that both lists hold, whatever their order (bf16 near-ties swap ranks)
-        def sids(x):  # padding / invalid rows (-1) are no SID
-            return {tuple(r) for r in x.tolist() if min(r) >= 0}
-        return float(np.mean([len(sids(a[u]) & sids(b[u])) / beams for u in range(users)]))
+    same = [bool((hf[u] >= 0).all()) and torch.equal(hf[u], our_codes[u]) for u in range(users)]
 
     valid = trie.contains(our_codes.reshape(-1, L).numpy()) | (our_codes.reshape(-1, L) < 0).all(1).numpy()
     ups = {method: users / statistics.median(ts) for method, ts in times.items()}
@@ -197,7 +221,8 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         graph_codes = results["graphs"].codes.cpu()
         graphs = {"ours_graphs_over_hf_constrained": ups["ours_graphs"] / ups["hf_constrained"],
                   "ours_graphs_over_floor": ups["ours_graphs"] / ups["floor"],
-                  "graphs_same_set_as_ours": overlap(graph_codes, our_codes),
+                  "ours_graphs_over_floor_search_steps": ups["ours_graphs"] / ups["floor_search_steps"],
+                  "graphs_same_set_as_ours": same_set(graph_codes, our_codes),
                   "graphs_same_ranking_as_ours": float(np.mean([torch.equal(graph_codes[u], our_codes[u])
                                                                 for u in range(users)]))}
     return {
@@ -207,8 +232,9 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         **{f"{k}_users_per_s": v for k, v in ups.items()},
         "ours_over_hf_constrained": ups["ours"] / ups["hf_constrained"],
         "ours_over_floor": ups["ours"] / ups["floor"],
+        "ours_over_floor_search_steps": ups["ours"] / ups["floor_search_steps"],
         "same_ranking_as_hf": float(np.mean(same)),
-        "same_set_as_hf": overlap(hf_codes, our_codes),
+        "same_set_as_hf": same_set(hf, our_codes),
         "invalid_rate": float(1.0 - valid.mean()),
         **graphs,
         **({"errors": errors} if errors else {}),
@@ -233,20 +259,35 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     cols = ["setting", "users", "beams", "items", "hf_constrained_users_per_s", "hf_unconstrained_users_per_s",
-            "floor_users_per_s", "ours_users_per_s", "ours_sid_users_per_s", "ours_over_hf_constrained",
-            "ours_over_floor", "same_ranking_as_hf", "same_set_as_hf", "invalid_rate"]
+            "floor_users_per_s", "floor_search_steps_users_per_s", "ours_users_per_s", "ours_sid_users_per_s",
+            "ours_over_hf_constrained", "ours_over_floor", "ours_over_floor_search_steps", "same_ranking_as_hf",
+            "same_set_as_hf", "invalid_rate"]
     if device.type == "cuda":
-        cols[8:8] = ["ours_graphs_users_per_s"]
-        cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "graphs_same_ranking_as_ours",
-                 "graphs_same_set_as_ours"]
+        cols.insert(cols.index("ours_users_per_s") + 1, "ours_graphs_users_per_s")
+        cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "ours_graphs_over_floor_search_steps",
+                 "graphs_same_ranking_as_ours", "graphs_same_set_as_ours"]
     print_table([{c: r.get(c, "-") for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
-    failed = {r["setting"]: r["errors"] for r in rows if r.get("errors")}
-    for setting, errs in failed.items():
-        for method, err in errs.items():
-            print(f"FAILED {setting} {method}: {err}")
+    checks = check_rows(rows)
     print(f"total {time.perf_counter() - t0:.1f}s")
-    write_json("bench_decode", {"bench": "decode", "rows": rows}, args.json)
-    return 1 if failed else 0
+    write_json("bench_decode", {"bench": "decode", "rows": rows, **checks.payload()}, args.json)
+    return checks.report()
+
+
+def check_rows(rows) -> Checks:
+    """The gates of the module doc, per setting; crashed variants are FAILED too."""
+    checks = Checks()
+    for r in rows:
+        setting = r["setting"]
+        for method, err in r.get("errors", {}).items():
+            checks.error(setting, method, err)
+        checks.check(setting, "invalid_rate", r["invalid_rate"], "==", 0.0)
+        if r["dtype"] == "float32":
+            checks.check(setting, "same_ranking_as_hf", r["same_ranking_as_hf"], "==", 1.0)
+        else:  # bf16: HF prefills users x B rows, we prefill users rows; near-ties round differently
+            checks.check(setting, "same_set_as_hf", r["same_set_as_hf"], ">=", 0.95)
+        if "graphs_same_ranking_as_ours" in r:
+            checks.check(setting, "graphs_same_ranking_as_ours", r["graphs_same_ranking_as_ours"], "==", 1.0)
+    return checks
 
 
 if __name__ == "__main__":

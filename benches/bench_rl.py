@@ -9,17 +9,24 @@ rows report both rollouts, the update, and the step time each rollout engine giv
 our rollout with ``cuda_graphs=True`` (graphs captured in its warm-up; the optimizer updates the
 weights in place between rollouts, which the replays read).
 
-CPU setting: tiny random Qwen2, 8 prompts x 16 beams over 3k items, prompt 64.
-GPU setting: Qwen2.5-0.5B shapes with random weights, bf16, 8 prompts x 16 beams over 3.7k
-items, prompt 128. L = 3 levels of 256 codes. Models, catalogues and the HF baseline come
-from bench_decode.py.
+CPU setting: tiny random Qwen2, 8 prompts x 16 beams over 3k items, prompt 64, fp32, 1 thread
+(``--threads N`` overrides). GPU setting: Qwen2.5-0.5B shapes with random weights, bf16, 8 prompts
+x 16 beams over 3.7k items, prompt 128. L = 3 levels of 256 codes. Models, catalogues and the HF
+baseline come from bench_decode.py.
 
-  python benches/bench_rl.py [--device cpu|cuda] [--json PATH]
+After the timings (same weights for both) our rollout's groups are compared with HF's:
+same_set_groups_as_hf, the share of groups with the same B SIDs, and same_set_as_hf, the share of
+the B SIDs per group that both hold (bench_decode's metric). Checks (a missed one prints a FAILED
+line, is in the JSON's "failed" and makes the exit status 1): invalid_rate == 0 (our rollouts are
+SIDs of the catalogue); fp32: same_set_groups_as_hf == 1; bf16: same_set_as_hf >= 0.95 (near-ties:
+one swapped SID changes a whole group, and 8 groups leave no room under 1); the same for the
+CUDA-graph rollout on GPU.
+
+  python benches/bench_rl.py [--device cpu|cuda] [--json PATH] [--threads N]
 """
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import CPU_MODEL, GPU_MODEL, SIZES, build_model, hf_generate, prefix_dict, prompts, random_catalogue  # noqa: E402
-from common import bench_parser, print_table, sync, timeit, write_json  # noqa: E402
+from bench_decode import (CPU_MODEL, GPU_MODEL, SIZES, build_model, hf_codes, hf_generate, prefix_dict,  # noqa: E402
+                          prompts, random_catalogue, same_set, same_set_prompts)
+from common import Checks, bench_parser, print_table, sync, timeit, write_json  # noqa: E402
 
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import beam_search  # noqa: E402
@@ -71,8 +79,17 @@ def run(device: torch.device) -> dict:
     def hf_rollout():
         policy.eval()
         with torch.no_grad():
-            hf_generate(policy, ids, mask, beams, L, allowed)
+            state["hf"] = hf_generate(policy, ids, mask, beams, L, allowed)
         policy.train()
+
+    def compare(prefix: str) -> dict:
+        """Our last rollout against HF's last one (no update in between: same weights)."""
+        ours = state["res"].codes.cpu()
+        hf = hf_codes(state["hf"].reshape(groups, beams, L), vocab, L)
+        flat = ours.reshape(-1, L)
+        valid = trie.contains(flat.numpy()) | (flat < 0).all(1).numpy()
+        return {f"{prefix}same_set_groups_as_hf": same_set_prompts(ours, hf),
+                f"{prefix}same_set_as_hf": same_set(ours, hf), f"{prefix}invalid_rate": float(1.0 - valid.mean())}
 
     def update():
         res = state["res"]
@@ -93,13 +110,15 @@ def run(device: torch.device) -> dict:
     t_ours = timeit(rollout, device, repeat=our_repeat, warmup=2)
     t_update = timeit(update, device, repeat=our_repeat, warmup=1)
     t_hf = timeit(hf_rollout, device, repeat=hf_repeat, warmup=1)
+    rollout()
+    same = compare("")
     seqs = groups * beams
     graphs = {}
     if device.type == "cuda":
         t_graphs = timeit(lambda: rollout(cuda_graphs=True), device, repeat=our_repeat, warmup=2)
         graphs = {"rollout_s_ours_graphs": t_graphs, "rollout_speedup_graphs": t_hf / t_graphs,
-                  "step_speedup_graphs": (t_hf + t_update) / (t_graphs + t_update)}
-    return {**graphs,
+                  "step_speedup_graphs": (t_hf + t_update) / (t_graphs + t_update), **compare("graphs_")}
+    return {**same, **graphs,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "prompts": groups, "beams": beams, "items": items,
         "prompt_len": length,
@@ -110,24 +129,43 @@ def run(device: torch.device) -> dict:
     }
 
 
+def check_row(row) -> Checks:
+    """The gates of the module doc."""
+    checks, setting = Checks(), f"rl_{row['prompts']}x{row['beams']}_{row['dtype']}"
+    for prefix in ("", "graphs_"):
+        if f"{prefix}invalid_rate" not in row:
+            continue
+        checks.check(setting, f"{prefix}invalid_rate", row[f"{prefix}invalid_rate"], "==", 0.0)
+        if row["dtype"] == "float32":
+            checks.check(setting, f"{prefix}same_set_groups_as_hf", row[f"{prefix}same_set_groups_as_hf"], "==", 1.0)
+        else:
+            checks.check(setting, f"{prefix}same_set_as_hf", row[f"{prefix}same_set_as_hf"], ">=", 0.95)
+    return checks
+
+
 def main(argv=None) -> int:
-    args = bench_parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU setting only)")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type not in SETTINGS:
         raise SystemExit(f"bench_rl: no setting for device type {device.type!r}")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if device.type == "cpu":  # one thread: stable numbers on a small shared box (as bench_decode / bench_beam)
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     row = run(device)
     sync(device)
     cols = ["prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback", "update_s", "step_s_ours",
             "step_s_hf_callback", "rollouts_per_s_ours", "rollouts_per_s_hf_callback", "rollout_speedup", "step_speedup"]
     cols += [k for k in ("rollout_s_ours_graphs", "rollout_speedup_graphs", "step_speedup_graphs") if k in row]
+    cols += [k for k in ("same_set_groups_as_hf", "same_set_as_hf", "invalid_rate", "graphs_same_set_groups_as_hf",
+                         "graphs_same_set_as_hf", "graphs_invalid_rate") if k in row]
     print_table([{k: row[k] for k in cols}],
                 title=f"GRPO step ({row['device']}, {row['dtype']})")
+    checks = check_row(row)
     print(f"total {time.perf_counter() - t0:.1f}s")
-    write_json("bench_rl", {"bench": "rl", "rows": [row]}, args.json)
-    return 0
+    write_json("bench_rl", {"bench": "rl", "rows": [row], **checks.payload()}, args.json)
+    return checks.report()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ same codes and both mean squared reconstruction errors.
 GPU settings: 1M x 32 over 3 x 256 codes, fp32 and bf16 (the Triton kernel).
 CPU setting: 100k x 32 over 3 x 256, fp32 (the op's torch path, as "auto" picks on CPU).
 
-  python benches/bench_rq.py [--device cpu|cuda] [--json PATH]
+Checks (a missed one prints a FAILED line, is in the JSON's "failed" and makes the exit status 1):
+fp32: same_codes >= 0.99 and mse_ours <= mse_cdist * (1 + 1e-3); bf16: mse_ours <= mse_cdist * 1.05
+(no gate on bf16 codes: distances of bf16 rows round differently in the kernel and in cdist (or
+the fp32 baseline), so near-ties legitimately pick other codes; the error says whether they are as good).
+
+  python benches/bench_rq.py [--device cpu|cuda] [--json PATH] [--rows N]
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, print_table, timeit, write_json  # noqa: E402
+from common import Checks, bench_parser, print_table, timeit, write_json  # noqa: E402
 
 from genrec_fast.ops.rq import residual_quantize  # noqa: E402
 
@@ -52,8 +57,9 @@ def make_data(n, d, levels, k, dtype, device, seed=0):
     return x.to(device, dtype), codebooks.to(device, dtype)
 
 
-def run_setting(name: str, device: torch.device) -> dict:
+def run_setting(name: str, device: torch.device, rows: int = None) -> dict:
     _, n, d, levels, k, dtype = SETTINGS[name]
+    n = rows or n
     x, cb = make_data(n, d, levels, k, dtype, device)
     cdist_dtype = dtype
     try:
@@ -81,17 +87,31 @@ def run_setting(name: str, device: torch.device) -> dict:
     }
 
 
+def check_rows(rows) -> Checks:
+    """The gates of the module doc."""
+    checks = Checks()
+    for r in rows:
+        if r["dtype"] == "float32":
+            checks.check(r["setting"], "same_codes", r["same_codes"], ">=", 0.99)
+            checks.check(r["setting"], "mse_ours", r["mse_ours"], "<=", r["mse_cdist"] * (1 + 1e-3))
+        else:
+            checks.check(r["setting"], "mse_ours", r["mse_ours"], "<=", r["mse_cdist"] * 1.05)
+    return checks
+
+
 def main(argv=None) -> int:
     p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=None, help="N rows instead of each setting's (a quick check)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     names = [n for n, s in SETTINGS.items() if s[0] == device.type]
     t0 = time.perf_counter()
-    rows = [run_setting(name, device) for name in names]
+    rows = [run_setting(name, device, args.rows) for name in names]
     print_table(rows, title=f"residual quantization ({rows[0]['device']})")
+    checks = check_rows(rows)
     print(f"total {time.perf_counter() - t0:.1f}s")
-    write_json("bench_rq", {"bench": "rq", "rows": rows}, args.json)
-    return 0
+    write_json("bench_rq", {"bench": "rq", "rows": rows, **checks.payload()}, args.json)
+    return checks.report()
 
 
 if __name__ == "__main__":

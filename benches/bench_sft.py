@@ -26,6 +26,11 @@ init, fp32 master weights + bf16 autocast, 16 examples x <= 256 tokens.
 Examples mimic the SFT mix: prompt lengths uniform in [len/4, len - response], responses half
 SIDs (3 tokens + eos), half titles (8..32 tokens).
 
+Check (a missed one prints a FAILED line, is in the JSON's "failed" and makes the exit status 1): the
+loss on the first batch of ours and of each compiled variant against the baseline's, relative difference
+<= 1e-4 in fp32, <= 5e-3 under bf16 autocast (different summation orders of bf16 products; 4e-4 seen on
+an H100). A compiled variant that crashes is FAILED as well.
+
   python benches/bench_sft.py [--device cpu|cuda] [--json PATH] [--rounds N] [--threads N]
                               [--compile-modes [default] [reduce-overhead]] [--bf16]
 """
@@ -42,7 +47,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, print_table, sync, write_json  # noqa: E402
+from common import Checks, bench_parser, print_table, sync, write_json  # noqa: E402
 
 from genrec_fast.model import TINY_CONFIG  # noqa: E402
 from genrec_fast.train.sft import ResponseLoss, adamw, collate, epoch_batches  # noqa: E402
@@ -81,7 +86,7 @@ def padded_batch(examples, pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = bench_parser(__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -91,7 +96,7 @@ def main() -> int:
                    help="torch CPU threads (default on CPU: 1, see the module doc; on CUDA: torch's)")
     p.add_argument("--compile-modes", nargs="*", default=None, choices=("default", "reduce-overhead"),
                    help="torch.compile variants of ours to time (default: 'default' on CPU, both on CUDA; none: eager only)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
@@ -230,17 +235,24 @@ def main() -> int:
     for n, t in compile_s.items():
         print(f"  {n}: compile (first step, forward + backward) {t:.1f} s, not in the timings")
     print("  loss on the first batch: " + ", ".join(f"{n} {v:.4f}" for n, v in first_loss.items()))
+    checks = Checks()
+    for name, err in errors.items():
+        checks.error(name, "", err)
+    ref = first_loss[base]
+    loss_rel_diff = {n: abs(v - ref) / abs(ref) for n, v in first_loss.items() if n != base}
+    for n, v in loss_rel_diff.items():
+        checks.check(f"{device.type} {n}", "loss_rel_diff_vs_baseline", v, "<=", 5e-3 if bf16 else 1e-4)
+    print("  its relative difference to the baseline's: " + ", ".join(f"{n} {v:.2e}" for n, v in loss_rel_diff.items()))
     write_json("bench_sft", {
         "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16,
         "setting": {**s, "vocab": vocab, "rounds": rounds, "compile_shape": fixed},
         "real_tokens_per_step": sum(tokens) / n_steps, "ratio_by": "wall" if device.type == "cuda" else "cpu_time",
         "wall_ratio": wall, "cpu_time_ratio": cpu, "compile_seconds": compile_s, "rows": rows,
-        "loss_first_batch": first_loss, **({"errors": errors} if errors else {}),
+        "loss_first_batch": first_loss, "loss_rel_diff_vs_baseline": loss_rel_diff,
+        **({"errors": errors} if errors else {}), **checks.payload(),
     }, args.json)
-    for name, err in errors.items():
-        print(f"FAILED {name}: {err}")
-    return 1 if errors else 0
+    return checks.report()
 
 
 if __name__ == "__main__":

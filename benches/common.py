@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import operator
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -80,3 +82,46 @@ def write_json(name: str, payload: Dict[str, object], path: Optional[str]) -> No
         tmp = t.with_suffix(t.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2, default=str))
         os.replace(tmp, t)
+
+
+_OPS = {"==": operator.eq, ">=": operator.ge, "<=": operator.le}
+
+
+class Checks:
+    """A bench's correctness gates (ours computes what its baseline computes) and its crashed variants.
+
+    ``check(setting, metric, value, op, threshold)`` records one gate (NaN or None fails any);
+    ``error(setting, what, message)`` a variant that crashed. ``report()`` prints one line starting
+    with ``FAILED`` per missed gate / crash and returns the exit status (1 when any);
+    ``payload()`` is what goes in the bench's JSON: every check with its outcome and the FAILED lines.
+    """
+
+    def __init__(self) -> None:
+        self.checks: List[Dict[str, object]] = []
+        self.errors: List[str] = []
+
+    def check(self, setting: str, metric: str, value: Optional[float], op: str, threshold: float) -> bool:
+        ok = value is not None and not (isinstance(value, float) and math.isnan(value)) and bool(
+            _OPS[op](value, threshold))
+        self.checks.append(dict(setting=setting, metric=metric, value=value, op=op, threshold=threshold, ok=ok))
+        return ok
+
+    def error(self, setting: str, what: str, message: str) -> None:
+        self.errors.append(f"FAILED {setting}{f' {what}' if what else ''}: {message}")
+
+    def failed(self) -> List[str]:
+        def fmt(v: Union[float, None]) -> str:
+            return f"{v:.6g}" if isinstance(v, float) else str(v)
+        return self.errors + [f"FAILED {c['setting']} {c['metric']} = {fmt(c['value'])} (threshold: {c['op']} "
+                              f"{fmt(c['threshold'])})" for c in self.checks if not c["ok"]]
+
+    def payload(self) -> Dict[str, object]:
+        return {"checks": self.checks, "failed": self.failed()}
+
+    def report(self) -> int:
+        lines = self.failed()
+        for line in lines:
+            print(line)
+        if self.checks and not lines:
+            print(f"checks: {len(self.checks)} passed")
+        return 1 if lines else 0

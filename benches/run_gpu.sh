@@ -16,6 +16,10 @@
 # runs eager and compiled (what `genrec-fast sft --compile` runs) unless ARGS_sft says otherwise, e.g.
 #   ARGS_sft="--compile-modes default reduce-overhead" BENCHES=sft bash benches/run_gpu.sh
 # benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
+# Each bench also checks that ours computes what its baseline computes (same beams / SIDs / codes / loss
+# within its thresholds) and exits 1 with "FAILED <setting> <metric> = <value> (threshold: ...)" lines
+# when not. After a step that failed this prints "FAILED <step> (rc N)", or "TIMEOUT <step> (after N s)"
+# when its time cap cut it (timeout's rc 124), and the exit status is 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,17 +31,27 @@ LOG="$OUT/run_gpu.log"
 : > "$LOG"
 t0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
+status=0
+# verdict STEP RC LIMIT: a line in the log and on stdout for a step that failed or ran out of time
+verdict() {
+  if [ "$2" = 124 ]; then
+    echo "TIMEOUT $1 (after $3 s)" | tee -a "$LOG"; status=1
+  elif [ "$2" != 0 ]; then
+    echo "FAILED $1 (rc $2)" | tee -a "$LOG"; status=1
+  fi
+}
 
 stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
 
 stamp "install (editable, C++ trie for this interpreter)"
-if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
-  echo "install failed"; tail -30 "$LOG"; exit 1
+$PY -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1
+rc=$?
+if [ "$rc" != 0 ]; then
+  echo "install failed"; tail -30 "$LOG"; verdict install "$rc" -; exit 1
 fi
 
-status=0
 TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_decode_graphs.py tests/test_rq.py}
 for b in ${BENCHES:-tests rq beam decode sft rl}; do
   if [ "$b" = tests ]; then
@@ -47,20 +61,22 @@ for b in ${BENCHES:-tests rq beam decode sft rl}; do
     workers=${TEST_WORKERS:-4} xdist=""
     if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then xdist="-n $workers"; fi
     stamp "GPU tests (kernels compiled for the device, not the interpreter) ${xdist:-in one process}"
+    limit=${TEST_TIMEOUT:-240}
     # shellcheck disable=SC2086
-    timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $xdist $TESTS 2>&1 \
+    timeout "$limit" $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $xdist $TESTS 2>&1 \
       | tee -a "$LOG" | tail -30
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    verdict tests "${PIPESTATUS[0]}" "$limit"
     continue
   fi
-  [ -f "benches/bench_$b.py" ] || { echo "no benches/bench_$b.py"; status=1; continue; }
+  [ -f "benches/bench_$b.py" ] || { echo "no benches/bench_$b.py"; echo "FAILED bench_$b (no such bench)" | tee -a "$LOG"; status=1; continue; }
   stamp "bench_$b"
   args_var="ARGS_$b" timeout_var="TIMEOUT_$b"
   [ "$b" = sft ] && [ -z "${ARGS_sft+x}" ] && ARGS_sft="--compile-modes default"
+  limit=${!timeout_var:-${BENCH_TIMEOUT:-300}}
   # shellcheck disable=SC2086  # ARGS_<bench> is a list of arguments
-  timeout "${!timeout_var:-${BENCH_TIMEOUT:-300}}" $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" ${!args_var:-} 2>&1 \
+  timeout "$limit" $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" ${!args_var:-} 2>&1 \
     | tee -a "$LOG" | grep -v '^\s*$' | tail -40
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  verdict "bench_$b" "${PIPESTATUS[0]}" "$limit"
 done
 stamp "done (status $status)"
 exit $status

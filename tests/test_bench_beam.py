@@ -29,8 +29,12 @@ def test_bench_beam_cpu_same_beams_as_hf(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["steps"]
     assert [r["setting"] for r in rows] == ["cpu_32x20_3k"]
     r = rows[0]
-    assert r["same_beams_as_hf"] == 1.0
+    assert r["same_beams_as_hf"] == 1.0 and r["same_beams_up_to_ties"] == 1.0
     assert r["max_score_diff"] < 1e-4
+    payload = json.loads(out.read_text())
+    assert payload["failed"] == [] and all(c["ok"] for c in payload["checks"])
+    gates = [c["metric"] for c in payload["checks"]]
+    assert gates == ["max_score_diff", "same_beams_as_hf"] + (["same", "same"] if kernels else [])
     assert r["ours_full_vocab_ms"] > 0 and r["hf_processor_ms"] > 0
     if kernels:
         rows = json.loads(out.read_text())["kernels"]

@@ -1,0 +1,31 @@
+"""benches/bench_rl.py runs on CPU (1 thread) and its checks pass: our rollout groups hold the same SIDs as
+HF's constrained generate on the same weights (fp32: every group), all of them SIDs of the catalogue."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def test_bench_rl_cpu_same_groups_as_hf(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHES))
+    monkeypatch.delenv("OUT", raising=False)
+    import bench_rl
+
+    out = tmp_path / "rl.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_rl.main(["--device", "cpu", "--json", str(out)]) == 0
+        assert torch.get_num_threads() == 1  # pinned like bench_decode / bench_beam
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("bench_rl", None)
+    payload = json.loads(out.read_text())
+    r, = payload["rows"]
+    assert r["dtype"] == "float32" and r["rollout_s_ours"] > 0 and r["rollout_s_hf_callback"] > 0
+    assert r["same_set_groups_as_hf"] == 1.0 and r["same_set_as_hf"] == 1.0 and r["invalid_rate"] == 0.0
+    assert payload["failed"] == []
+    assert [(c["metric"], c["ok"]) for c in payload["checks"]] == [("invalid_rate", True),
+                                                                   ("same_set_groups_as_hf", True)]
