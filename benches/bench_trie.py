@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, print_table, write_json  # noqa: E402
+from common import Checks, bench_parser, print_table, write_json  # noqa: E402
 
 from genrec_fast import SIDTrie  # noqa: E402
 
@@ -44,14 +44,17 @@ def best_of(repeat: int, fn) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = bench_parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--dict-size", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=200_000)
     p.add_argument("--repeat", type=int, default=3, help="builds timed per size (best is reported)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.dict_size not in args.sizes:
+        p.error(f"--dict-size {args.dict_size} must be one of --sizes {args.sizes} (the dict baseline runs at that size)")
 
+    checks = Checks()
     rows = []
     results = {"sizes": {}}
     for n in args.sizes:
@@ -83,16 +86,20 @@ def main() -> None:
             trie.contains(codes)
             c_ours = n / (time.perf_counter() - t0)
             row.update({"dict build s": t_dict, "build speedup": t_dict / t_ours,
-                        "allowed q/s ours": q_ours, "allowed q/s dict": q_dict, "contains SIDs/s": c_ours})
+                        "allowed q/s ours": q_ours, "allowed q/s dict": q_dict, "allowed speedup": q_ours / q_dict,
+                        "contains SIDs/s": c_ours})
+            # both tries give the same allowed codes on the queried prefixes, and every SID is contained
+            same = float(np.mean([trie.allowed(pre).tolist() == ref[pre] for pre in prefixes[:2000]]))
+            checks.check(f"N={n}", "same_allowed_as_dict", same, "==", 1.0)
+            checks.check(f"N={n}", "contains_all", float(trie.contains(codes).mean()), "==", 1.0)
+            row["same allowed as dict"] = same
             entry.update(row)
-            # sanity: both tries agree on the queried prefixes
-            for pre in prefixes[:2000]:
-                assert trie.allowed(pre).tolist() == ref[pre]
         rows.append(row)
         results["sizes"][str(n)] = entry
     print_table(rows, "SID trie: build and queries (L=3, K=256, random unique SIDs)")
-    write_json("bench_trie", results, args.json)
+    write_json("bench_trie", {**results, **checks.payload()}, args.json)
+    return checks.report()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 
 
 def _dtypes(device):
-    return [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.float16]
 
 
 def _path_check(x, codebooks, codes, xhat, norms, tol):
