@@ -11,8 +11,10 @@
 # H100 (2026-11-26, before the changes below): install 15 s, bench_decode 47-52 s, the pytest step over 150 s
 # in one process (cut there at test 83 of 89), bench_beam 13 s, bench_rl 11-16 s, bench_sft 130 s with
 # both compile modes (each a ~50 s compile of 24 layers). Since then: the tests run in 4 processes, take
-# the RQ kernel's fixed config (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py: 10 compiles instead of 80
-# with timing), and the beam kernels compile 20 variants instead of 31 for the test shapes; bench_sft here
+# the RQ kernel's fixed config (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py: one compile per test shape and
+# dtype, ~14, plus one per autotune config in their own test, instead of 8 per shape and a timing round),
+# and the beam kernels compile ~21 variants instead of ~31 for the test shapes (launch keys counted under
+# the interpreter); bench_sft here
 # runs eager and compiled (what `genrec-fast sft --compile` runs) unless ARGS_sft says otherwise, e.g.
 #   ARGS_sft="--compile-modes default reduce-overhead" BENCHES=sft bash benches/run_gpu.sh
 # benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
