@@ -201,15 +201,20 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token")
     rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"encode_prompts: prompt(s) {empty[:5]} tokenize to nothing (a search or a response "
+                         "needs at least one prompt token)")
     if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"encode_prompts: max_length must be >= 1, got {max_length}")
         rows = [r[-max_length:] for r in rows]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
     return ids, mask
 
 

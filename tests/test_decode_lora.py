@@ -133,3 +133,17 @@ def test_cached_lora_head_follows_the_adapter_state():
     assert not torch.allclose(off.scores, on.scores, atol=1e-3)  # the adapter matters here
     again = beam_search(model, ids, mask, trie, vocab, num_beams=5, backend="torch")
     assert torch.equal(again.codes, on.codes) and torch.equal(again.scores, on.scores)
+
+
+def test_encode_prompts_left_pads_and_names_empty_prompts():
+    _, tok, _ = _lora_model()
+    ids, mask = encode_prompts(tok, ["Red tape", "Blue glue for the shop"])
+    n0 = len(tok("Red tape", add_special_tokens=False)["input_ids"])
+    assert mask[0].tolist() == [0] * (ids.shape[1] - n0) + [1] * n0 and mask[1].all()
+    assert (ids[0, : ids.shape[1] - n0] == tok.pad_token_id).all()
+    cut, cut_mask = encode_prompts(tok, ["Blue glue for the shop"], max_length=2)  # keeps the last tokens
+    assert cut.tolist() == [ids[1, -2:].tolist()] and cut_mask.all()
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] tokenize to nothing"):
+        encode_prompts(tok, ["Red tape", ""])
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        encode_prompts(tok, ["Red tape"], max_length=0)
