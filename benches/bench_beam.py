@@ -226,6 +226,7 @@ def check_rows(steps, kernel_rows) -> Checks:
             checks.check(r["setting"], "same_beams_up_to_ties", r["same_beams_up_to_ties"], "==", 1.0)
     for k in kernel_rows:
         checks.check(f"{k['setting']} {k['op']}", "same", k["same"], "==", 1.0)
+        checks.check(f"{k['setting']} {k['op']}", "max_abs_diff", k["max_abs_diff"], "<=", TIE_TOL)
     return checks
 
 

@@ -91,7 +91,10 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
 def _config_scalar(action: argparse.Action, value: Any, where: str) -> Any:
     if isinstance(value, dict) and action.type is json.loads:
         return value  # a JSON-dict option written as a mapping
-    if isinstance(value, bool) or not (value is None or isinstance(value, (str, int, float))):
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: expected a value, got {value!r} (YAML reads an unquoted yes / no / on / off "
+                         "as true / false: quote it)")
+    if not (value is None or isinstance(value, (str, int, float))):
         raise ValueError(f"{where}: expected a single value, got {value!r}")
     conv = action.type or str
     try:  # null: what a flag would spell (an optional-typed option maps it to None)

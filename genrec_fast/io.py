@@ -101,7 +101,11 @@ def atomic_dir(final: Union[str, Path], write) -> Path:
     leaves it there, and :func:`recover_dir` (run first here) puts it back."""
     import shutil
 
-    final = Path(final)
+    final = Path(os.path.normpath(final))  # 'out/x/..' -> 'out': the name below is a real folder's
+    cwd = Path.cwd().resolve()
+    if cwd == final.resolve() or final.resolve() in cwd.parents:
+        raise ValueError(f"{final}: the current folder (or one above it) cannot be replaced as a whole; "
+                         "give a folder below it")
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -114,11 +118,19 @@ def atomic_dir(final: Union[str, Path], write) -> Path:
         raise
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"  # unique: never a leftover's name
-        os.replace(final, old)
+        try:
+            os.replace(final, old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.replace(tmp, final)
         _fsync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _fsync_path(final.parent)
     return final

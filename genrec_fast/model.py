@@ -228,6 +228,7 @@ def eval_mode(model: torch.nn.Module):
     try:
         yield model
     finally:
+        model.train(modes[0][1])  # through the model's own train() (it may do more than set flags)
         for m, flag in modes:
             m.training = flag
 

@@ -69,3 +69,15 @@ def test_published_files_and_folders_get_umask_permissions_not_private_temp_ones
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_atomic_dir_refuses_the_current_folder_and_normalises_dots(tmp_path, monkeypatch):
+    (tmp_path / "ds").mkdir()
+    monkeypatch.chdir(tmp_path / "ds")
+    for target in (".", "..", "sub/../."):
+        with pytest.raises(ValueError, match="the current folder .* cannot be replaced as a whole"):
+            atomic_dir(target, _write("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"] and not any((tmp_path / "ds").iterdir())
+    out = atomic_dir("new/x/..", _write("one"))  # 'new/x/..' is 'new'
+    assert str(out) == "new" and (tmp_path / "ds" / "new" / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["new"]

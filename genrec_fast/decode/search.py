@@ -81,7 +81,8 @@ def _lse(logits: torch.Tensor) -> torch.Tensor:
     """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_j - log_softmax(x)_j, read at
     j = the arg-max of the first ``_LSE_PROBE`` columns (a -inf logit there would give -inf - -inf = NaN;
     the arg-max of the whole row would cost one more pass over [rows, V]). Only a row whose first
-    ``_LSE_PROBE`` logits are all -inf gives NaN, which beam_search reports as an error, never silently."""
+    ``_LSE_PROBE`` logits are all -inf gives NaN (in :func:`full_vocab_lse`: of any of its vocabulary
+    chunks), which beam_search reports as an error, never silently."""
     j = logits[:, :_LSE_PROBE].argmax(dim=1, keepdim=True)
     log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32)
     return (logits.gather(1, j).float() - log_probs.gather(1, j)).squeeze(1)

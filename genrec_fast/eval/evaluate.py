@@ -135,8 +135,9 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
     cuda_graphs: run the searches' forwards from CUDA graphs (``beam_search(cuda_graphs=True)``);
     prompts are batched by length, so consecutive batches share a graph set.
 
-    Returns one record per decoded sample: {"index", "target", "ranked" (<= top_n item indices),
-    "num_beams" (returned), "num_invalid"}, in index order. Prompts are batched by length.
+    Returns one record per decoded sample: {"index", "target", "ranked" (<= top_n item indices; an
+    invalid beam's place holds ``INVALID_SLOT``, -1), "num_beams" (returned), "num_invalid"}, in index
+    order. Prompts are batched by length.
     """
     from genrec_fast.decode import beam_search
     from genrec_fast.model import encode_prompts
