@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from genrec_fast.train.losses import clipped_policy_loss, dpo_loss, k3_kl, sdpo_loss
+from genrec_fast.train.losses import clipped_policy_loss, dpo_loss, grpo_loss, k3_kl, sdpo_loss
 
 
 def _softplus(x):
@@ -98,3 +98,34 @@ def test_clipped_policy_loss_gradient_on_fresh_rollout_is_policy_gradient():
     loss, _ = clipped_policy_loss(logp, logp.detach(), adv)
     loss.sum().backward()
     torch.testing.assert_close(logp.grad, -adv)
+
+
+def test_grpo_loss_per_token_as_trl_and_per_sequence():
+    """level 'token' is TRL's GRPOTrainer loss (all completion tokens real): per token
+    -(min(r A, clip(r) A) - beta k3), averaged over tokens, then rows; 'sequence' does the same on sums."""
+    g = torch.Generator().manual_seed(0)
+    R, L, beta, eps = 5, 3, 0.04, 0.2
+    logp = -torch.rand(R, L, generator=g) * 3
+    old = logp + 0.3 * torch.randn(R, L, generator=g)
+    ref = logp + 0.5 * torch.randn(R, L, generator=g)
+    adv = torch.randn(R, generator=g)
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    per_tok = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps) * a)
+    per_tok = per_tok + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    loss, kl, clipped = grpo_loss(logp, old, ref, adv, beta, eps, "token")
+    torch.testing.assert_close(loss, per_tok.mean(1).mean())
+    assert kl.shape == clipped.shape == (R, L)
+    s_logp, s_old, s_ref = logp.sum(1), old.sum(1), ref.sum(1)
+    r = torch.exp(s_logp - s_old)
+    per_seq = -torch.minimum(r * adv, torch.clamp(r, 1 - eps, 1 + eps) * adv)
+    per_seq = per_seq + beta * (torch.exp(s_ref - s_logp) - (s_ref - s_logp) - 1)
+    loss_s, kl_s, _ = grpo_loss(s_logp, s_old, s_ref, adv, beta, eps, "sequence")
+    torch.testing.assert_close(loss_s, per_seq.mean())
+    assert kl_s.shape == (R,) and not torch.allclose(loss, loss_s)
+    with pytest.raises(ValueError, match="level must be one of"):
+        grpo_loss(logp, old, ref, adv, beta, eps, "batch")
+    with pytest.raises(ValueError, match="level 'sequence' takes 1-D log-probs"):
+        grpo_loss(logp, old, ref, adv, beta, eps, "sequence")
+    with pytest.raises(ValueError, match=r"advantages has shape \(4,\)"):
+        grpo_loss(logp, old, ref, adv[:4], beta, eps, "token")

@@ -126,13 +126,15 @@ def test_sdpo_mined_negatives_exclude_target(tiny_run, tmp_path):
         random_negatives(np.random.default_rng(0), s.item_leaf, samples[:1], 39)
 
 
-def test_grpo_trains_with_ranking_reward(tiny_run, tmp_path):
+@pytest.mark.parametrize("loss_level", ["token", "sequence"])
+def test_grpo_trains_with_ranking_reward(tiny_run, tmp_path, loss_level):
     from genrec_fast.train import GRPOConfig, train_grpo
 
     data_dir, model_dir = tiny_run
     out = tmp_path / "rl"
     cfg = GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(out), steps=20, lr=3e-3, beta=0.01,
-                     group_size=8, num_updates=2, inject_target=True, train_samples=8, **COMMON)
+                     group_size=8, num_updates=2, inject_target=True, train_samples=8, loss_level=loss_level,
+                     **COMMON)
     res = train_grpo(cfg)
     log = res["log"]
     assert {"reward", "hit_rate", "no_signal", "kl", "clip_frac"} <= set(log[0])
@@ -190,6 +192,8 @@ def test_cli_config_parsing(tiny_run, tmp_path):
     assert cfg.max_prompt_length is None
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         GRPOConfig(model="m", data="d", out="o", group_size=1)
+    with pytest.raises(ValueError, match="loss_level must be one of"):
+        GRPOConfig(model="m", data="d", out="o", loss_level="batch")
     with pytest.raises(ValueError, match="'model' is required"):
         GRPOConfig(data="d", out="o")
     with pytest.raises(ValueError, match="eval_beams 5 < 10: the evals report HR@10"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from genrec_fast.train.logprobs import ReferenceModel, join_prompt_response, sequence_logprobs
+from genrec_fast.train.logprobs import ReferenceModel, join_prompt_response, sequence_logprobs, token_logprobs
 
 
 def _tiny(seed=0, vocab=40):
@@ -32,12 +32,15 @@ def test_sequence_logprobs_matches_unpadded_forward():
     resp = torch.randint(1, 40, (3, 3), generator=g)
     ids, mask = _left_pad(prompts)
     got = sequence_logprobs(model, ids, mask, resp)
+    per_token = token_logprobs(model, ids, mask, resp)
+    assert per_token.shape == (3, 3) and per_token.requires_grad
     for i, p in enumerate(prompts):
         full = torch.tensor([p + resp[i].tolist()])
         with torch.no_grad():
             logp = model(full).logits[0].float().log_softmax(-1)
-        want = sum(logp[len(p) - 1 + j, resp[i, j]] for j in range(3))
-        assert got[i].item() == pytest.approx(want.item(), abs=1e-4)
+        want = [logp[len(p) - 1 + j, resp[i, j]].item() for j in range(3)]
+        assert per_token[i].tolist() == pytest.approx(want, abs=1e-4)
+        assert got[i].item() == pytest.approx(sum(want), abs=1e-4)
     assert got.requires_grad
 
 

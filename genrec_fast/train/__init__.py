@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from .logprobs import ReferenceModel, sequence_logprobs
-from .losses import clipped_policy_loss, dpo_loss, k3_kl, sdpo_loss
+from .logprobs import ReferenceModel, sequence_logprobs, token_logprobs
+from .losses import clipped_policy_loss, dpo_loss, grpo_loss, k3_kl, sdpo_loss
 from .rewards import (
     REWARDS,
     SemanticReward,
@@ -37,6 +37,7 @@ __all__ = [
     "clipped_policy_loss",
     "dpo_loss",
     "group_advantages",
+    "grpo_loss",
     "group_rewards",
     "hit_rank",
     "k3_kl",
@@ -46,6 +47,7 @@ __all__ = [
     "rule_reward",
     "sdpo_loss",
     "sequence_logprobs",
+    "token_logprobs",
     *_LAZY,
 ]
 

@@ -3,8 +3,10 @@
 Each step: one beam search of the current policy per prompt with B = ``group_size`` beams
 (beam order is the rank) -> rewards per beam (rule / ranking / semantic) -> advantages
 (R − mean)/(std + 1e-4) per group -> ``num_updates`` optimizer steps on the same rollout,
-each with the recomputed sequence log-prob, PPO-style ratio clipping against the log-probs
-of the first update, and β·k3 KL to the frozen reference. With ``inject_target`` a group
+each with the recomputed log-probs, PPO-style ratio clipping against the log-probs of the first
+update, and β·k3 KL to the frozen reference; per SID token and averaged over the tokens (as TRL's
+GRPOTrainer and MiniOneRec; ``loss_level="token"``) or on the summed sequence log-prob
+(``loss_level="sequence"``). With ``inject_target`` a group
 whose beams miss the target gets the target's SID in place of its last beam, so it has a
 learning signal. The share of groups with no signal (all-equal rewards) is logged.
 """
@@ -18,8 +20,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 import torch
 
-from genrec_fast.train.logprobs import sequence_logprobs
-from genrec_fast.train.losses import clipped_policy_loss, k3_kl
+from genrec_fast.train.logprobs import sequence_logprobs, token_logprobs
+from genrec_fast.train.losses import GRPO_LOSS_LEVELS, grpo_loss
 from genrec_fast.train.post_training import (PostTrainConfig, Session, add_config_arguments, check_finite,
                                              post_train, run_cli)
 from genrec_fast.train.rewards import group_advantages, group_rewards, hit_rank, make_reward, no_signal_share
@@ -34,6 +36,7 @@ class GRPOConfig(PostTrainConfig):
     clip_eps: float = 0.2
     beta: float = 0.04  # weight of the k3 KL to the reference
     inject_target: bool = False
+    loss_level: str = "token"  # "token": ratio, clip and KL per SID token, averaged (TRL, MiniOneRec); "sequence"
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,6 +44,8 @@ class GRPOConfig(PostTrainConfig):
             raise ValueError(f"group_size must be >= 2, got {self.group_size}")
         if self.num_updates < 1:
             raise ValueError(f"num_updates must be >= 1, got {self.num_updates}")
+        if self.loss_level not in GRPO_LOSS_LEVELS:
+            raise ValueError(f"loss_level must be one of {GRPO_LOSS_LEVELS}, got {self.loss_level!r}")
 
 
 class Rollouts(NamedTuple):
@@ -75,16 +80,16 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
     B = cfg.group_size
     responses = session.response_tokens(ro.codes)  # [G*B, L]
     rep_ids, rep_mask = ids.repeat_interleave(B, dim=0), mask.repeat_interleave(B, dim=0)
-    ref = session.reference_logprobs(rep_ids, rep_mask, responses)
+    per_token = cfg.loss_level == "token"
+    logprobs = token_logprobs if per_token else sequence_logprobs
+    ref = session.reference_logprobs(rep_ids, rep_mask, responses, per_token=per_token)
     old = None
     stats: Dict[str, float] = {}
     for it in range(cfg.num_updates):
-        logps = sequence_logprobs(session.model, rep_ids, rep_mask, responses)
+        logps = logprobs(session.model, rep_ids, rep_mask, responses)
         if old is None:
             old = logps.detach()  # the rollout's log-probs: ratio 1 on the first update
-        pg, clipped = clipped_policy_loss(logps, old, adv, cfg.clip_eps)
-        kl = k3_kl(logps, ref)
-        loss = (pg + cfg.beta * kl).mean()
+        loss, kl, clipped = grpo_loss(logps, old, ref, adv, cfg.beta, cfg.clip_eps, cfg.loss_level)
         check_finite("GRPO loss", loss)
         grad_norm = session.backward_and_step(loss)
         if it == cfg.num_updates - 1:

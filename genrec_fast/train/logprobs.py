@@ -41,7 +41,14 @@ def join_prompt_response(
 def sequence_logprobs(
     model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Sum over the response tokens of log p(token | prompt, previous tokens): [R] float32.
+    """Sum over the response tokens of log p(token | prompt, previous tokens): [R] float32."""
+    return token_logprobs(model, prompt_ids, prompt_mask, response_ids).sum(dim=1)
+
+
+def token_logprobs(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+) -> torch.Tensor:
+    """log p(token | prompt, previous tokens) of each response token: [R, L] float32.
 
     Gradients flow to ``model`` unless called under ``torch.no_grad()``. Only the L+1 last
     positions' logits are computed (``logits_to_keep``), in float32 for the log-sum-exp.
@@ -57,8 +64,7 @@ def sequence_logprobs(
     )
     logits = out.logits[:, -(num_resp + 1) : -1].float()  # positions predicting the response tokens
     targets = response_ids.to(logits.device).long().unsqueeze(-1)
-    token_logps = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return token_logps.sum(dim=1)
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -82,8 +88,11 @@ class ReferenceModel:
             self.model.requires_grad_(False)
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                 per_token: bool = False) -> torch.Tensor:
+        """Reference log-probs of the responses: [R] summed, or [R, L] per token."""
+        fn = token_logprobs if per_token else sequence_logprobs
         if self.uses_adapter:
             with self.policy.disable_adapter():
-                return sequence_logprobs(self.policy, prompt_ids, prompt_mask, response_ids)
-        return sequence_logprobs(self.model, prompt_ids, prompt_mask, response_ids)
+                return fn(self.policy, prompt_ids, prompt_mask, response_ids)
+        return fn(self.model, prompt_ids, prompt_mask, response_ids)

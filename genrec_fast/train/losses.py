@@ -1,8 +1,9 @@
-"""Post-training losses: DPO, softmax-DPO (S-DPO), k3 KL and the clipped policy loss.
+"""Post-training losses: DPO, softmax-DPO (S-DPO), k3 KL, the clipped policy loss and GRPO's loss.
 
-All functions take sequence log-probabilities (the response log-prob summed over the SID
-tokens, see :mod:`genrec_fast.train.logprobs`) and return one loss value per row, so the
-caller chooses the reduction.
+DPO / S-DPO take sequence log-probabilities (the response log-prob summed over the SID tokens, see
+:mod:`genrec_fast.train.logprobs`); k3 KL and the clipped policy loss work element-wise (per sequence or
+per token). Each returns one loss value per row (``grpo_loss``: the mean), so the caller chooses the
+reduction.
 """
 from __future__ import annotations
 
@@ -94,3 +95,38 @@ def clipped_policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
     return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+GRPO_LOSS_LEVELS = ("token", "sequence")
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    beta: float,
+    clip_eps: float = 0.2,
+    level: str = "token",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's loss: the clipped policy loss plus β·k3 KL to the reference, averaged.
+
+    level "token" (TRL's GRPOTrainer, MiniOneRec): log-probs [R, L] per response token; ratio, clipping
+    and k3 KL per token, averaged over the L tokens, then over the R rows (SID responses all have L
+    tokens). level "sequence": log-probs [R] summed over the response; ratio and k3 KL of the sums.
+    advantages: [R], one per response. Returns (loss, kl [R, L] or [R], clipped [R, L] or [R] bool).
+    """
+    if level not in GRPO_LOSS_LEVELS:
+        raise ValueError(f"grpo_loss: level must be one of {GRPO_LOSS_LEVELS}, got {level!r}")
+    want = 2 if level == "token" else 1
+    if logps.dim() != want:
+        raise ValueError(f"grpo_loss: level {level!r} takes {want}-D log-probs, got shape {tuple(logps.shape)}")
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"grpo_loss: advantages has shape {tuple(advantages.shape)}, expected ({logps.shape[0]},)")
+    adv = advantages[:, None].expand_as(logps) if level == "token" else advantages
+    pg, clipped = clipped_policy_loss(logps, old_logps, adv, clip_eps)
+    kl = k3_kl(logps, ref_logps)
+    per_row = pg + beta * kl
+    if level == "token":
+        per_row = per_row.mean(dim=1)
+    return per_row.mean(), kl, clipped

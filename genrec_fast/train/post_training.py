@@ -172,10 +172,10 @@ class Session:
         return ids.to(self.device), mask.to(self.device)
 
     def reference_logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           response_ids: torch.Tensor) -> torch.Tensor:
-        """Reference log-probs under the same autocast as the policy's forward (no grad)."""
+                           response_ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """Reference log-probs ([R], or [R, L] per token) under the same autocast as the policy's forward (no grad)."""
         with self.accelerator.autocast():
-            return self.reference.logprobs(prompt_ids, prompt_mask, response_ids)
+            return self.reference.logprobs(prompt_ids, prompt_mask, response_ids, per_token=per_token)
 
     def response_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """SID codes [..., L] -> token ids [R, L] on the device."""
