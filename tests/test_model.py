@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from genrec_fast.model import (add_sid_tokens, build_tiny_tokenizer, encode_prompts, load_model_and_tokenizer,
-                               pick_attn_implementation)
+from genrec_fast.model import add_sid_tokens, build_tiny_tokenizer, encode_prompts, load_model_and_tokenizer
 from genrec_fast.sid_tokens import sid_token_strings
 
 CORPUS = ["Red tape for the shop", "Blue glue", "### Instruction:\nRecommend the next item.\n### Response:\n"] * 5
@@ -97,4 +96,11 @@ def test_lora_trains_adapters_and_sid_rows():
 
 
 def test_attn_implementation_choice():
-    assert pick_attn_implementation("cpu") == "sdpa"
+    """sdpa unless asked for (on any device: what the packed SFT step and the beam search are tested on)."""
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 64}
+    model, _, _ = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300, model_overrides=small)
+    assert model.config._attn_implementation == "sdpa"
+    model, _, _ = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300, model_overrides=small,
+                                           attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"

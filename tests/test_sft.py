@@ -377,3 +377,50 @@ def test_adamw_is_fused_on_cpu_and_updates_like_the_default():
             opt.step()
     for p, q, p0 in zip(a, b, start):
         assert not torch.allclose(p, p0, atol=1e-3) and torch.allclose(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_batch_under_flash_attention_keeps_examples_apart(monkeypatch):
+    """flash-attn is not installed here: its two kernels are stood in for by exact torch code, routed the way
+    transformers routes them. A packed batch of several rows must give the sdpa (block-diagonal) loss, which
+    takes the varlen kernel: the batch runs as one row whose position ids restart per example."""
+    import torch.nn.functional as F
+
+    fau = pytest.importorskip("transformers.modeling_flash_attention_utils")
+    if not hasattr(fau, "lazy_import_flash_attention"):
+        pytest.skip("this transformers has no lazy_import_flash_attention to stand flash-attn in for")
+    calls = []
+
+    def attend(q, k, v, causal):  # [B, T, H, D] with grouped K/V heads
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2)
+
+    def flash_fn(q, k, v, causal=True, **kw):
+        calls.append("dense")
+        return attend(q, k, v, causal)
+
+    def flash_varlen_fn(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, **kw):
+        calls.append("varlen")
+        cu = cu_seqlens_q.tolist()
+        return torch.cat([attend(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0] for a, b in zip(cu, cu[1:])])
+
+    def process_kwargs(**kw):
+        return {"causal": kw.get("is_causal", True)}
+
+    monkeypatch.setattr(fau, "lazy_import_flash_attention",
+                        lambda *a, **k: ((flash_fn, flash_varlen_fn, None, None, None), (process_kwargs, process_kwargs)))
+    data = _data()
+    model, tok, _ = _tiny(data)
+    model.eval()
+    tk = _examples(tok, data)
+    rows = epoch_batches([len(t[0]) for t in tk], 0, 0, batch_tokens=256, pack_length=128, packing=True)[0]
+    batch = collate(tk, rows, tok.pad_token_id, True)
+    assert batch["input_ids"].shape[0] > 1 and max(len(r) for r in rows) > 1  # rows that each hold several examples
+    with torch.no_grad():
+        want = response_loss(model, batch)
+        for c in (model.config, model.model.config):
+            c._attn_implementation_internal = "flash_attention_2"
+        got = response_loss(model, batch)
+    assert calls and set(calls) == {"varlen"}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

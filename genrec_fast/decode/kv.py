@@ -125,7 +125,7 @@ def _cache_arg(model_class: type) -> str:
 def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache):
     """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H]).
 
-    An sdpa model runs with :func:`decode_sdpa` as its attention for this call (see there)."""
+    An sdpa (or flash-attention) model runs with :func:`decode_sdpa` as its attention for this call (see there)."""
     name = _cache_arg(type(base))
     with decode_attention(base.config):
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
@@ -198,21 +198,27 @@ def _config_tree(config) -> List:
     return out
 
 
+def _swapped(impl) -> bool:
+    """Attention implementations the search's forwards replace by :func:`decode_sdpa`: sdpa, and flash
+    attention (the same attention; the search's padded, cached batches are tested on sdpa only)."""
+    return impl == "sdpa" or (isinstance(impl, str) and impl.startswith("flash_attention"))
+
+
 class decode_attention:  # noqa: N801 - a context manager used like a function
-    """Within: every config of the model (sub-configs included) whose attention is "sdpa" uses
-    :func:`decode_sdpa`; each is put back exactly after, the others are never touched. Set on the
-    configs' stored value directly: the ``_attn_implementation`` setter would copy one value into every
-    sub-config. A nested use finds nothing left to swap."""
+    """Within: every config of the model (sub-configs included) whose attention is "sdpa" or a flash
+    attention uses :func:`decode_sdpa`; each is put back exactly after, the others are never touched.
+    Set on the configs' stored value directly: the ``_attn_implementation`` setter would copy one value
+    into every sub-config. A nested use finds nothing left to swap."""
 
     def __init__(self, config):
-        self.configs = [c for c in _config_tree(config)
-                        if getattr(c, "_attn_implementation_internal", None) == "sdpa"] if _stock_sdpa() else []
+        self.saved = [(c, c._attn_implementation_internal) for c in _config_tree(config)
+                      if _swapped(getattr(c, "_attn_implementation_internal", None))] if _stock_sdpa() else []
 
     def __enter__(self):
-        for c in self.configs:
+        for c, _ in self.saved:
             c._attn_implementation_internal = DECODE_SDPA
 
     def __exit__(self, *exc):
-        for c in self.configs:
-            c._attn_implementation_internal = "sdpa"
+        for c, impl in self.saved:
+            c._attn_implementation_internal = impl
         return False

@@ -4,7 +4,7 @@
   ``prompt + response + eos`` and the loss covers the response tokens only.
 * Packing: examples are laid end to end in rows of ``pack_length`` tokens with position ids
   restarting per example and no attention mask, so HF attention keeps the examples apart
-  (flash-attn varlen or a block-diagonal sdpa mask); no padding is computed except a row's
+  (flash-attn varlen over the batch as one row, or a block-diagonal sdpa mask); no padding is computed except a row's
   tail. ``packing=False`` uses length-bucketed padded batches instead.
 * Logits are computed only at the positions that predict a response token: the base
   transformer's hidden states are gathered there and the LM head runs on those rows only, then an
@@ -259,7 +259,17 @@ class ResponseLoss(torch.nn.Module):
 
 
 def _last_hidden(base, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
-    """The base transformer's last hidden states [R, T, H] (no cache; a packed batch has no mask)."""
+    """The base transformer's last hidden states [R, T, H] (no cache; a packed batch has no mask).
+
+    Under flash attention a packed batch runs as ONE row of R * T tokens: transformers finds the
+    examples (varlen) from the restarting position ids only when the batch has one row; with several
+    rows it would run plain causal attention across each row's examples."""
+    impl = getattr(base.config, "_attn_implementation", None)
+    if attention_mask is None and input_ids.shape[0] > 1 and isinstance(impl, str) and impl.startswith("flash_attention"):
+        rows, width = input_ids.shape
+        hidden = base(input_ids=input_ids.reshape(1, rows * width), position_ids=position_ids.reshape(1, rows * width),
+                      use_cache=False).last_hidden_state
+        return hidden.reshape(rows, width, hidden.shape[-1])
     kw = {} if attention_mask is None else {"attention_mask": attention_mask}
     return base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kw).last_hidden_state
 
