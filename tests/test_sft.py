@@ -222,11 +222,43 @@ def test_train_learns_and_resumes_exactly(tmp_path):
     # the log was cut back to the checkpoint's step on resume: every step once
     assert [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 41))
 
+    # resuming with settings that shape the training changed is refused, naming them (no silent mix of two runs)
+    with pytest.raises(ValueError, match=r"other settings \(lr 0.003 then, 0.05 now; seed 0 then, 7 now\).*--no-resume"):
+        train_sft(_cfg(tmp_path, max_steps=40, eval_every=20, save_every=20, keep_checkpoints=3, patience=5,
+                       lr=5e-2, seed=7), data=data)
+    with pytest.raises(ValueError, match=r"other settings \(examples .* now; tasks \['sid_seq', 'title2sid'\] then, "
+                                         r"\['sid_seq'\] now\)"):
+        train_sft(_cfg(tmp_path, max_steps=40, eval_every=20, save_every=20, keep_checkpoints=3, patience=5,
+                       tasks=("sid_seq",)), data=data)
+
     # --no-resume in the same output_dir: the old run's checkpoints go, so a later resume continues THIS run
     res3 = train_sft(_cfg(tmp_path, max_steps=10, eval_every=5, save_every=5, patience=5, resume=False), data=data)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000005", "step-0000010"]
     assert json.loads((out / "sft_result.json").read_text())["step"] == 10 and len(res3.history["loss"]) == 10
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 10
+
+
+def test_responses_are_never_cut(tmp_path):
+    data = _data()
+    _, tok, _ = _tiny(data)
+    ex = build_examples(data, ["sid2title"])
+    n = len(tok(ex[0].response, add_special_tokens=False)["input_ids"])
+    assert tokenize_examples(tok, ex[:1], n + 2)[0][1] == 1  # response + eos + one prompt token: fits
+    with pytest.raises(ValueError, match=r"example 0 \(task 'sid2title'\): its response is \d+ tokens \+ eos"):
+        tokenize_examples(tok, ex[:1], n + 1)
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        tokenize_examples(tok, ex[:1], 1)
+
+
+def test_epochs_count_micro_batches_under_gradient_accumulation(tmp_path):
+    """epochs x micro-batches / grad_accum optimizer steps (rounded up): accumulation runs on across epoch
+    ends, so rounding the steps per epoch down first would train on less data than asked."""
+    data = _data()
+    res1 = train_sft(_cfg(tmp_path / "a", epochs=2.0, eval_every=-1, grad_accum=1), data=data)
+    micro = res1.history["loss"][-1][0] // 2  # optimizer steps = micro-batches at grad_accum 1
+    res = train_sft(_cfg(tmp_path / "b", epochs=2.0, eval_every=-1, grad_accum=4), data=data)
+    result = json.loads((res.output_dir / "sft_result.json").read_text())
+    assert micro % 4 and result["step"] == -(-2 * micro // 4)  # not 2 * (micro // 4)
 
 
 def test_config_and_data_errors_before_training(tmp_path):

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -114,15 +115,21 @@ class SFTResult:
 # ---- tokenization and batching -------------------------------------------------------------------
 
 def tokenize_examples(tokenizer, examples, max_length: int) -> List[Tuple[List[int], int]]:
-    """(ids, n_prompt) per example: prompt + response + eos, the prompt cut from the left to fit."""
+    """(ids, n_prompt) per example: prompt + response + eos, the prompt cut from the left to fit (a response
+    that does not fit with one prompt token is an error naming the example)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token")
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (a prompt token and the eos), got {max_length}")
     out = []
-    for p, r in zip(prompts, responses):
-        r = (r + [eos])[: max_length - 1]
+    for i, (e, p, r) in enumerate(zip(examples, prompts, responses)):
+        r = r + [eos]
+        if len(r) > max_length - 1:  # the response is never cut: a cut response teaches a wrong target
+            raise ValueError(f"example {i} (task {e.task!r}): its response is {len(r) - 1} tokens + eos, which leaves "
+                             f"no room for a prompt token within max_length {max_length}; raise max_length")
         p = p[len(p) - (max_length - len(r)):] if len(p) + len(r) > max_length else p
         out.append((p + r, len(p)))
     return out
@@ -292,6 +299,21 @@ def adamw(params, **kw) -> torch.optim.AdamW:
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
+# SFTConfig fields a resumed run may change: where and how it runs, not what it trains on or how
+_RESUMABLE_CHANGES = ("data", "output_dir", "compile", "cuda_graphs", "eval_batch_size", "save_every",
+                      "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size", "progress")
+
+
+def _run_key(cfg: "SFTConfig", lengths: Sequence[int]) -> dict:
+    """What a checkpoint must share with the run that resumes it: the config fields that shape the
+    training (the data path may move) and a fingerprint of the tokenized examples (so other data, tasks
+    or tokenizer show up even under the same path)."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    key["tasks"] = list(key["tasks"])
+    key["examples"] = [len(lengths), int(sum(lengths)), zlib.crc32(np.asarray(lengths, dtype=np.int64).tobytes())]
+    return key
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -427,12 +449,19 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         return b[rank:n:world]
 
     micro_per_epoch = len(batches_of(0))
+    dropped = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing)) % world
+    if dropped:
+        acc.print(f"sft: {dropped} micro-batch(es) of each epoch left out so that the {world} processes get the same "
+                  "number (a different one each epoch: the order is reshuffled)")
     if micro_per_epoch == 0:
         n = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing))
         raise ValueError(f"sft: {len(tokenized)} training examples make {n} micro-batch(es) of <= {cfg.batch_tokens} "
                          f"tokens, fewer than the {world} process(es): every process needs at least one")
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    # accumulation runs on across epoch ends (a partial group is finished with the next epoch's first
+    # micro-batches), so `epochs` is counted in micro-batches (epoch 0's count; packing varies it by a few)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else max(
+        1, int(math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -459,8 +488,15 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     acc.wait_for_everyone()
     ckpts = _checkpoints(out) if cfg.resume else []
+    run_key = _run_key(cfg, lengths)
     if ckpts:
         blob = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+        saved = blob.get("run_key")
+        if saved is not None and saved != run_key:
+            diff = "; ".join(f"{k} {saved.get(k)!r} then, {run_key.get(k)!r} now"
+                             for k in sorted(set(saved) | set(run_key)) if saved.get(k) != run_key.get(k))
+            raise ValueError(f"sft: {ckpts[-1]} was made with other settings ({diff}): resuming would mix two "
+                             "runs; use --no-resume (a fresh start) or another --output-dir")
         lm.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
@@ -478,7 +514,7 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         if not acc.is_main_process:
             return
         blob = {"model": lm.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "trainer": state, "rng": _rng_state()}
+                "scheduler": scheduler.state_dict(), "trainer": state, "rng": _rng_state(), "run_key": run_key}
         atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", lambda d: torch.save(blob, d / "state.pt"))
         for old in _checkpoints(out)[:-max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(old)
