@@ -13,7 +13,8 @@ share of users whose ranked SIDs are identical in (a) and (d) and in (d) and (e)
 
 Checks (a missed one prints a FAILED line, is in the JSON's "failed" and makes the exit status 1):
 invalid_rate == 0; fp32: same_ranking_as_hf == 1; bf16: same_set_as_hf >= 0.95 (near-ties swap ranks,
-see docs/decode.md); graphs_same_ranking_as_ours == 1 when (e) ran.
+see docs/decode.md); when (e) ran: graphs_same_ranking_as_ours == 1 in fp32, graphs_same_set_as_ours
+>= 0.99 in bf16.
 
 CPU setting: tiny random Qwen2, 32 users x 20 beams, 3k items. GPU settings (bf16, sdpa):
 Qwen2.5-0.5B shapes with random weights, prompt 128, 8 x 50 and 64 x 16 over 3.7k items,
@@ -285,8 +286,11 @@ def check_rows(rows) -> Checks:
             checks.check(setting, "same_ranking_as_hf", r["same_ranking_as_hf"], "==", 1.0)
         else:  # bf16: HF prefills users x B rows, we prefill users rows; near-ties round differently
             checks.check(setting, "same_set_as_hf", r["same_set_as_hf"], ">=", 0.95)
-        if "graphs_same_ranking_as_ours" in r:
-            checks.check(setting, "graphs_same_ranking_as_ours", r["graphs_same_ranking_as_ours"], "==", 1.0)
+        if "graphs_same_ranking_as_ours" in r:  # the graph and eager searches: the same kernels on the same shapes
+            if r["dtype"] == "float32":
+                checks.check(setting, "graphs_same_ranking_as_ours", r["graphs_same_ranking_as_ours"], "==", 1.0)
+            else:  # bf16: a near-tie may still swap two ranks (the H100 run gave 100 % same ranking)
+                checks.check(setting, "graphs_same_set_as_ours", r["graphs_same_set_as_ours"], ">=", 0.99)
     return checks
 
 

@@ -42,15 +42,15 @@ def test_bench_decode_gates_fire(monkeypatch):
 
     try:
         good = dict(setting="s", dtype="bfloat16", invalid_rate=0.0, same_ranking_as_hf=0.3, same_set_as_hf=0.99,
-                    graphs_same_ranking_as_ours=1.0)
-        assert bench_decode.check_rows([good]).failed() == []  # bf16: the set counts, not the ranking
-        bad = dict(good, invalid_rate=0.01, same_set_as_hf=0.9, graphs_same_ranking_as_ours=0.5)
+                    graphs_same_ranking_as_ours=0.9, graphs_same_set_as_ours=0.995)
+        assert bench_decode.check_rows([good]).failed() == []  # bf16: the sets count, not the rankings
+        bad = dict(good, invalid_rate=0.01, same_set_as_hf=0.9, graphs_same_set_as_ours=0.98)
         failed = bench_decode.check_rows([bad]).failed()
-        assert [line.split()[2] for line in failed] == ["invalid_rate", "same_set_as_hf", "graphs_same_ranking_as_ours"]
+        assert [line.split()[2] for line in failed] == ["invalid_rate", "same_set_as_hf", "graphs_same_set_as_ours"]
         assert failed[1] == "FAILED s same_set_as_hf = 0.9 (threshold: >= 0.95)"
         fp32 = dict(good, dtype="float32", same_ranking_as_hf=0.97, errors={"ours_graphs": "RuntimeError: x"})
-        del fp32["graphs_same_ranking_as_ours"]
         assert bench_decode.check_rows([fp32]).failed() == [
-            "FAILED s ours_graphs: RuntimeError: x", "FAILED s same_ranking_as_hf = 0.97 (threshold: == 1)"]
+            "FAILED s ours_graphs: RuntimeError: x", "FAILED s same_ranking_as_hf = 0.97 (threshold: == 1)",
+            "FAILED s graphs_same_ranking_as_ours = 0.9 (threshold: == 1)"]
     finally:
         sys.modules.pop("bench_decode", None)

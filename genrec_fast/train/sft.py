@@ -428,6 +428,10 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         cfg.model, data.catalog.codebook_sizes, corpus=tokenizer_corpus(data.catalog),
         tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
         lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, device=acc.device, seed=cfg.seed)
+    if cfg.cuda_graphs:  # before training, not at the first valid eval
+        from genrec_fast.decode import graphs
+
+        graphs.check_supported(lm_modules(model)[0])
     valid_pick = np.arange(len(data.valid))
     if len(data.valid) > cfg.eval_samples:
         valid_pick = np.sort(np.random.default_rng(cfg.seed).choice(len(data.valid), cfg.eval_samples, replace=False))
