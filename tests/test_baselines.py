@@ -60,6 +60,8 @@ def test_fit_samples_and_errors():
     assert len(fit_samples(data, "test")) == 2 and len(fit_samples(data, "valid")) == 1
     with pytest.raises(ValueError, match="split"):
         fit_samples(data, "dev")
+    with pytest.raises(ValueError, match="evaluating them on train would score them on the samples they learned from"):
+        fit_samples(data, "train")
     res = baseline_metrics(data, "test", ks=(1,))
     assert set(res) == {"popularity", "transition"}
     assert res["transition"]["num_samples"] == 2

@@ -96,10 +96,23 @@ def test_resolver_moves_colliders_to_nearest_free_codes():
 def test_make_unique_adds_dedup_level_when_a_prefix_is_full():
     codes = np.array([[0, 0], [0, 0], [0, 0], [0, 1], [1, 0]])  # prefix 0 has 4 items, K_last = 2
     out, sizes, rep = make_unique(codes, (2, 2))
-    assert out.dtype == np.int32 and out.shape == (5, 3) and sizes == (2, 2, 3)
+    assert out.dtype == np.int32 and out.shape == (5, 3)
     assert len({tuple(r) for r in out.tolist()}) == 5
     assert rep["before"]["collision_groups"] == 1 and rep["after"]["collision_groups"] == 0
-    assert rep["dedup_level"] and rep["dedup_size"] == 3
+    # the crowded prefix is spread over both codes first: the dedup level needs ceil(4 / 2) = 2 codes, not 3
+    assert rep["dedup_level"] and rep["dedup_size"] == 2 and sizes == (2, 2, 2)
+    assert out[3].tolist()[:2] == [0, 1] and out[4].tolist() == [1, 0, 0]  # unique items keep their SIDs
+    # many items on few codes: dedup size = the largest prefix's ceil(m / K)
+    rng = np.random.default_rng(0)
+    many = np.stack([rng.integers(0, 3, 200), np.zeros(200, dtype=np.int64)], 1)  # 3 prefixes, one code each
+    out, sizes, rep = make_unique(many, (3, 8))
+    m = np.bincount(many[:, 0]).max()
+    assert sizes[-1] == -(-m // 8) and len({tuple(r) for r in out.tolist()}) == 200
+    assert (out[:, 1] < 8).all() and (out[:, 2] < sizes[-1]).all()
+    with pytest.raises(ValueError, match=r"codes >= their level's codebook size \(2, 2\) in rows \[1\]"):
+        make_unique([[1, 0], [5, 0]], (2, 2))
+    with pytest.raises(ValueError, match="3 codebook sizes for 2 levels"):
+        make_unique([[0, 0], [0, 1]], (2, 2, 2))
     extra, size = add_dedup_level(np.array([[0], [1], [0]]))
     assert extra[:, 1].tolist() == [0, 0, 1] and size == 2
 

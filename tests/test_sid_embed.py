@@ -83,6 +83,25 @@ def test_cache_key_follows_the_encoder_files(tmp_path, tiny_encoder, monkeypatch
     again = embed_items(texts, encoder=str(enc), cache_dir=tmp_path / "c", progress=False, device="cpu")
     assert len(calls) == 2 and not np.allclose(again, first)
 
+    # new weights of the same size copied in with the old mtime (cp -p, rsync -a, tar x): still a new key
+    import os
+
+    weights = next(p for p in enc.iterdir() if p.suffix == ".safetensors")
+    st = weights.stat()
+    with torch.no_grad():
+        w.mul_(0.5)
+    model.save_pretrained(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / weights.name, weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    third = embed_items(texts, encoder=str(enc), cache_dir=tmp_path / "c", progress=False, device="cpu")
+    assert len(calls) == 3 and not np.allclose(third, again)
+
+
+def test_a_hub_name_that_is_not_on_disk_is_not_cached(monkeypatch):
+    """A bare hub name says nothing of which revision made the vectors: no cache key, so no stale hit."""
+    assert embed._resolve_encoder("some-org/not-downloaded-encoder-xyz") == ("some-org/not-downloaded-encoder-xyz", None)
+
 
 def test_bad_texts():
     with pytest.raises(ValueError, match="no texts"):

@@ -24,6 +24,9 @@ def fit_samples(data, split: str) -> list:
     """The samples a baseline may learn from when evaluating ``split`` of a RecData."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "train":
+        raise ValueError("baselines are fitted on train (for valid) or train + valid (for test): evaluating "
+                         "them on train would score them on the samples they learned from")
     if split == "test":
         return list(data.train) + list(data.valid)
     return list(data.train)

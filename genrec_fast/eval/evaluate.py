@@ -229,6 +229,8 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     ks: as in :func:`evaluate` (at most ``num_beams``; the baselines get the same cut-offs).
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
+    if split not in ("valid", "test"):
+        raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), got {split!r}")
     ks = ks_for_beams(ks, num_beams, "evaluate_split")
     samples = list(getattr(data, split))
     if max_samples is not None and max_samples < len(samples):

@@ -84,7 +84,9 @@ def resolve_last_level(
 
     ``residuals`` [N, D] is each item's input to the last level and ``codebook`` [K, D] the
     last-level codewords; without them every free code costs the same (lowest codes first).
-    Prefixes with more colliding items than free codes are left for the dedup level.
+    A prefix with more colliding items than free codes cannot be made unique on this level: its
+    colliders are spread so that no code holds more than ceil(m / K) of its m items, which the dedup
+    level then numbers (so the dedup level needs ceil(m / K) codes, not the largest pile's size).
     """
     codes = _check_codes(codes).copy()
     last = codes.shape[1] - 1
@@ -112,11 +114,14 @@ def resolve_last_level(
         coll = np.sort(members[is_coll[members]])
         taken = np.zeros(codebook_size, dtype=bool)
         taken[codes[members[~is_coll[members]], last]] = True
-        if int((~taken).sum()) < coll.size:
-            continue  # cannot be made unique on this level: the dedup level handles it
         cost = cost_all[torch.as_tensor(pos[coll])]
-        cost[:, torch.as_tensor(taken)] = float("inf")
-        new = balanced_assign(cost, torch.ones(codebook_size, dtype=torch.long)).numpy()
+        if int((~taken).sum()) < coll.size:  # crowded: spread evenly, the dedup level numbers each code's items
+            per_code = -(-members.size // codebook_size)
+            capacity = torch.full((codebook_size,), per_code, dtype=torch.long) - torch.as_tensor(taken).long()
+        else:
+            cost[:, torch.as_tensor(taken)] = float("inf")
+            capacity = torch.ones(codebook_size, dtype=torch.long)
+        new = balanced_assign(cost, capacity).numpy()
         moved += int((new != codes[coll, last]).sum())
         codes[coll, last] = new
     return codes, moved
@@ -146,6 +151,13 @@ def make_unique(
     stats before and after, the number of items moved and whether a dedup level was added.
     """
     codebook_sizes = tuple(int(k) for k in codebook_sizes)
+    codes = _check_codes(codes, "make_unique")
+    if len(codebook_sizes) != codes.shape[1]:
+        raise ValueError(f"make_unique: {len(codebook_sizes)} codebook sizes for {codes.shape[1]} levels")
+    over = codes >= np.asarray(codebook_sizes)[None, :]
+    if over.any():
+        rows = np.where(over.any(1))[0][:10].tolist()
+        raise ValueError(f"make_unique: codes >= their level's codebook size {codebook_sizes} in rows {rows}")
     before = sid_stats(codes, codebook_sizes)
     out, moved = resolve_last_level(codes, codebook_sizes[-1], residuals, codebook)
     dedup = 0

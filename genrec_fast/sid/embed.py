@@ -41,18 +41,21 @@ def default_encoder_path() -> Path:
 
 
 def _files_fingerprint(d: Path) -> str:
-    """Name, size and mtime of every file in a model folder (recursively): changes when the weights,
-    config or tokenizer are replaced, so the embedding cache never serves another model's vectors."""
+    """Name, size, mtime, inode and ctime of every file in a model folder (recursively): changes when the
+    weights, config or tokenizer are replaced, even by a copy that keeps size and mtime (``cp -p``,
+    rsync, tar: a new file has a new inode and ctime, which no copy tool can set), so the embedding
+    cache never serves another model's vectors. (A moved or reinstalled folder misses the cache once.)"""
     h = hashlib.sha256()
     for f in sorted(p for p in d.rglob("*") if p.is_file()):
         st = f.stat()
-        h.update(f"{f.relative_to(d)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(f"{f.relative_to(d)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\0".encode())
     return h.hexdigest()[:16]
 
 
-def _resolve_encoder(encoder: Optional[str]) -> Tuple[str, str]:
+def _resolve_encoder(encoder: Optional[str]) -> Tuple[str, Optional[str]]:
     """-> (what to load, id for the cache key: the encoder's name plus a fingerprint of its files when
-    they are on disk; a hub name is resolved to its snapshot folder when the hub cache has it)."""
+    they are on disk; a hub name is resolved to its snapshot folder when the hub cache has it, else
+    None: no cache, since a bare name says nothing of which revision made the vectors)."""
     if encoder is None or encoder == DEFAULT_ENCODER:
         path = default_encoder_path()
         return str(path), f"{DEFAULT_ENCODER}:{_files_fingerprint(path)}"
@@ -64,8 +67,8 @@ def _resolve_encoder(encoder: Optional[str]) -> Tuple[str, str]:
 
         snap = Path(snapshot_download(encoder, local_files_only=True))
         return encoder, f"hub:{encoder}:{snap.name}:{_files_fingerprint(snap)}"
-    except Exception:  # noqa: BLE001 - not cached yet (or no hub client): the name is all there is
-        return encoder, f"hub:{encoder}"
+    except Exception:  # noqa: BLE001 - not cached yet (or no hub client): nothing to key the cache on
+        return encoder, None
 
 
 def cache_key(texts: Sequence[str], encoder_id: str, max_length: int) -> str:
@@ -132,7 +135,7 @@ def embed_items(
             raise TypeError(f"embed_items: texts[{i}] is {type(t).__name__}, not str")
     load_path, encoder_id = _resolve_encoder(encoder)
     cache_path = None
-    if use_cache:
+    if use_cache and encoder_id is not None:
         cdir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
         cache_path = cdir / f"{cache_key(texts, encoder_id, max_length)}.npy"
         if cache_path.is_file():
@@ -143,7 +146,7 @@ def embed_items(
     arr = _encode(load_path, texts, batch_size, device, max_length, progress)
     if not np.isfinite(arr).all():
         bad = np.where(~np.isfinite(arr).all(1))[0][:10].tolist()
-        raise RuntimeError(f"embed_items: encoder {encoder_id} produced non-finite embeddings for rows {bad}")
+        raise RuntimeError(f"embed_items: encoder {encoder_id or encoder} produced non-finite embeddings for rows {bad}")
     if cache_path is not None:
         save_npy_atomic(cache_path, arr)
     return arr
