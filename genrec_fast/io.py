@@ -116,21 +116,16 @@ def atomic_dir(final: Union[str, Path], write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"  # unique: never a leftover's name
-        try:
+    # unique: never a leftover's name
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}" if final.exists() else None
+    try:
+        if old is not None:
             os.replace(final, old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        os.replace(tmp, final)
-        _fsync_path(final.parent)
+        os.replace(tmp, final)  # if this fails, the previous version waits at `old` for recover_dir
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(final.parent)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_path(final.parent)
     return final

@@ -452,15 +452,14 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         n = len(b) // world * world  # every process gets the same number of micro-batches
         return b[rank:n:world]
 
-    micro_per_epoch = len(batches_of(0))
-    dropped = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing)) % world
+    n_epoch0 = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing))
+    micro_per_epoch, dropped = divmod(n_epoch0, world)  # = len(batches_of(0)), and what it leaves out
+    if micro_per_epoch == 0:
+        raise ValueError(f"sft: {len(tokenized)} training examples make {n_epoch0} micro-batch(es) of <= "
+                         f"{cfg.batch_tokens} tokens, fewer than the {world} process(es): every process needs at least one")
     if dropped:
         acc.print(f"sft: {dropped} micro-batch(es) of each epoch left out so that the {world} processes get the same "
                   "number (a different one each epoch: the order is reshuffled)")
-    if micro_per_epoch == 0:
-        n = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing))
-        raise ValueError(f"sft: {len(tokenized)} training examples make {n} micro-batch(es) of <= {cfg.batch_tokens} "
-                         f"tokens, fewer than the {world} process(es): every process needs at least one")
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     # accumulation runs on across epoch ends (a partial group is finished with the next epoch's first
     # micro-batches), so `epochs` is counted in micro-batches (epoch 0's count; packing varies it by a few)
