@@ -54,9 +54,10 @@ def test_eval_cli_config_and_flags(tiny_run, tmp_path, capsys):
     want = _direct(model_dir, data_dir, "test", 10, (1, 5, 10))
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@10"):
         assert res["model"][k] == pytest.approx(want[k])
-    assert set(res["baselines"]) == {"popularity", "transition"}
+    assert set(res["baselines"]) == {"popularity", "transition", "sasrec"}
     printed = capsys.readouterr().out
-    assert "transition baseline" in printed and "NDCG@10" in printed
+    assert "transition baseline" in printed and "sasrec baseline" in printed and "NDCG@10" in printed
+    assert "model - best baseline" in printed and set(res["intervals"]) == {"model", "popularity", "transition", "sasrec"}
 
 
 def test_eval_cli_samples_file_and_errors(tiny_run, tmp_path, capsys, monkeypatch):
@@ -133,4 +134,4 @@ def test_eval_two_processes_equals_one(tiny_run, tmp_path):
     assert res["model"]["num_samples"] == 12
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "invalid_rate"):
         assert res["model"][k] == pytest.approx(want[k])
-    assert proc.stdout.count("transition baseline") == 1  # only the main process prints and writes
+    assert proc.stdout.count("test (12 samples)") == 1  # only the main process prints and writes

@@ -186,19 +186,54 @@ def test_evaluate_split_writes_json_with_baselines(tiny_setup, tmp_path, capsys)
     import json
 
     from genrec_fast.eval import evaluate_split
+    from genrec_fast.eval.metrics import metrics_from_ranks
+    from genrec_fast.eval.stats import per_sample
 
     data, model, tok, vocab = tiny_setup
     out = tmp_path / "res" / "metrics.json"
     res = evaluate_split(model, tok, vocab, data, "test", num_beams=5, batch_size=4, ks=(1, 5), max_samples=6,
-                         out=str(out))
+                         out=str(out), num_resamples=200)
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
     assert saved["num_samples"] == 6 and saved["model"]["num_samples"] == 6
-    assert set(saved["baselines"]) == {"popularity", "transition"}
+    assert set(saved["baselines"]) == {"popularity", "transition", "sasrec"}
     assert saved["baselines"]["transition"]["num_samples"] == 6
+    assert saved["baselines"]["sasrec"]["epochs"] >= 1
     for block in [saved["model"], *saved["baselines"].values()]:
         assert 0.0 <= block["HR@1"] <= block["HR@5"] <= 1.0
         assert 0.0 <= block["NDCG@1"] <= block["NDCG@5"] <= block["HR@5"]
+    # the saved per-sample ranks give back every row's metrics; intervals hold the point estimates
+    ps = saved["per_sample"]
+    assert len(ps["user_id"]) == 6 and set(ps["ranks"]) == {"model", "popularity", "transition", "sasrec"}
+    for name, ranks in ps["ranks"].items():
+        row = saved["model"] if name == "model" else saved["baselines"][name]
+        got = metrics_from_ranks(ranks, (1, 5))
+        assert all(got[k] == pytest.approx(row[k]) for k in ("HR@1", "HR@5", "NDCG@5")), name
+        for metric in ("NDCG@5", "HR@5"):  # no K=10 here: the largest cut-off
+            lo, hi = saved["intervals"][name][metric]
+            assert lo <= row[metric] <= hi
+    best = max(("popularity", "transition", "sasrec"), key=lambda b: saved["baselines"][b]["NDCG@5"])
+    assert saved["baselines"][saved["paired"]["NDCG@5"]["baseline"]]["NDCG@5"] == saved["baselines"][best]["NDCG@5"]
+    assert saved["paired"]["NDCG@5"]["diff"] == pytest.approx(
+        per_sample(ps["ranks"]["model"], "NDCG@5").mean() - saved["baselines"][best]["NDCG@5"])
     table = capsys.readouterr().out
-    assert "transition baseline" in table and "popularity baseline" in table
+    assert "transition baseline" in table and "popularity baseline" in table and "sasrec baseline" in table
+    assert "95% bootstrap intervals" in table and "model - best baseline" in table
     assert list(tmp_path.joinpath("res").iterdir()) == [out]  # no temp file left behind
+
+
+def test_evaluate_split_results_compare_paired(tiny_setup):
+    from genrec_fast.eval import compare_results, evaluate_split
+
+    data, model, tok, vocab = tiny_setup
+    kw = dict(num_beams=5, batch_size=4, ks=(1, 5), print_table=False, sasrec=False, num_resamples=100)
+    a = evaluate_split(model, tok, vocab, data, "test", max_samples=6, **kw)
+    assert set(a["baselines"]) == {"popularity", "transition"}
+    b = evaluate_split(model, tok, vocab, data, "test", max_samples=6, **kw)
+    cmp = compare_results(a, b, metrics=("NDCG@5", "HR@5"))
+    assert cmp["NDCG@5"]["diff"] == 0.0 and cmp["NDCG@5"]["ci"] == [0.0, 0.0]
+    vs_pop = compare_results(a, b, method_b="popularity", metrics=("HR@5",))
+    assert vs_pop["HR@5"]["diff"] == pytest.approx(a["model"]["HR@5"] - a["baselines"]["popularity"]["HR@5"])
+    c = evaluate_split(model, tok, vocab, data, "test", max_samples=6, seed=1, **kw)
+    with pytest.raises(ValueError, match="cover different samples"):
+        compare_results(a, c)

@@ -1,5 +1,6 @@
 """``genrec-fast eval``: a trained model on one split of a MiniOneRec-format dataset, beside the
-popularity and last-item-transition baselines, as a printed table and a JSON file.
+popularity, last-item-transition and SASRec baselines, with bootstrap intervals, as a printed table
+and a JSON file.
 
 Run it under ``accelerate launch`` to shard the prompts over processes.
 """
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the beam searches' forwards from CUDA graphs (CUDA only; sdpa/eager attention)")
+    parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit and show the SASRec baseline (CPU, seconds to minutes; --no-sasrec skips it)")
+    parser.add_argument("--num-resamples", type=int, default=2000,
+                        help="bootstrap resamples (over users) for the 95%% intervals")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
 
 
@@ -52,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     evaluate_split(model, tokenizer, sid_vocab, data, split=args.split, num_beams=args.num_beams,
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
                    out=args.out, score=args.score, backend=args.backend, progress=True,
-                   cuda_graphs=args.cuda_graphs)
+                   cuda_graphs=args.cuda_graphs, sasrec=args.sasrec, num_resamples=args.num_resamples)
     return 0

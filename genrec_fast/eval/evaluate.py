@@ -21,8 +21,10 @@ import torch
 
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import eval_mode
-from genrec_fast.eval.baselines import baseline_metrics
-from genrec_fast.eval.metrics import DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics
+from genrec_fast.eval.baselines import baseline_ranks, metrics_of
+from genrec_fast.eval.metrics import (DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics,
+                                      target_ranks)
+from genrec_fast.eval import stats
 
 
 # ---- trie over a catalogue -------------------------------------------------------------------
@@ -219,14 +221,26 @@ def write_json_atomic(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def interval_metrics(ks: Iterable[int]) -> Tuple[str, str]:
+    """The metrics the intervals are given for: NDCG@10 and HR@10 (the largest cut-off when 10 is not one)."""
+    ks = tuple(ks)
+    k = 10 if 10 in ks else max(ks)
+    return f"NDCG@{k}", f"HR@{k}"
+
+
 def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_beams: int = 50,
                    batch_size: int = 16, ks: Optional[Iterable[int]] = None, max_samples: Optional[int] = None,
                    seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
-                   **decode_kwargs) -> dict:
-    """The model and both baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
+                   sasrec=True, num_resamples: int = stats.DEFAULT_RESAMPLES, **decode_kwargs) -> dict:
+    """The model and the baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
 
     ``max_samples`` evaluates a fixed random subset (seeded) — the baselines use the same subset.
     ks: as in :func:`evaluate` (at most ``num_beams``; the baselines get the same cut-offs).
+    sasrec: False leaves the SASRec baseline out; a ``SASRecConfig`` (or dict) sets it up.
+    The result also holds "per_sample" (user ids, targets, a fingerprint of the samples and every
+    method's 0-based target ranks, -1 = not in its list), "intervals" (95 % bootstrap intervals over
+    users of each method's NDCG@10 / HR@10, ``num_resamples`` draws seeded by ``seed``) and "paired"
+    (model minus the best baseline per metric, paired over the same users); see ``genrec_fast.eval.stats``.
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
     if split not in ("valid", "test"):
@@ -237,10 +251,22 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
         samples = [samples[i] for i in keep]
     trie = catalog_trie(data.catalog) if trie is None else trie
-    model_metrics = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
-                             batch_size=batch_size, ks=ks, **decode_kwargs)
-    result = {"split": split, "num_samples": len(samples), "model": model_metrics,
-              "baselines": baseline_metrics(data, split, samples, ks)}
+    model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
+                                      batch_size=batch_size, ks=ks, return_records=True, **decode_kwargs)
+    ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
+    b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
+    ranks.update(b_ranks)
+    baselines = metrics_of(b_ranks, b_info, ks)
+    users = [str(s.user_id) for s in samples]
+    metrics = interval_metrics(ks)
+    result = {"split": split, "num_samples": len(samples), "model": model_metrics, "baselines": baselines,
+              "intervals": stats.method_intervals(ranks, users, metrics, num_resamples, seed),
+              "paired": stats.paired_vs_best(ranks, list(b_ranks), users, metrics, "model", num_resamples, seed),
+              "bootstrap": {"num_resamples": int(num_resamples), "seed": int(seed), "level": stats.DEFAULT_LEVEL,
+                            "unit": "user", "num_users": len(set(users))},
+              "per_sample": {"user_id": users, "target": [int(s.target) for s in samples],
+                             "samples_sha1": stats.samples_fingerprint(samples),
+                             "ranks": {k: [int(x) for x in v] for k, v in ranks.items()}}}
     if is_main_process():
         if out is not None:
             write_json_atomic(out, result)
@@ -254,4 +280,32 @@ def results_table(result: dict, ks: Optional[Iterable[int]] = None) -> str:
     if ks is None:
         ks = sorted(int(k[3:]) for k in result["model"] if k.startswith("HR@")) or DEFAULT_KS
     rows = {"model": result["model"], **{f"{k} baseline": v for k, v in result["baselines"].items()}}
-    return f"{result.get('split', '')} ({result['model']['num_samples']} samples)\n" + format_table(rows, ks)
+    text = f"{result.get('split', '')} ({result['model']['num_samples']} samples)\n" + format_table(rows, ks)
+    return text + intervals_table(result)
+
+
+def intervals_table(result: dict) -> str:
+    """The interval lines of an ``evaluate_split`` result ("" when it has none)."""
+    iv = result.get("intervals")
+    if not iv:
+        return ""
+    boot = result.get("bootstrap", {})
+    metrics = list(next(iter(iv.values())))
+    names = {"model": "model", **{k: f"{k} baseline" for k in iv if k != "model"}}
+    w = max(len(n) for n in names.values())
+
+    def cell(row, m):
+        lo, hi = iv[row][m]
+        point = (result["model"] if row == "model" else result["baselines"][row])[m]
+        return f"{point:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    level = int(round(100 * boot.get("level", stats.DEFAULT_LEVEL)))
+    lines = ["", f"{level}% bootstrap intervals ({boot.get('num_resamples', '?')} resamples of the "
+                 f"{boot.get('num_users', '?')} users):",
+             "  ".join([f"{'method':<{w}}"] + [f"{m + ' [lo, hi]':<24}" for m in metrics]).rstrip()]
+    for row, name in names.items():
+        lines.append("  ".join([f"{name:<{w}}"] + [f"{cell(row, m):<24}" for m in metrics]).rstrip())
+    for m, p in result.get("paired", {}).items():
+        lines.append(f"model - best baseline ({p['baseline']}), paired, {m}: "
+                     f"{p['diff']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]")
+    return "\n".join(lines)

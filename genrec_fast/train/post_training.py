@@ -237,9 +237,13 @@ class Session:
             epoch += 1
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
-        from genrec_fast.eval import evaluate_split
+        """The policy's metrics per eval split. From the second call on, each split's entry also holds
+        "vs_start": paired bootstrap intervals of (this policy - the policy of the first call) on the same
+        samples (``genrec_fast.eval.compare_results``)."""
+        from genrec_fast.eval import compare_results, evaluate_split
 
         out = {}
+        first = self.__dict__.setdefault("_first_eval", {})
         for split in self.cfg.eval_splits:
             with self.rollout_model() as model:
                 res = evaluate_split(
@@ -247,9 +251,13 @@ class Session:
                     num_beams=self.cfg.eval_beams, batch_size=self.cfg.eval_batch_size,
                     max_samples=self.cfg.eval_samples, seed=self.cfg.seed, trie=self.trie,
                     max_prompt_length=self.cfg.max_prompt_length, print_table=False,
-                    cuda_graphs=self.cfg.cuda_graphs,
+                    cuda_graphs=self.cfg.cuda_graphs, sasrec=False,  # only the policy's metrics are kept
                 )
             out[split] = res["model"]
+            if split in first:
+                out[split] = {**res["model"], "vs_start": compare_results(res, first[split], seed=self.cfg.seed)}
+            else:
+                first[split] = res
         return out
 
     def save(self, out_dir: Path) -> Path:
