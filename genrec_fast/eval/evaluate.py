@@ -1,6 +1,6 @@
 """Full-catalogue evaluation of a generative recommender by constrained beam search.
 
-Each sample's prompt (``genrec_fast.prompts.rec_prompt``) is decoded into ``num_beams`` SIDs,
+Each sample's prompt (``genrec_fast.prompts.rec_prompt``, in the model's own prompt style) is decoded into ``num_beams`` SIDs,
 best first. The ranked item list walks the beams in order; a beam whose SID several items share
 contributes all of them in ascending item index; repeats are dropped. A hit counts on the target
 ITEM, not on a shared SID string. The invalid rate is the share of returned beams whose SID is not
@@ -143,14 +143,15 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
     """
     from genrec_fast.decode import beam_search
     from genrec_fast.model import encode_prompts
-    from genrec_fast.prompts import rec_prompt
+    from genrec_fast.prompts import model_prompt_style, rec_prompt
 
     if num_beams < 1 or batch_size < 1 or top_n < 1:
         raise ValueError(f"num_beams, batch_size and top_n must be >= 1 (got {num_beams}, {batch_size}, {top_n})")
     idx = list(range(len(samples))) if indices is None else [int(i) for i in indices]
     if not idx:
         return []
-    prompts = {i: rec_prompt(samples[i].history, catalog) for i in idx}
+    style = model_prompt_style(model)
+    prompts = {i: rec_prompt(samples[i].history, catalog, style) for i in idx}
     lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in idx}
     order = sorted(idx, key=lambda i: (lengths[i], i))
     ranker = BeamRanker(trie)

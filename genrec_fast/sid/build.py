@@ -15,6 +15,7 @@ from genrec_fast.sid.rqvae import train_rqvae
 from genrec_fast.sid_tokens import LEVEL_PREFIXES
 
 METHODS = ("rqkmeans", "rqvae")
+EMBEDDINGS = ("text", "text+cf")
 
 
 @dataclass
@@ -53,6 +54,11 @@ def build_sids(
     device: Optional[str] = None,
     backend: str = "auto",
     progress: bool = True,
+    embedding: str = "text",
+    interactions: Optional[Sequence] = None,
+    cf_weight: float = 0.5,
+    cf_dim: int = 64,
+    cf_decay: float = 0.5,
 ) -> SIDResult:
     """Item texts (embedded with :func:`embed_items`) or embeddings [N, H] -> unique SIDs.
 
@@ -60,9 +66,20 @@ def build_sids(
     cluster at ceil(N/K) items) or "rqvae" (RQ-VAE on the embeddings, ``rqvae_epochs``).
     Collisions are then removed by :func:`genrec_fast.sid.collisions.make_unique`, which may
     append a dedup level. The report holds timings, stats before/after and per-level usage.
+
+    ``embedding``: "text" (the text embeddings alone) or "text+cf": each item's text embedding
+    concatenated with a collaborative vector (:func:`genrec_fast.sid.cf.cf_embeddings`, ``cf_dim``
+    dims, ``cf_decay``) fitted on ``interactions`` (samples with ``.history`` / ``.target`` item
+    indices: pass the TRAIN split only), mixed by :func:`genrec_fast.sid.cf.mix_embeddings` with
+    ``cf_weight``, so an SID prefix groups items that are watched in the same contexts.
     """
     if method not in METHODS:
         raise ValueError(f"build_sids: method must be one of {METHODS}, got {method!r}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"build_sids: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+    if embedding == "text+cf" and interactions is None:
+        raise ValueError("build_sids: embedding='text+cf' needs interactions (the train samples the collaborative "
+                         "vectors are fitted on)")
     max_levels = len(LEVEL_PREFIXES) - 1  # one more may be appended to separate colliding items
     if not 1 <= int(levels) <= max_levels:
         raise ValueError(f"build_sids: levels (--levels) must be in 1..{max_levels}, got {levels}: SID tokens are "
@@ -76,6 +93,14 @@ def build_sids(
         emb = torch.from_numpy(embed_items(list(data), encoder=encoder, cache_dir=cache_dir, device=device,
                                            progress=progress))
         embed_s = time.perf_counter() - t0
+    extra_report = {"embedding": embedding}
+    if embedding == "text+cf":
+        from genrec_fast.sid.cf import cf_embeddings, mix_embeddings
+
+        cf = cf_embeddings(interactions, int(emb.shape[0]), dim=cf_dim, decay=cf_decay)
+        emb = torch.from_numpy(mix_embeddings(emb.numpy(), cf, cf_weight))
+        extra_report.update(cf_weight=float(cf_weight), cf_dim=int(cf_dim), cf_decay=float(cf_decay),
+                            cf_items=int((np.abs(cf).sum(axis=1) > 0).sum()), cf_samples=len(interactions))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t1 = time.perf_counter()
     extra = {}
@@ -98,6 +123,7 @@ def build_sids(
         "codebook_size": codebook_size,
         "balanced": bool(balanced) if method == "rqkmeans" else None,
         "seed": seed,
+        **extra_report,
         **coll,
         "train": extra,
         "embed_s": embed_s,

@@ -1,7 +1,10 @@
 """``genrec-fast sids``: item texts -> embeddings -> unique SIDs.
 
-Two inputs:
+Three inputs:
 - ``--items item.json``: writes ``index.json``, ``codes.npy`` and ``sids_meta.json`` into ``--out``;
+- ``--data DIR`` (a dataset in the MiniOneRec release format): new SIDs for its items (``--embedding
+  text+cf`` fits the collaborative vectors on its train split, ``--cf-fit train+valid`` on both), and
+  ``--out`` becomes a copy of the dataset with them;
 - ``--log interactions.csv [--meta items.csv]`` (a user's own data): the log is read by
   ``genrec_fast.data.load_interactions`` (history, split), the catalogue's item texts get SIDs, and
   ``--out`` becomes a complete dataset in the MiniOneRec release format (train/valid/test.csv,
@@ -17,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from genrec_fast.data.interactions import SPLIT_MODES
-from genrec_fast.sid.build import METHODS, build_sids
+from genrec_fast.sid.build import EMBEDDINGS, METHODS, build_sids
 from genrec_fast.sid.embed import embed_items, read_item_json
 from genrec_fast.sid.index_io import write_index
 from genrec_fast.sid_tokens import LEVEL_PREFIXES
 
-# the options that only --log reads, with their defaults (--items rejects any other value)
+# the options that only --log reads, with their defaults (--items and --data reject any other value)
 LOG_DEFAULTS = {"meta": None, "sep": None, "user_col": "user_id", "item_col": "item_id", "time_col": "timestamp",
                 "title_col": "title", "split": "leave_one_out", "max_history": 10, "max_users": None,
                 "max_interactions_per_user": None}
@@ -30,6 +33,8 @@ LOG_DEFAULTS = {"meta": None, "sep": None, "user_col": "user_id", "item_col": "i
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", default=None, help="item.json (item id -> {title, description, ...})")
+    parser.add_argument("--data", default=None, help="a MiniOneRec-format dataset folder: new SIDs for its items, the "
+                                                     "dataset with them written to --out")
     parser.add_argument("--out", required=True, help="output directory for index.json, codes.npy, sids_meta.json "
                                                      "(with --log: the whole dataset in the release format)")
     log = parser.add_argument_group("from an interaction log (instead of --items)")
@@ -48,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     log.add_argument("--max-interactions-per-user", type=int, default=d["max_interactions_per_user"],
                      help="each user's most recent ones")
     parser.add_argument("--method", choices=METHODS, default="rqkmeans")
+    parser.add_argument("--embedding", choices=EMBEDDINGS, default="text",
+                        help="text: the text embeddings; text+cf: with collaborative vectors fitted on the TRAIN "
+                             "split of --log / --data")
+    parser.add_argument("--cf-fit", choices=("train", "train+valid"), default="train",
+                        help="text+cf: the samples the collaborative vectors are fitted on (train+valid: for a model "
+                             "that trains on valid too and is tested)")
+    parser.add_argument("--cf-weight", type=float, default=0.5, help="text+cf: share of the collaborative block")
+    parser.add_argument("--cf-dim", type=int, default=64, help="text+cf: collaborative vector size")
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--codebook", type=int, default=256, help="codes per level")
     parser.add_argument("--seed", type=int, default=0)
@@ -65,8 +78,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Everything that can be checked before the inputs are read and embedded (the encoder is the slow part)."""
-    if (args.items is None) == (args.log is None):
-        raise ValueError("genrec-fast sids: give exactly one of --items (item.json) or --log (an interaction log)")
+    if sum(x is not None for x in (args.items, args.log, args.data)) != 1:
+        raise ValueError("genrec-fast sids: give exactly one of --items (item.json), --log (an interaction log) or "
+                         "--data (a MiniOneRec-format dataset)")
+    if args.embedding == "text+cf" and args.items is not None:
+        raise ValueError("genrec-fast sids: --embedding text+cf fits collaborative vectors on a train split: it needs "
+                         "--log or --data")
+    if args.cf_fit != "train" and args.embedding != "text+cf":
+        raise ValueError("genrec-fast sids: --cf-fit goes with --embedding text+cf")
+    if args.embedding == "text+cf" and (not 0.0 <= args.cf_weight <= 1.0 or args.cf_dim < 1):
+        raise ValueError(f"genrec-fast sids: --cf-weight must be in [0, 1] and --cf-dim >= 1, got {args.cf_weight} "
+                         f"and {args.cf_dim}")
     max_levels = len(LEVEL_PREFIXES) - 1  # as build_sids: a level may be appended to separate colliders
     if not 1 <= args.levels <= max_levels:
         raise ValueError(f"genrec-fast sids: --levels must be in 1..{max_levels}, got {args.levels}: SID tokens "
@@ -76,11 +98,14 @@ def _check_options(args: argparse.Namespace) -> None:
                         ("--epochs", args.epochs)):
         if value < 1:
             raise ValueError(f"genrec-fast sids: {flag} must be >= 1, got {value}")
+    given = [k for k, default in LOG_DEFAULTS.items() if getattr(args, k) != default]
+    if given and args.log is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        source = "--items reads item.json only" if args.items is not None else "--data reads a dataset as it is"
+        raise ValueError(f"genrec-fast sids: {source}; {flags} go(es) with --log")
+    if args.data is not None and Path(args.data).resolve() == Path(args.out).resolve():
+        raise ValueError(f"genrec-fast sids: --out {args.out} is the --data folder; give another --out")
     if args.items is not None:
-        given = [k for k, default in LOG_DEFAULTS.items() if getattr(args, k) != default]
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise ValueError(f"genrec-fast sids: --items reads item.json only; {flags} go(es) with --log")
         out = Path(args.out)
         dataset = [n for n in ("info.txt", "train.csv", "valid.csv", "test.csv") if (out / n).exists()]
         if dataset:
@@ -93,6 +118,13 @@ def _check_options(args: argparse.Namespace) -> None:
         check_dataset_dir(args.out)  # before the slow part: --out is replaced by the dataset
 
 
+def _cf_samples(data, cf_fit: str):
+    """The samples text+cf SIDs fit their collaborative vectors on (None without a dataset)."""
+    if data is None:
+        return None
+    return list(data.train) + (list(data.valid) if cf_fit == "train+valid" else [])
+
+
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
     data = None
@@ -103,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
                                  time_col=args.time_col, title_col=args.title_col, max_history=args.max_history,
                                  split=args.split, max_users=args.max_users,
                                  max_interactions_per_user=args.max_interactions_per_user, seed=args.seed)
+        item_ids, texts = list(data.catalog.item_ids), list(data.catalog.texts)
+    elif args.data is not None:
+        from genrec_fast.data import load_minionerec
+
+        data = load_minionerec(args.data)
         item_ids, texts = list(data.catalog.item_ids), list(data.catalog.texts)
     else:
         item_ids, texts = read_item_json(args.items)
@@ -120,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
                           progress=args.progress)
     res = build_sids(emb, method=args.method, levels=args.levels, codebook_size=args.codebook, seed=args.seed,
                      balanced=args.balanced, kmeans_iters=args.kmeans_iters, rqvae_epochs=args.epochs,
-                     device=args.device, progress=args.progress)
+                     device=args.device, progress=args.progress, embedding=args.embedding,
+                     interactions=_cf_samples(data, args.cf_fit), cf_weight=args.cf_weight,
+                     cf_dim=args.cf_dim)
     rep = res.report
     extra = {}
     if data is None:

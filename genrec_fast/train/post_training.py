@@ -165,9 +165,10 @@ class Session:
     def prompts(self, samples: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask of ``samples`` (on the device)."""
         from genrec_fast.model import encode_prompts
-        from genrec_fast.prompts import rec_prompt
+        from genrec_fast.prompts import model_prompt_style, rec_prompt
 
-        texts = [rec_prompt(s.history, self.data.catalog) for s in samples]
+        style = model_prompt_style(self.unwrapped)
+        texts = [rec_prompt(s.history, self.data.catalog, style) for s in samples]
         ids, mask = encode_prompts(self.tokenizer, texts, max_length=self.cfg.max_prompt_length)
         return ids.to(self.device), mask.to(self.device)
 

@@ -38,7 +38,7 @@ import torch
 
 from genrec_fast.io import atomic_dir, atomic_write_text, recover_dir
 from genrec_fast.model import lm_modules
-from genrec_fast.prompts import DEFAULT_TASKS, check_tasks
+from genrec_fast.prompts import DEFAULT_TASKS, check_prompt_style, check_tasks
 
 PACK_WINDOW = 8  # open rows a packed example may go to
 
@@ -49,6 +49,9 @@ class SFTConfig:
     model: str = "tiny"  # "tiny" or an HF name/path
     output_dir: str = "runs/sft"
     tasks: Tuple[str, ...] = DEFAULT_TASKS
+    prompt_style: str = "minionerec"  # genrec_fast.prompts: "minionerec" (the MiniOneRec template) or "compact"
+    sequence_loss: bool = False  # compact only: loss on every history item of sid_seq too (prompts.build_examples)
+    whole_sequences: bool = False  # with sequence_loss: one sid_seq example per user sequence, not per window
     epochs: float = 3.0
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs
     lr: float = 1e-3
@@ -64,6 +67,7 @@ class SFTConfig:
     bf16: Optional[bool] = None  # None: bf16 autocast on CUDA only
     seed: int = 0
     eval_every: int = 0  # optimizer steps between valid evals; 0: once per epoch; <0: never
+    eval_epochs: float = 0.0  # > 0: epochs between valid evals instead (eval_every >= 0), e.g. 5.0 for short epochs
     eval_samples: int = 256
     eval_beams: int = 20
     eval_batch_size: int = 32
@@ -85,6 +89,11 @@ class SFTConfig:
 
     def __post_init__(self):
         self.tasks = tuple(check_tasks(self.tasks))
+        check_prompt_style(self.prompt_style)
+        if self.sequence_loss and self.prompt_style != "compact":
+            raise ValueError("sequence_loss needs prompt_style='compact'")
+        if self.whole_sequences and not self.sequence_loss:
+            raise ValueError("whole_sequences needs sequence_loss")
         if self.pack_length > self.batch_tokens:
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
@@ -428,6 +437,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
         cfg.model, data.catalog.codebook_sizes, corpus=tokenizer_corpus(data.catalog),
         tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
         lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, device=acc.device, seed=cfg.seed)
+    # saved with the model: evaluation, S-DPO and RL prompt it in this style (prompts.model_prompt_style)
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.prompt_style = cfg.prompt_style
     if cfg.cuda_graphs:  # before training, not at the first valid eval
         from genrec_fast.decode import graphs
 
@@ -440,7 +451,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     if cfg.train_on_valid:
         held_out = set(valid_pick.tolist()) if valid else set()
         train_samples += [s for i, s in enumerate(data.valid) if i not in held_out]
-    examples = build_examples(data, cfg.tasks, samples=train_samples)
+    examples = build_examples(data, cfg.tasks, samples=train_samples, style=cfg.prompt_style,
+                              sequence_loss=cfg.sequence_loss, whole_sequences=cfg.whole_sequences)
     if not examples:
         raise ValueError(f"sft: no training examples: {len(train_samples)} training samples and tasks {list(cfg.tasks)}")
     tokenized = tokenize_examples(tokenizer, examples, cfg.max_length)
@@ -476,6 +488,8 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     pad_to = (max(1, cfg.batch_tokens // cfg.pack_length), cfg.pack_length) if cfg.compile else None
 
     eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
+    if cfg.eval_epochs > 0 and cfg.eval_every >= 0:
+        eval_every = max(1, int(round(cfg.eval_epochs * steps_per_epoch)))
     save_every = cfg.save_every or (eval_every if eval_every > 0 else steps_per_epoch)
     if eval_every > 0 and not valid:
         raise ValueError("early stopping needs a non-empty valid split (or set eval_every < 0)")
