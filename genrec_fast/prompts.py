@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+from genrec_fast.data.interactions import user_sequences
 from genrec_fast.data.types import Catalog, RecData, Sample
 from genrec_fast.sid_tokens import sid_string
 
@@ -124,23 +125,6 @@ def check_tasks(tasks: Iterable[str]) -> List[str]:
     return tasks
 
 
-def user_sequences(samples: Sequence[Sample]) -> List[List[int]]:
-    """Each user's item sequence, rebuilt from their sliding-window samples (in order): the first sample's
-    history, then every sample's target. A sample whose history does not continue the user's sequence
-    (another split's windows, shuffled rows) starts a new sequence, so nothing is made up."""
-    seqs: List[List[int]] = []
-    last: Dict[str, List[int]] = {}
-    for s in samples:
-        hist, cur = [int(i) for i in s.history], last.get(s.user_id)
-        if cur is not None and hist and cur[-len(hist):] == hist:
-            cur.append(int(s.target))
-            continue
-        cur = hist + [int(s.target)]
-        seqs.append(cur)
-        last[s.user_id] = cur
-    return seqs
-
-
 def build_examples(data: RecData, tasks: Iterable[str] = DEFAULT_TASKS, split: str = "train",
                    samples: Optional[Sequence[Sample]] = None, style: Optional[str] = None,
                    sequence_loss: bool = False, whole_sequences: bool = False) -> List[Example]:
@@ -150,7 +134,7 @@ def build_examples(data: RecData, tasks: Iterable[str] = DEFAULT_TASKS, split: s
     its response the rest of the history + the target, so SFT's response loss trains every history item
     as the next item of the items before it (as SASRec does); the rec prompt + target is the same token
     sequence either way. ``whole_sequences`` (with ``sequence_loss``): one ``sid_seq`` example per user
-    sequence (:func:`user_sequences`) instead of one per window: every transition once, each with its
+    sequence (:func:`genrec_fast.data.user_sequences`) instead of one per window: every transition once, each with its
     whole past, in a fraction of the tokens of the overlapping windows.
     """
     style = check_prompt_style(style)

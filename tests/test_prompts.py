@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import genrec_fast.prompts as P
-from genrec_fast.data import Catalog, RecData, Sample
+from genrec_fast.data import Catalog, RecData, Sample, user_sequences
 from genrec_fast.sid_tokens import parse_sid
 
 
@@ -100,7 +100,7 @@ def test_sequence_loss_examples_cover_every_history_item(data):
 def test_user_sequences_and_model_prompt_style():
     train = [Sample("u", [0], 1), Sample("u", [0, 1], 2), Sample("u", [1, 2], 3), Sample("w", [4], 5),
              Sample("u", [7], 8)]  # the last one does not continue u's sequence: a new one, nothing made up
-    assert P.user_sequences(train) == [[0, 1, 2, 3], [4, 5], [7, 8]]
+    assert user_sequences(train) == [[0, 1, 2, 3], [4, 5], [7, 8]]
 
     class _Cfg:
         prompt_style = "compact"

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from genrec_fast.data import build_samples
+from genrec_fast.data import build_samples, user_sequences
 from genrec_fast.data.types import Catalog, RecData, Sample
 from genrec_fast.eval.baselines import baseline_metrics, baseline_ranks
 from genrec_fast.eval.metrics import metrics_from_ranks
-from genrec_fast.eval.sasrec import (SASRecConfig, build_sequences, fit_sasrec, fitted_for_split, stopping_split,
+from genrec_fast.eval.sasrec import (SASRecConfig, fit_sasrec, fitted_for_split, stopping_split,
                                      training_windows)
 
 torch.set_num_threads(1)
@@ -41,7 +41,8 @@ def test_build_sequences_rebuilds_sliding_windows_per_user():
          Sample("b", [5], 6), Sample("a", [2, 3], 4),
          Sample("a", [9, 4], 7),          # history is not the end of a's sequence: a new one
          Sample("b", [5, 6], 5)]
-    assert build_sequences(s, max_history=2) == [[0, 1, 2, 3, 4], [5, 6, 5], [9, 4, 7]]
+    assert user_sequences(s, max_history=2) == [[0, 1, 2, 3, 4], [5, 6, 5], [9, 4, 7]]
+    assert user_sequences(s) == user_sequences(s, max_history=2)  # default: the longest history given
     X, Y = training_windows([[0, 1, 2, 3, 4], [5, 6, 5], [9]], max_len=3)
     # from the newest end, no overlap: [2,3,4] then [0,1,2]; [5,6,5]; a single item gives no window
     assert X.tolist() == [[3, 4], [1, 2], [6, 7]] and Y.tolist() == [[4, 5], [2, 3], [7, 6]]
@@ -50,7 +51,7 @@ def test_build_sequences_rebuilds_sliding_windows_per_user():
     X, Y = training_windows([[0, 1, 2, 3]], max_len=3, stride=1)
     assert Y.tolist() == [[3, 4], [2, 3], [0, 2]]
     data = cycle_data()
-    seqs = build_sequences(data.train + data.valid, max_history=4)
+    seqs = user_sequences(data.train + data.valid, max_history=4)
     assert len(seqs) == 60 and all(len(q) == 8 for q in seqs)  # one sequence per user: the first 8 items
 
 

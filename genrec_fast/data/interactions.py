@@ -246,3 +246,29 @@ def load_interactions(
         raise DataFormatError(f"{inter_path}: no samples: none of the {len(set(users[i] for i in idx))} kept users "
                               "has two interactions (a sample is a history of at least one item and a target)")
     return RecData(catalog=catalog, train=train, valid=valid, test=test)
+
+
+def user_sequences(samples: Sequence[Sample], max_history: Optional[int] = None) -> List[List[int]]:
+    """Chain sliding-window samples back into item sequences (oldest first), in the samples' order.
+
+    A sample extends its user's current sequence when its history equals that sequence's last
+    ``min(len, max_history)`` items (``max_history`` None: the longest history among the samples);
+    otherwise it starts a new sequence (history + target), so nothing is made up. Every sample is a
+    position of exactly one sequence, with its own history as the items before it.
+    """
+    if max_history is None:
+        max_history = max([len(s.history) for s in samples] + [1])
+    seqs: List[List[int]] = []
+    current: Dict[object, int] = {}
+    for s in samples:
+        h = [int(x) for x in s.history]
+        k = current.get(s.user_id)
+        if k is not None:
+            seq = seqs[k]
+            n = min(len(seq), max_history)
+            if len(h) == n and seq[len(seq) - n:] == h:
+                seq.append(int(s.target))
+                continue
+        current[s.user_id] = len(seqs)
+        seqs.append(h + [int(s.target)])
+    return seqs

@@ -7,7 +7,7 @@ dropout on the embeddings, attention weights, and block outputs; item scores are
 the (tied) item embeddings.
 
 Training (``fit_sasrec``): the fitting samples are chained back into per-user sequences
-(``build_sequences``: a sample whose history is the end of its user's sequence so far extends it,
+(``genrec_fast.data.user_sequences``: a sample whose history is the end of its user's sequence so far extends it,
 anything else starts a new sequence, so sliding-window samples of one user become one sequence and
 every sample's history is exactly the context before its target); each sequence is cut, from its
 newest end, into non-overlapping windows of ``max_len`` items (``max_len - 1`` inputs, so a target
@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genrec_fast.data.interactions import user_sequences
 
 
 @dataclass
@@ -194,30 +196,6 @@ class SASRec(nn.Module):
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def build_sequences(samples: Sequence, max_history: int) -> List[List[int]]:
-    """Chain samples back into item sequences (oldest first), in the samples' order.
-
-    A sample extends its user's current sequence when its history equals that sequence's last
-    ``min(len, max_history)`` items; otherwise it starts a new sequence (history + target). Every
-    sample is a position of exactly one sequence, with its own history as the preceding items.
-    """
-    seqs: List[List[int]] = []
-    current: Dict[object, int] = {}
-    for s in samples:
-        h = [int(x) for x in s.history]
-        t = int(s.target)
-        k = current.get(s.user_id)
-        if k is not None:
-            seq = seqs[k]
-            n = min(len(seq), max_history)
-            if len(h) == n and seq[len(seq) - n:] == h:
-                seq.append(t)
-                continue
-        current[s.user_id] = len(seqs)
-        seqs.append(h + [t])
-    return seqs
-
-
 def training_windows(seqs: Sequence[Sequence[int]], max_len: int,
                      stride: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Windows of <= max_len items from each sequence, ending at its newest item and every ``stride``
@@ -351,7 +329,7 @@ def fit_sasrec(fit: Sequence, stop: Sequence, num_items: int, cfg: Optional[SASR
     if max_history is None:
         max_history = max([len(s.history) for s in list(fit) + list(stop)] + [1])
     max_len = cfg.max_len or max_history + 1
-    seqs = build_sequences(fit, max_history)
+    seqs = user_sequences(fit, max_history)
     X, Y = training_windows(seqs, max_len, cfg.stride)
     if len(X) == 0:
         raise ValueError("SASRec: no training targets (every fitting sample has an empty history)")
