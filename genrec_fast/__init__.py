@@ -2,9 +2,11 @@
 
 Semantic IDs (``genrec_fast.sid``), a C++ trie over them (``SIDTrie``), constrained beam
 search with Triton kernels (``genrec_fast.decode``), SFT / S-DPO / GRPO training
-(``genrec_fast.train``) and full-catalogue evaluation (``genrec_fast.eval``).
+(``genrec_fast.train``), full-catalogue evaluation (``genrec_fast.eval``) and recommendations from a saved
+model in one call (``Recommender.from_pretrained(model_dir).recommend(histories, k=10)``).
 """
 from genrec_fast.trie import SIDTrie, TrieDeviceArrays
+from genrec_fast.recommend import Recommendation, Recommender
 
 __version__ = "0.1.0"
-__all__ = ["SIDTrie", "TrieDeviceArrays", "__version__"]
+__all__ = ["Recommendation", "Recommender", "SIDTrie", "TrieDeviceArrays", "__version__"]

@@ -23,6 +23,7 @@ COMMANDS: Dict[str, tuple] = {
     "sids": ("genrec_fast.sid.cli", "build collision-free Semantic IDs for a catalogue"),
     "sft": ("genrec_fast.train.sft", "multi-task supervised fine-tuning"),
     "eval": ("genrec_fast.eval.cli", "full-catalogue evaluation by constrained beam search"),
+    "recommend": ("genrec_fast.recommend", "top-k items for one history from a saved model (no data folder)"),
     "demo": ("genrec_fast.demo", "MovieLens-1M end to end: SIDs -> SFT -> eval"),
     "sdpo": ("genrec_fast.train.sdpo", "softmax-DPO preference training"),
     "rl": ("genrec_fast.train.grpo", "GRPO (ReRe) reinforcement learning on beam rollouts"),
@@ -128,11 +129,32 @@ def _apply_config(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.
     return parser.parse_args(argv)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: `` (default: X)`` after its text unless the text already
+    speaks of its default; a switch is "off" unless given (``--x/--no-x``: the one in force). An option whose
+    default is None says in its own text what None means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: off)".lstrip()
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on, off = action.option_strings[0], action.option_strings[-1]
+            return f"{text} (default: {on if action.default else off})".lstrip()
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"genrec-fast {command}", description=help_text)
-    parser.add_argument("--config", help="JSON/YAML file of option values; flags override it")
+    parser = argparse.ArgumentParser(prog=f"genrec-fast {command}", description=help_text,
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON/YAML file of option values; flags override it (default: none)")
     module.add_arguments(parser)
     return parser
 
@@ -160,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: genrec-fast [--version] COMMAND [--config FILE] [options]", "", "commands:"]
-        lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"genrec-fast: error: unknown command {argv[0]!r}", file=sys.stderr)

@@ -185,6 +185,21 @@ def load_model_and_tokenizer(
     return model, tokenizer, vocab
 
 
+_POSITION_CONFIG = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(model) -> Optional[int]:
+    """The most token positions the model was built for (``config.max_position_embeddings`` or its other
+    names; through a PEFT wrapper too), None when its config gives none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    for attr in _POSITION_CONFIG:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], max_length: Optional[int] = None):
     """Tokenize prompts (no special tokens) and LEFT pad them; over-long prompts keep their last tokens.
 

@@ -7,10 +7,13 @@ token(l, c) = start + K_0 + ... + K_{l-1} + c (see ../shared/DESIGN.md).
 from __future__ import annotations
 
 import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 LEVEL_PREFIXES = "abcdefgh"
-_TOKEN_RE = re.compile(r"<([a-h])_(0|[1-9]\d*)>")  # no leading zeros: <a_01> is not a token of the block
+# THE grammar of one SID token, used by every reader (parse_sid here, SIDVocab.from_tokenizer in
+# genrec_fast.decode.vocab): ``<`` a level letter ``_`` a code in ASCII decimal without leading zeros ``>``;
+# <a_01>, <a_+1>, <A_1>, <i_1> and non-ASCII digits are not tokens of the block (token_string writes none).
+SID_TOKEN_RE = re.compile(r"<([%s])_(0|[1-9][0-9]*)>" % LEVEL_PREFIXES)
 
 
 def token_string(level: int, code: int) -> str:
@@ -31,6 +34,12 @@ def sid_tokens(codes: Sequence[int]) -> List[str]:
     return [token_string(level, int(c)) for level, c in enumerate(codes)]
 
 
+def parse_token(token: str) -> Optional[Tuple[int, int]]:
+    """``"<b_3>"`` -> ``(1, 3)`` (level, code); None for a string that is not one SID token (:data:`SID_TOKEN_RE`)."""
+    m = SID_TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
+    return None if m is None else (LEVEL_PREFIXES.index(m.group(1)), int(m.group(2)))
+
+
 def parse_sid(sid) -> List[int]:
     """Parse ``"<a_12><b_3><c_200>"`` or ``["<a_12>", "<b_3>", "<c_200>"]`` into codes.
 
@@ -39,7 +48,7 @@ def parse_sid(sid) -> List[int]:
     text = "".join(sid) if isinstance(sid, (list, tuple)) else str(sid)
     codes: List[int] = []
     pos = 0
-    for m in _TOKEN_RE.finditer(text):
+    for m in SID_TOKEN_RE.finditer(text):
         if m.start() != pos:
             break
         level = LEVEL_PREFIXES.index(m.group(1))

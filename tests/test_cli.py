@@ -2,15 +2,24 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+import genrec_fast.eval.cli as eval_cli
+import genrec_fast.eval.evaluate as evaluate_mod
+import genrec_fast.model as model_mod
 from genrec_fast import cli
+from genrec_fast.bundle import write_bundle
+from genrec_fast.data import load_minionerec, save_minionerec
+from genrec_fast.eval.metrics import ks_for_beams
 from test_sdpo_grpo import make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +144,119 @@ def test_eval_two_processes_equals_one(tiny_run, tmp_path):
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "invalid_rate"):
         assert res["model"][k] == pytest.approx(want[k])
     assert proc.stdout.count("test (12 samples)") == 1  # only the main process prints and writes
+
+
+# ---- the model bundle ties a model to its SID index; options are checked before anything runs -------------
+
+FAST_EVAL = ["--num-beams", "4", "--ks", "1", "4", "--batch-size", "6", "--no-sasrec", "--num-resamples", "10"]
+
+
+def _bundled_copy(model_dir, data_dir, dest):
+    """A copy of the tiny model with the bundle of the data it belongs to."""
+    shutil.copytree(model_dir, dest)
+    write_bundle(dest, load_minionerec(data_dir).catalog, "minionerec")
+    return dest
+
+
+def _resid(data_dir, dest, seed=1):
+    """The same dataset with its SIDs rebuilt another way: the same shape (3 x 4), items given other SIDs."""
+    data = load_minionerec(data_dir)
+    perm = np.random.default_rng(seed).permutation(len(data.catalog))
+    data.catalog.set_codes(data.catalog.codes[perm], data.catalog.codebook_sizes)
+    return save_minionerec(data, dest)
+
+
+def _no_evaluation(monkeypatch):
+    """Loading the model or evaluating fails the test: what is checked must be checked before."""
+    def must_not_run(*a, **k):
+        raise AssertionError("the model was loaded / evaluated before the options were checked")
+
+    for mod, name in ((model_mod, "load_model_and_tokenizer"), (eval_cli, "load_model_and_tokenizer"),
+                      (evaluate_mod, "evaluate_split"), (eval_cli, "evaluate_split")):
+        monkeypatch.setattr(mod, name, must_not_run, raising=False)
+
+
+def test_eval_refuses_a_model_trained_on_other_sids(tiny_run, tmp_path, capsys):
+    data_dir, model_dir = tiny_run
+    model = _bundled_copy(model_dir, data_dir, tmp_path / "model")
+    other = _resid(data_dir, tmp_path / "resid")
+    with pytest.raises(ValueError, match=rf"the model {model} was trained on other Semantic IDs than those of "
+                                         rf"{other}: SID fingerprint"):
+        cli.main(["eval", "--model", str(model), "--data", str(other), *FAST_EVAL])
+    capsys.readouterr()
+    assert cli.entry(["eval", "--model", str(model), "--data", str(other), *FAST_EVAL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genrec-fast: error: the model") and str(other) in err and str(model) in err
+    # its own data: evaluated as before, no warning
+    out = tmp_path / "res.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["eval", "--model", str(model), "--data", str(data_dir), *FAST_EVAL, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["model"]["num_samples"] == 12
+    # a model without a bundle (an older save): a warning, and it is evaluated
+    with pytest.warns(UserWarning, match=rf"{model_dir} has no genrec_bundle.json"):
+        assert cli.main(["eval", "--model", str(model_dir), "--data", str(other), *FAST_EVAL]) == 0
+
+
+def test_eval_checks_out_before_evaluating(tiny_run, tmp_path, monkeypatch):
+    data_dir, model_dir = tiny_run
+    _no_evaluation(monkeypatch)
+    base = ["eval", "--model", str(model_dir), "--data", str(data_dir), *FAST_EVAL]
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(ValueError, match=r"--out .*a_folder: is a folder; give a file path"):
+        cli.main([*base, "--out", str(tmp_path / "a_folder")])
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*a_file/deeper/res.json: .*a_file is a file, not a folder"):
+        cli.main([*base, "--out", str(tmp_path / "a_file" / "deeper" / "res.json")])
+
+
+def test_eval_num_beams_zero_is_a_num_beams_error(tiny_run, monkeypatch):
+    data_dir, model_dir = tiny_run
+    _no_evaluation(monkeypatch)
+    for beams in ("0", "-3"):
+        with pytest.raises(ValueError, match=rf"--num-beams must be >= 1, got {beams}"):
+            cli.main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--num-beams", beams])
+    with pytest.raises(ValueError, match="evaluate: num_beams must be an integer >= 1, got 0"):
+        ks_for_beams(None, 0)
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
+        cli.main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--batch-size", "0"])
+
+
+def test_eval_prompt_longer_than_the_model_positions_is_an_error(tiny_run, tmp_path):
+    data_dir, model_dir = tiny_run
+    short = _bundled_copy(model_dir, data_dir, tmp_path / "short_model")
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16  # RoPE would run past it silently
+    (short / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"sample \d+ \(user u3_\d+\): its prompt is \d+ tokens, \+ 3 SID tokens > "
+                                         r"the model's 16 positions .*max_prompt_length \(at most 13\)"):
+        cli.main(["eval", "--model", str(short), "--data", str(data_dir), *FAST_EVAL])
+    # left-truncation is there when asked for
+    out = tmp_path / "cut.json"
+    assert cli.main(["eval", "--model", str(short), "--data", str(data_dir), *FAST_EVAL, "--max-prompt-length", "13",
+                     "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["model"]["num_samples"] == 12
+
+
+@pytest.mark.parametrize("command", ["eval", "sids", "recommend"])
+def test_every_option_of_the_help_states_its_default(command, capsys):
+    parser = cli.build_parser(command)
+    fmt = parser._get_formatter()
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.dest != "help" and not a.required
+               and "default" not in fmt._expand_help(a).lower()]
+    assert not missing, f"{command}: options whose --help states no default: {missing}"
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps the help
+    assert "(default: " in text
+    if command == "eval":
+        assert "(default: 50)" in text and "(default: --sasrec)" in text and "(default: off)" in text
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name, (_, help_) in cli.COMMANDS.items():
+        assert f"  {name} " in text and help_ in text

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from genrec_fast import SIDTrie
-from genrec_fast.data.types import Catalog
-from genrec_fast.eval.evaluate import BeamRanker, catalog_trie, metrics_from_records, shard_range
+from genrec_fast.data.types import Catalog, Sample
+from genrec_fast.eval.evaluate import BeamRanker, catalog_trie, metrics_from_records, predict, shard_range
+from genrec_fast.prompts import rec_prompt
 
 NEG = -np.inf
 
@@ -27,6 +28,10 @@ def test_beams_to_ranked_items_shared_sids_invalid_and_padding():
     assert n_ret.tolist() == [4, 3] and n_bad.tolist() == [0, 1]
     lists, _, _ = r.rank(codes, scores, top_n=2)
     assert lists == [[1, 3], [2, -1]]
+    # each entry's beam score beside it: a shared SID's items share it, an invalid beam's slot keeps its own
+    lists, item_scores, _, _ = r.rank_scored(codes, scores, top_n=10)
+    assert lists == [[1, 3, 4, 0], [2, -1, 4]]
+    assert item_scores == [[-0.1, -0.1, -0.5, -1.0], [-0.2, -0.3, -0.4]]
 
 
 def test_invalid_sid_in_range_counts_as_invalid():
@@ -237,3 +242,20 @@ def test_evaluate_split_results_compare_paired(tiny_setup):
     c = evaluate_split(model, tok, vocab, data, "test", max_samples=6, seed=1, **kw)
     with pytest.raises(ValueError, match="cover different samples"):
         compare_results(a, c)
+
+
+def test_predict_refuses_a_prompt_longer_than_the_model_positions(tiny_setup, monkeypatch):
+    """A prompt + its SID tokens past max_position_embeddings is an error naming the sample (never cut
+    silently); ``max_prompt_length`` keeps the last tokens when asked for."""
+    data, model, tok, vocab = tiny_setup
+    trie = catalog_trie(data.catalog)
+    samples = [Sample("short", [1], 2), Sample("long", list(range(10)) * 3, 3), Sample("mid", [1, 2, 3], 4)]
+    n_long = len(tok(rec_prompt(samples[1].history, data.catalog), add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(model.config, "max_position_embeddings", n_long + 1)  # one position short for 2 levels
+    with pytest.raises(ValueError, match=rf"sample 1 \(user long\): its prompt is {n_long} tokens, \+ 2 SID tokens > "
+                                         rf"the model's {n_long + 1} positions"):
+        predict(model, tok, vocab, trie, samples, data.catalog, num_beams=3)
+    recs = predict(model, tok, vocab, trie, samples, data.catalog, num_beams=3, max_prompt_length=n_long - 1)
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    monkeypatch.setattr(model.config, "max_position_embeddings", n_long + 2)  # fits exactly
+    assert len(predict(model, tok, vocab, trie, samples, data.catalog, num_beams=3)) == 3

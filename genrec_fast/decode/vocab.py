@@ -1,15 +1,13 @@
 """SIDVocab: the contiguous block of SID token ids, token(l, c) = start + off_l + c."""
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from genrec_fast.sid_tokens import LEVEL_PREFIXES, token_string
-
-_SID_TOKEN = re.compile(r"<([%s])_(\d+)>" % LEVEL_PREFIXES)
+from genrec_fast.sid_tokens import SID_TOKEN_RE as _SID_TOKEN  # the one SID-token grammar
 
 
 def _as_long(x, name: str) -> torch.Tensor:

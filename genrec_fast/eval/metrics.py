@@ -27,8 +27,10 @@ def ks_for_beams(ks: Optional[Iterable[int]], num_beams: int, where: str = "eval
 
     ``None``: the ``DEFAULT_KS`` up to ``num_beams``. A given cut-off above ``num_beams`` raises: the
     model's list only holds the items of ``num_beams`` beams, so its HR@K would be a lower bound set
-    beside baselines that rank the whole catalogue.
+    beside baselines that rank the whole catalogue. ``num_beams`` below 1 raises, naming num_beams.
     """
+    if isinstance(num_beams, bool) or int(num_beams) != num_beams or num_beams < 1:
+        raise ValueError(f"{where}: num_beams must be an integer >= 1, got {num_beams!r}")
     if ks is None:
         return tuple(k for k in DEFAULT_KS if k <= num_beams) or (int(num_beams),)
     ks = check_ks(ks)

@@ -32,15 +32,18 @@ LOG_DEFAULTS = {"meta": None, "sep": None, "user_col": "user_id", "item_col": "i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--items", default=None, help="item.json (item id -> {title, description, ...})")
+    parser.add_argument("--items", default=None, help="item.json (item id -> {title, description, ...}); one of --items, --data, --log "
+                                                      "(default: none)")
     parser.add_argument("--data", default=None, help="a MiniOneRec-format dataset folder: new SIDs for its items, the "
-                                                     "dataset with them written to --out")
+                                                     "dataset with them written to --out (default: none)")
     parser.add_argument("--out", required=True, help="output directory for index.json, codes.npy, sids_meta.json "
                                                      "(with --log: the whole dataset in the release format)")
     log = parser.add_argument_group("from an interaction log (instead of --items)")
-    log.add_argument("--log", default=None, help="header-ed CSV/TSV of interactions (user, item, timestamp columns)")
+    log.add_argument("--log", default=None, help="header-ed CSV/TSV of interactions (user, item, timestamp columns) "
+                                                   "(default: none)")
     d = LOG_DEFAULTS
-    log.add_argument("--meta", default=d["meta"], help="item metadata CSV/TSV (item column + title + any text columns)")
+    log.add_argument("--meta", default=d["meta"], help="item metadata CSV/TSV (item column + title + any text "
+                                                       "columns) (default: none: titles are the item ids)")
     log.add_argument("--sep", default=d["sep"],
                      help="field separator (default: tab for .tsv/.inter/.item/.txt, else comma)")
     log.add_argument("--user-col", default=d["user_col"])
@@ -49,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     log.add_argument("--title-col", default=d["title_col"], help="--meta's title column (required there)")
     log.add_argument("--split", choices=SPLIT_MODES, default=d["split"])
     log.add_argument("--max-history", type=int, default=d["max_history"])
-    log.add_argument("--max-users", type=int, default=d["max_users"], help="a seeded random subset of users")
+    log.add_argument("--max-users", type=int, default=d["max_users"], help="a seeded random subset of users (default: all)")
     log.add_argument("--max-interactions-per-user", type=int, default=d["max_interactions_per_user"],
-                     help="each user's most recent ones")
+                     help="each user's most recent ones (default: all)")
     parser.add_argument("--method", choices=METHODS, default="rqkmeans")
     parser.add_argument("--embedding", choices=EMBEDDINGS, default="text",
                         help="text: the text embeddings; text+cf: with collaborative vectors fitted on the TRAIN "
@@ -70,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=150, help="rqvae training epochs")
     parser.add_argument("--encoder", default=None, help="sentence encoder path or hub name (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--embeddings", default=None, help="precomputed [N, H] .npy in item.json order (with --log: the --meta file's order "
-                             "of the items in the log, else their first appearance) (skips the encoder)")
+                             "of the items in the log, else their first appearance) (skips the encoder; default: none, "
+                             "the encoder embeds the texts)")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/genrec_fast/embeddings)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
