@@ -8,19 +8,37 @@
   (d) ours: genrec_fast.decode.beam_search(score="full_vocab"), and ours with score="sid",
   (e) GPU only: ours with cuda_graphs=True (prefill and SID steps replayed from CUDA graphs,
       captured in the warm-up round),
-all measured in the same run, with the ratios ours/(a), ours/(c) and ours/(c') (and for (e)), and the
-share of users whose ranked SIDs are identical in (a) and (d) and in (d) and (e).
+  (f) ours with shared_prefix=True (the prompt's K/V kept once per prompt, beam rows hold only their
+      generated tails, attention by ops.cascade.cascade_attention), eager, and on GPU (g) with cuda_graphs=True,
+all measured in the same run, with the ratios ours/(a), ours/(c) and ours/(c') (and for (e), (f), (g)), and the
+share of users whose ranked SIDs are identical in (a) and (d), in (d) and (e), (d) and (f), (d) and (g).
+
+% of roofline (GPU, bf16/fp16; "n/a" on CPU or an unknown GPU): 100 x t_roofline / t_measured per search,
+t_roofline = sum over the search's phases of max(FLOPs / peak FLOP/s, bytes / peak bytes/s) (``roofline``)
+for the least work a search must do, b bytes per value (2 in bf16), from the model config: h hidden,
+n layers, H query / Hkv K/V heads of dim D, I MLP width, V vocabulary rows; N = h*H*D + 2*h*Hkv*D + H*D*h
++ 3*h*I weights per layer (norms, biases ignored); P prompts of t_p attended tokens (S = sum t_p; padding
+costs nothing in the ideal), B beams, R = P*B rows, L levels:
+  prefill:        FLOPs 2*n*N*S + 4*n*H*D*sum_p t_p(t_p+1)/2;    bytes b*(n*N + 2*n*Hkv*D*S) (weights, K/V written)
+  step l=1..L-1:  FLOPs 2*n*N*R + 4*n*H*D*(B*S + R*l);           bytes b*(n*N + 2*n*Hkv*D*(S + R*l + R))
+                  (the prompt K/V read ONCE per prompt -- the shared-prefix layout -- plus the tails, one written)
+  level head l:   FLOPs 2*h*V*r_l (r_0 = P, else R: every logit, score="full_vocab");  bytes b*V*h
+Activations, the trie step and top-B are left out (small). Peaks: dense bf16 tensor FLOP/s and HBM bandwidth
+from the datasheets (``PEAKS``).
 
 Checks (a missed one prints a FAILED line, is in the JSON's "failed" and makes the exit status 1):
 invalid_rate == 0; fp32: same_ranking_as_hf == 1; bf16: same_set_as_hf >= 0.95 (near-ties swap ranks,
 see docs/decode.md); when (e) ran: graphs_same_ranking_as_ours == 1 in fp32, graphs_same_set_as_ours
->= 0.99 in bf16.
+>= 0.99 in bf16; for (f) and (g): shared[_graphs]_invalid_rate == 0 and, against (d), the same ranking in
+fp32 and >= 0.98 of the same SIDs in bf16 (another attention kernel: near-ties may round differently; a
+first threshold, not yet run on a GPU). A variant that crashes is FAILED and its columns are left out.
 
 CPU setting: tiny random Qwen2, 32 users x 20 beams, 3k items. GPU settings (bf16, sdpa):
 Qwen2.5-0.5B shapes with random weights, prompt 128, 8 x 50 and 64 x 16 over 3.7k items,
 256 x 20 over 200k items. L = 3 levels of 256 codes.
 
   python benches/bench_decode.py [--device cpu|cuda] [--json PATH] [--settings NAME,...]
+  python benches/bench_decode.py --summary PATH   (one table of a finished run's JSON)
 """
 from __future__ import annotations
 
@@ -41,6 +59,8 @@ from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import SIDVocab, beam_search  # noqa: E402
 
 SIZES = (256, 256, 256)
+OPTIONAL = ("ours_graphs", "ours_shared", "ours_shared_graphs")  # a crash is reported, the run goes on
+ROOFLINE_METHODS = ("ours", "ours_graphs", "ours_shared", "ours_shared_graphs")
 
 CPU_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, base_vocab=2000)
@@ -156,6 +176,44 @@ def same_set_prompts(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.mean([len(x) == beams and x == y for x, y in zip(sid_sets(a), sid_sets(b))]))
 
 
+# device name (substring, first match) -> (dense bf16/fp16 tensor-core FLOP/s, HBM bytes/s), datasheet values
+PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+)
+
+
+def device_peaks(device_name: str, dtype: torch.dtype):
+    """(FLOP/s, bytes/s) of a known GPU in bf16/fp16, else None (CPU, fp32, unknown GPUs: no roofline)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return next(((f, b) for key, f, b in PEAKS if key in device_name), None)
+
+
+def roofline(config, prompt_lens, beams: int, levels: int, value_bytes: int, peaks) -> dict:
+    """FLOPs, bytes and seconds of the least work of one search (formulas in the module doc)."""
+    h, n, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    H = config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    D = getattr(config, "head_dim", None) or h // H
+    N = h * H * D + 2 * h * Hkv * D + H * D * h + 3 * h * config.intermediate_size
+    lens = [int(t) for t in prompt_lens]
+    P, S = len(lens), sum(lens)
+    R = P * beams
+    phases = [(2 * n * N * S + 4 * n * H * D * sum(t * (t + 1) / 2 for t in lens),
+               value_bytes * (n * N + 2 * n * Hkv * D * S))]
+    for level in range(1, levels):
+        phases.append((2 * n * N * R + 4 * n * H * D * (beams * S + R * level),
+                       value_bytes * (n * N + 2 * n * Hkv * D * (S + R * level + R))))
+    for level in range(levels):
+        phases.append((2 * h * V * (P if level == 0 else R), value_bytes * V * h))
+    flops, nbytes = sum(f for f, _ in phases), sum(b for _, b in phases)
+    seconds = None if peaks is None else sum(max(f / peaks[0], b / peaks[1]) for f, b in phases)
+    return {"flops": flops, "bytes": nbytes, "seconds": seconds}
+
+
 def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
     _, users, beams, items, length, hf_repeat, our_repeat = SETTINGS[name]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -183,22 +241,28 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         "ours": (ours, our_repeat),
         "ours_sid": (lambda: beam_search(model, ids, mask, trie, vocab, beams, score="sid"), our_repeat),
     }
+    def variant(key, **kwargs):
+        def run():
+            results[key] = beam_search(model, ids, mask, trie, vocab, beams, score="full_vocab", **kwargs)
+        return run
+
     if device.type == "cuda":
-        def ours_graphs():
-            results["graphs"] = beam_search(model, ids, mask, trie, vocab, beams, score="full_vocab", cuda_graphs=True)
-        methods["ours_graphs"] = (ours_graphs, our_repeat)
+        methods["ours_graphs"] = (variant("graphs", cuda_graphs=True), our_repeat)
+    methods["ours_shared"] = (variant("shared", shared_prefix=True), our_repeat)
+    if device.type == "cuda":
+        methods["ours_shared_graphs"] = (variant("shared_graphs", shared_prefix=True, cuda_graphs=True), our_repeat)
     errors = {}
     with torch.inference_mode():
         for method, (fn, _) in list(methods.items()):  # warm-up (Triton compiles, allocator, caches)
-            if method != "ours_graphs":
+            if method not in OPTIONAL:
                 fn()
                 continue
-            try:  # the graph capture is the one GPU-only path: a failure is reported, the other columns stand
+            try:  # graph captures and the shared-prefix path: a failure is reported, the other columns stand
                 fn()
             except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
                 errors[method] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
-                print(f"{name}: ours_graphs failed: {errors[method]}", file=sys.stderr)
+                print(f"{name}: {method} failed: {errors[method]}", file=sys.stderr)
                 del methods[method]
         sync(device)
         times = {method: [] for method in methods}
@@ -226,8 +290,29 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
                   "graphs_same_set_as_ours": same_set(graph_codes, our_codes),
                   "graphs_same_ranking_as_ours": float(np.mean([torch.equal(graph_codes[u], our_codes[u])
                                                                 for u in range(users)]))}
+    for key, method in (("shared", "ours_shared"), ("shared_graphs", "ours_shared_graphs")):
+        if key not in results:
+            continue
+        c = results[key].codes.cpu()
+        ok = trie.contains(c.reshape(-1, L).numpy()) | (c.reshape(-1, L) < 0).all(1).numpy()
+        graphs.update({
+            f"{method}_over_hf_constrained": ups[method] / ups["hf_constrained"],
+            f"{method}_over_floor_search_steps": ups[method] / ups["floor_search_steps"],
+            f"{key}_same_ranking_as_ours": float(np.mean([torch.equal(c[u], our_codes[u]) for u in range(users)])),
+            f"{key}_same_set_as_ours": same_set(c, our_codes),
+            f"{key}_same_ranking_as_hf": float(np.mean([bool((hf[u] >= 0).all()) and torch.equal(hf[u], c[u])
+                                                        for u in range(users)])),
+            f"{key}_invalid_rate": float(1.0 - ok.mean()),
+        })
+    if "ours_shared_graphs" in ups and "ours_graphs" in ups:
+        graphs["ours_shared_graphs_over_ours_graphs"] = ups["ours_shared_graphs"] / ups["ours_graphs"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    roof = roofline(model.config, mask.sum(-1).tolist(), beams, L, torch.finfo(dtype).bits // 8,
+                    device_peaks(device_name, dtype))
+    pct = {f"pct_roofline_{m}": (100.0 * roof["seconds"] * ups[m] / users if roof["seconds"] else "n/a")
+           for m in ROOFLINE_METHODS if m in ups}
     return {
-        "setting": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "setting": name, "device": device_name,
         "dtype": str(dtype).replace("torch.", ""), "users": users, "beams": beams, "items": items,
         "prompt_len": length,
         **{f"{k}_users_per_s": v for k, v in ups.items()},
@@ -238,6 +323,9 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
         "same_set_as_hf": same_set(hf, our_codes),
         "invalid_rate": float(1.0 - valid.mean()),
         **graphs,
+        "roofline_gflop": roof["flops"] / 1e9, "roofline_mbytes": roof["bytes"] / 1e6,
+        "roofline_ms": roof["seconds"] * 1e3 if roof["seconds"] else "n/a",
+        **pct,
         **({"errors": errors} if errors else {}),
     }
 
@@ -246,7 +334,11 @@ def main(argv=None) -> int:
     p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--settings", default=None, help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
+    p.add_argument("--summary", default=None, metavar="JSON",
+                   help="only print the one-table summary of a finished run's JSON (benches/run_gpu.sh ends with it)")
     args = p.parse_args(argv)
+    if args.summary:
+        return print_summary(args.summary)
     device = torch.device(args.device)
     names = pick_settings(SETTINGS, args.settings, device, "bench_decode")
     spec = GPU_MODEL if device.type == "cuda" else CPU_MODEL
@@ -263,15 +355,50 @@ def main(argv=None) -> int:
             "floor_users_per_s", "floor_search_steps_users_per_s", "ours_users_per_s", "ours_sid_users_per_s",
             "ours_over_hf_constrained", "ours_over_floor", "ours_over_floor_search_steps", "same_ranking_as_hf",
             "same_set_as_hf", "invalid_rate"]
+    at = cols.index("ours_users_per_s") + 1
     if device.type == "cuda":
-        cols.insert(cols.index("ours_users_per_s") + 1, "ours_graphs_users_per_s")
+        cols[at:at] = ["ours_graphs_users_per_s", "ours_shared_users_per_s", "ours_shared_graphs_users_per_s"]
         cols += ["ours_graphs_over_hf_constrained", "ours_graphs_over_floor", "ours_graphs_over_floor_search_steps",
-                 "graphs_same_ranking_as_ours", "graphs_same_set_as_ours"]
+                 "graphs_same_ranking_as_ours", "graphs_same_set_as_ours",
+                 "ours_shared_graphs_over_hf_constrained", "ours_shared_graphs_over_ours_graphs",
+                 "shared_graphs_same_ranking_as_ours", "shared_graphs_same_set_as_ours"]
+    else:
+        cols[at:at] = ["ours_shared_users_per_s"]
+    cols += ["ours_shared_over_hf_constrained", "shared_same_ranking_as_ours", "shared_same_set_as_ours",
+             "roofline_ms"] + [f"pct_roofline_{m}" for m in ROOFLINE_METHODS
+                               if device.type == "cuda" or "graphs" not in m]
     print_table([{c: r.get(c, "-") for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
     checks = check_rows(rows)
     print(f"total {time.perf_counter() - t0:.1f}s")
     write_json("bench_decode", {"bench": "decode", "rows": rows, **checks.payload()}, args.json)
     return checks.report()
+
+
+SUMMARY = (  # (column, key in a row) of the one-table summary
+    ("setting", "setting"), ("dtype", "dtype"), ("HF constrained", "hf_constrained_users_per_s"),
+    ("floor L-1", "floor_search_steps_users_per_s"), ("ours", "ours_users_per_s"),
+    ("ours graphs", "ours_graphs_users_per_s"), ("shared", "ours_shared_users_per_s"),
+    ("shared graphs", "ours_shared_graphs_users_per_s"), ("graphs/HF", "ours_graphs_over_hf_constrained"),
+    ("shared graphs/HF", "ours_shared_graphs_over_hf_constrained"),
+    ("shared graphs/graphs", "ours_shared_graphs_over_ours_graphs"), ("same set as HF", "same_set_as_hf"),
+    ("shared same set", "shared_same_set_as_ours"), ("shared graphs same set", "shared_graphs_same_set_as_ours"),
+    ("roofline ms", "roofline_ms"), ("% roofline ours", "pct_roofline_ours"),
+    ("% roofline graphs", "pct_roofline_ours_graphs"), ("% roofline shared", "pct_roofline_ours_shared"),
+    ("% roofline shared graphs", "pct_roofline_ours_shared_graphs"),
+)
+
+
+def print_summary(path: str) -> int:
+    """One table (users/s, ratios, SID agreement, % of roofline) of a finished run; 1 when its checks failed."""
+    import json
+
+    payload = json.loads(Path(path).read_text())
+    rows = payload["rows"]
+    print_table([{col: r.get(key, "-") for col, key in SUMMARY} for r in rows],
+                title=f"decode summary (users/s; {rows[0]['device'] if rows else '-'})")
+    for line in payload.get("failed", []):
+        print(line)
+    return 1 if payload.get("failed") else 0
 
 
 def check_rows(rows) -> Checks:
@@ -291,6 +418,14 @@ def check_rows(rows) -> Checks:
                 checks.check(setting, "graphs_same_ranking_as_ours", r["graphs_same_ranking_as_ours"], "==", 1.0)
             else:  # bf16: a near-tie may still swap two ranks (the H100 run gave 100 % same ranking)
                 checks.check(setting, "graphs_same_set_as_ours", r["graphs_same_set_as_ours"], ">=", 0.99)
+        for key in ("shared", "shared_graphs"):  # the shared-prefix layout: another attention kernel, same SIDs
+            if f"{key}_same_ranking_as_ours" not in r:
+                continue
+            checks.check(setting, f"{key}_invalid_rate", r[f"{key}_invalid_rate"], "==", 0.0)
+            if r["dtype"] == "float32":
+                checks.check(setting, f"{key}_same_ranking_as_ours", r[f"{key}_same_ranking_as_ours"], "==", 1.0)
+            else:  # bf16: near-ties may round differently under another attention kernel (threshold not yet run)
+                checks.check(setting, f"{key}_same_set_as_ours", r[f"{key}_same_set_as_ours"], ">=", 0.98)
     return checks
 
 

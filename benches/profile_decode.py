@@ -6,7 +6,8 @@ prefill graph and of each level's step graph alone; the full-vocabulary log-sum-
 level's row count; and the rest (beam ops, trie steps, host work) by difference. With --trace, the
 torch.profiler tables (GPU time by op, host time by op) of a few searches.
 
-  python benches/profile_decode.py [--device cuda] [--settings gpu_8x50_3.7k,...] [--trace]
+  python benches/profile_decode.py [--device cuda] [--settings gpu_8x50_3.7k,...] [--trace] [--shared-prefix]
+(--shared-prefix: both searches with shared_prefix=True, the prompt K/V once per prompt.)
 On CPU (tiny model) it runs cuda_graphs="emulate", only as a smoke test of this script.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def median_time(fn, device, repeat: int) -> float:
     return statistics.median(ts)
 
 
-def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool) -> dict:
+def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool, shared_prefix: bool = False) -> dict:
     _, users, beams, items, length, _, _ = bd.SETTINGS[name]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -47,12 +48,13 @@ def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool) -
     trie = SIDTrie(bd.random_catalogue(items, seed=1), bd.SIZES)
     ids, mask = bd.prompts(users, length, spec["base_vocab"], device, seed=2)
     mode = True if device.type == "cuda" else "emulate"
-    row = {"setting": name, "users": users, "beams": beams}
+    row = {"setting": name, "users": users, "beams": beams, "shared_prefix": shared_prefix}
     with torch.inference_mode():
-        search = lambda: beam_search(model, ids, mask, trie, vocab, beams, cuda_graphs=mode)  # noqa: E731
+        search = lambda: beam_search(model, ids, mask, trie, vocab, beams, cuda_graphs=mode,  # noqa: E731
+                                     shared_prefix=shared_prefix)
         row["search_ms"] = 1e3 * median_time(search, device, repeat)
         row["users_per_s"] = users / row["search_ms"] * 1e3
-        eager = lambda: beam_search(model, ids, mask, trie, vocab, beams)  # noqa: E731
+        eager = lambda: beam_search(model, ids, mask, trie, vocab, beams, shared_prefix=shared_prefix)  # noqa: E731
         row["eager_search_ms"] = 1e3 * median_time(eager, device, repeat)
         gs = list(graphs._sets[model.model].values())[-1]
         if device.type == "cuda":
@@ -93,11 +95,12 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=None)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--shared-prefix", action="store_true", help="search with shared_prefix=True")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     names = pick_settings(bd.SETTINGS, args.settings, device, "profile_decode")
     spec = bd.GPU_MODEL if device.type == "cuda" else bd.CPU_MODEL
-    rows = [run(n, device, spec, args.repeat, args.trace) for n in names]
+    rows = [run(n, device, spec, args.repeat, args.trace, args.shared_prefix) for n in names]
     print_table(rows, title=f"where one graph search's time goes ({device.type})")
     write_json("profile_decode", {"rows": rows}, args.json)
     return 0

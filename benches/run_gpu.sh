@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU check in one device call (meant for a lent H100/H200; timings below):
-#   install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
-#   on the GPU, then each GPU bench. Tables go to stdout; JSON and logs under $OUT (default runs/gpu).
+# The GPU checks of the constrained decoder in one device call (meant for a lent H100/H200), under ~8 minutes
+# on one H100: install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
+# and the decode paths on the GPU (the beam ops, the shared-prefix attention, the eager / graph /
+# shared-prefix searches: tests that ran only in the Triton interpreter so far), then benches/bench_decode.py
+# at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), and at the end ONE summary table (the decode
+# columns, % of roofline, each step's verdict). JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
+#   DRY_RUN=1 prints the steps and their commands without running anything (any machine; a test runs it).
 #   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="decode tests beam" pick and order the steps
-#   ("tests" is the pytest step; default: tests rq beam decode sft rl); ARGS_<bench>="..." adds
-#   arguments to one bench (e.g. ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else
-#   BENCH_TIMEOUT, 300 s) and TEST_TIMEOUT (240 s) cap each step; TEST_WORKERS (4) pytest-xdist processes.
-# A device call is capped at 10 minutes; the issue asks for everything in one call under 5. Seen on a fresh
-# H100 (2026-11-26, before the changes below): install 15 s, bench_decode 47-52 s, the pytest step over 150 s
-# in one process (cut there at test 83 of 89), bench_beam 13 s, bench_rl 11-16 s, bench_sft 130 s with
-# both compile modes (each a ~50 s compile of 24 layers). Since then: the tests run in 4 processes, take
-# the RQ kernel's fixed config (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py: one compile per test shape and
-# dtype, ~14, plus one per autotune config in their own test, instead of 8 per shape and a timing round),
-# and the beam kernels compile ~21 variants instead of ~31 for the test shapes (launch keys counted under
-# the interpreter); bench_sft here
-# runs eager and compiled (what `genrec-fast sft --compile` runs) unless ARGS_sft says otherwise, e.g.
-#   ARGS_sft="--compile-modes default reduce-overhead" BENCHES=sft bash benches/run_gpu.sh
+#   ("tests" is the pytest step; default: tests decode; BENCHES=all: tests rq beam decode sft rl, which takes
+#   longer than one 10-minute device call with sft); ARGS_<bench>="..." adds arguments to one bench (e.g.
+#   ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else BENCH_TIMEOUT, 300 s; decode: 240 s) and
+#   TEST_TIMEOUT (300 s) cap each step (worst case of the default run: 15 + 300 + 240 s, under one 10-minute
+#   device call); TEST_WORKERS (4) pytest-xdist processes.
+# Seen on a fresh H100 (2026-11-26, before the changes below): install 15 s, bench_decode 47-52 s, the pytest
+# step over 150 s in one process (cut there at test 83 of 89), bench_beam 13 s, bench_rl 11-16 s, bench_sft
+# 130 s with both compile modes (each a ~50 s compile of 24 layers). Since then: the tests run in 4 processes,
+# take the RQ kernel's fixed config (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py), the beam kernels compile ~21
+# variants instead of ~31 for the test shapes; bench_decode gained the shared-prefix columns (eager and graphs:
+# two more searches per setting, one Triton compile per attention shape) and the test step
+# tests/test_cascade_attention.py and tests/test_decode_shared_prefix.py; neither has run on a GPU yet.
 # benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
 # Each bench also checks that ours computes what its baseline computes (same beams / SIDs / codes / loss
 # within its thresholds) and exits 1 with "FAILED <setting> <metric> = <value> (threshold: ...)" lines
@@ -28,12 +31,35 @@ PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
 export OUT=${OUT:-runs/gpu}
+DRY=${DRY_RUN:-0}
+TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_rq.py}
+steps=${BENCHES:-tests decode}
+[ "$steps" = all ] && steps="tests rq beam decode sft rl"
+status=0
+
+if [ "$DRY" = 1 ]; then
+  # what would run, step by step (no install, nothing written, no GPU needed)
+  echo "DRY RUN: steps: install $steps summary"
+  for b in $steps; do
+    if [ "$b" = tests ]; then
+      echo "tests: timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $TESTS"
+    elif [ -f "benches/bench_$b.py" ]; then
+      limit_var="TIMEOUT_$b"; default=300; [ "$b" = decode ] && default=240
+      echo "bench_$b: timeout ${!limit_var:-${BENCH_TIMEOUT:-$default}} $PY benches/bench_$b.py --device cuda --json $OUT/bench_$b.json"
+    else
+      echo "FAILED bench_$b (no such bench)"; status=1
+    fi
+  done
+  echo "summary: $PY benches/bench_decode.py --summary $OUT/bench_decode.json"
+  exit $status
+fi
+
 mkdir -p "$OUT"
+rm -f "$OUT/bench_decode.json"  # the summary reads this run's only
 LOG="$OUT/run_gpu.log"
 : > "$LOG"
 t0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
-status=0
 # verdict STEP RC LIMIT: a line in the log and on stdout for a step that failed or ran out of time
 verdict() {
   if [ "$2" = 124 ]; then
@@ -54,8 +80,8 @@ if [ "$rc" != 0 ]; then
   echo "install failed"; tail -30 "$LOG"; verdict install "$rc" -; exit 1
 fi
 
-TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_decode.py tests/test_decode_graphs.py tests/test_rq.py}
-for b in ${BENCHES:-tests rq beam decode sft rl}; do
+verdicts=""
+for b in $steps; do
   if [ "$b" = tests ]; then
     [ "$TESTS" = "-" ] && continue
     # Triton compiles for every new shape take most of this step: spread the tests over TEST_WORKERS
@@ -63,22 +89,33 @@ for b in ${BENCHES:-tests rq beam decode sft rl}; do
     workers=${TEST_WORKERS:-4} xdist=""
     if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then xdist="-n $workers"; fi
     stamp "GPU tests (kernels compiled for the device, not the interpreter) ${xdist:-in one process}"
-    limit=${TEST_TIMEOUT:-240}
+    limit=${TEST_TIMEOUT:-300}
     # shellcheck disable=SC2086
     timeout "$limit" $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $xdist $TESTS 2>&1 \
       | tee -a "$LOG" | tail -30
-    verdict tests "${PIPESTATUS[0]}" "$limit"
+    rc=${PIPESTATUS[0]}
+    verdict tests "$rc" "$limit"
+    verdicts="$verdicts tests=rc$rc"
     continue
   fi
   [ -f "benches/bench_$b.py" ] || { echo "no benches/bench_$b.py"; echo "FAILED bench_$b (no such bench)" | tee -a "$LOG"; status=1; continue; }
   stamp "bench_$b"
   args_var="ARGS_$b" timeout_var="TIMEOUT_$b"
   [ "$b" = sft ] && [ -z "${ARGS_sft+x}" ] && ARGS_sft="--compile-modes default"
-  limit=${!timeout_var:-${BENCH_TIMEOUT:-300}}
+  default=300; [ "$b" = decode ] && default=240  # bench_decode: 47-52 s before the shared-prefix columns
+  limit=${!timeout_var:-${BENCH_TIMEOUT:-$default}}
   # shellcheck disable=SC2086  # ARGS_<bench> is a list of arguments
   timeout "$limit" $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" ${!args_var:-} 2>&1 \
     | tee -a "$LOG" | grep -v '^\s*$' | tail -40
-  verdict "bench_$b" "${PIPESTATUS[0]}" "$limit"
+  rc=${PIPESTATUS[0]}
+  verdict "bench_$b" "$rc" "$limit"
+  verdicts="$verdicts bench_$b=rc$rc"
 done
+stamp "summary"
+if [ -f "$OUT/bench_decode.json" ]; then
+  $PY benches/bench_decode.py --summary "$OUT/bench_decode.json" 2>&1 | tee -a "$LOG"
+fi
+echo "steps (rc 0 = passed, 124 = timed out):$verdicts" | tee -a "$LOG"
+grep -E '^(FAILED|TIMEOUT)' "$LOG" | sort -u
 stamp "done (status $status)"
 exit $status

@@ -1,5 +1,6 @@
-"""benches/bench_decode.py runs on CPU, prints the floor with L and with L-1 cached steps, and its checks
-(same ranking as HF in fp32, no invalid SID) pass; the gates themselves fire on a bad row."""
+"""benches/bench_decode.py runs on CPU, prints the floor with L and with L-1 cached steps and the shared-prefix
+column, and its checks (same ranking as HF in fp32, no invalid SID, the shared-prefix path ranking as ours)
+pass; the gates themselves fire on a bad row; the roofline model equals a hand count."""
 import json
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
         assert bench_decode.main(["--device", "cpu", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-        sys.modules.pop("bench_decode", None)
     printed = capsys.readouterr().out
     assert "floor_search_steps_users_per_s" in printed and "ours_over_floor_search_steps" in printed
+    assert "ours_shared_users_per_s" in printed and "pct_roofline_ours_shared" in printed
     assert "FAILED" not in printed
     payload = json.loads(out.read_text())
     rows = payload["rows"]
@@ -32,8 +33,20 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
                 "ours_users_per_s", "ours_over_floor", "ours_over_floor_search_steps"):
         assert r[key] > 0, key
     assert r["same_ranking_as_hf"] == 1.0 and r["same_set_as_hf"] == 1.0 and r["invalid_rate"] == 0.0
+    assert r["ours_shared_users_per_s"] > 0 and r["shared_same_ranking_as_hf"] == 1.0
+    assert r["roofline_ms"] == "n/a" and r["pct_roofline_ours"] == "n/a" and r["roofline_gflop"] > 0  # CPU: no peaks
     assert payload["failed"] == []
-    assert {(c["metric"], c["ok"]) for c in payload["checks"]} == {("invalid_rate", True), ("same_ranking_as_hf", True)}
+    assert {(c["metric"], c["ok"]) for c in payload["checks"]} == {
+        ("invalid_rate", True), ("same_ranking_as_hf", True), ("shared_invalid_rate", True),
+        ("shared_same_ranking_as_ours", True)}
+    # the one-table summary benches/run_gpu.sh ends with, from this JSON
+    capsys.readouterr()
+    try:
+        assert bench_decode.main(["--summary", str(out)]) == 0
+    finally:
+        sys.modules.pop("bench_decode", None)
+    summary = capsys.readouterr().out
+    assert "| shared graphs/graphs" in summary and "cpu_32x20_3k | float32" in summary and "n/a" in summary
 
 
 def test_bench_decode_gates_fire(monkeypatch):
@@ -52,5 +65,61 @@ def test_bench_decode_gates_fire(monkeypatch):
         assert bench_decode.check_rows([fp32]).failed() == [
             "FAILED s ours_graphs: RuntimeError: x", "FAILED s same_ranking_as_hf = 0.97 (threshold: == 1)",
             "FAILED s graphs_same_ranking_as_ours = 0.9 (threshold: == 1)"]
+        shared = dict(good, shared_invalid_rate=0.0, shared_same_ranking_as_ours=0.5, shared_same_set_as_ours=0.985,
+                      shared_graphs_invalid_rate=0.02, shared_graphs_same_ranking_as_ours=1.0,
+                      shared_graphs_same_set_as_ours=0.97)
+        assert bench_decode.check_rows([shared]).failed() == [
+            "FAILED s shared_graphs_invalid_rate = 0.02 (threshold: == 0)",
+            "FAILED s shared_graphs_same_set_as_ours = 0.97 (threshold: >= 0.98)"]
+        assert bench_decode.check_rows([dict(shared, dtype="float32", same_ranking_as_hf=1.0,
+                                             graphs_same_ranking_as_ours=1.0)]).failed() == [
+            "FAILED s shared_same_ranking_as_ours = 0.5 (threshold: == 1)",
+            "FAILED s shared_graphs_invalid_rate = 0.02 (threshold: == 0)"]
     finally:
         sys.modules.pop("bench_decode", None)
+
+
+def test_roofline_by_hand_and_device_peaks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHES))
+    import bench_decode
+    from types import SimpleNamespace
+
+    try:
+        # h 8, 1 layer, 2 heads of 4 on 1 K/V head, MLP 16, V 10: N = 64 + 64 + 64 + 384 = 576 weights per layer;
+        # prompts of 3 and 1 tokens (S 4), 2 beams (R 4), 2 levels, 2 bytes per value
+        cfg = SimpleNamespace(hidden_size=8, num_hidden_layers=1, vocab_size=10, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=4, intermediate_size=16)
+        r = bench_decode.roofline(cfg, [3, 1], beams=2, levels=2, value_bytes=2, peaks=(1000.0, 100.0))
+        # prefill 2*576*4 + 4*2*4*(6 + 1) = 4832 FLOPs, 2*(576 + 2*4*4) = 1216 bytes;
+        # step 2*576*4 + 4*2*4*(2*4 + 4*1) = 4992 FLOPs, 2*(576 + 8*(4 + 4 + 4)) = 1344 bytes;
+        # heads 2*8*10*2 = 320 and 2*8*10*4 = 640 FLOPs, 160 bytes each
+        assert r["flops"] == 10784 and r["bytes"] == 2880
+        assert abs(r["seconds"] - (12.16 + 13.44 + 1.6 + 1.6)) < 1e-9  # every phase bandwidth-bound here
+        assert bench_decode.roofline(cfg, [3, 1], 2, 2, 2, None)["seconds"] is None
+        peaks = bench_decode.device_peaks
+        assert peaks("NVIDIA H100 80GB HBM3", torch.bfloat16) == (989e12, 3.35e12)
+        assert peaks("NVIDIA H100 PCIe", torch.float16) == (756e12, 2.0e12)
+        assert peaks("NVIDIA H200", torch.bfloat16) == (989e12, 4.8e12)
+        assert peaks("NVIDIA H100 80GB HBM3", torch.float32) is None and peaks("cpu", torch.bfloat16) is None
+    finally:
+        sys.modules.pop("bench_decode", None)
+
+
+def test_run_gpu_script_parses_and_dry_runs(tmp_path):
+    """benches/run_gpu.sh is valid bash and its dry run lists the GPU tests (the interpreter-only ones included),
+    the decode bench and the summary, without touching $OUT."""
+    import subprocess
+
+    script = BENCHES / "run_gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out)},
+                         capture_output=True, text=True, check=True)
+    lines = res.stdout.splitlines()
+    assert lines[0] == "DRY RUN: steps: install tests decode summary"
+    assert "tests/test_cascade_attention.py" in lines[1] and "tests/test_decode_shared_prefix.py" in lines[1]
+    assert lines[2].startswith("bench_decode:") and "--device cuda" in lines[2]
+    assert lines[3].startswith("summary:") and not out.exists()
+    bad = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out),
+                                                    "BENCHES": "nope"}, capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAILED bench_nope (no such bench)" in bad.stdout

@@ -46,6 +46,11 @@ def test_lora_model_searches_like_its_merged_copy(tied):
         ref = beam_search(merged, ids, mask, trie, vocab, num_beams=6, score=score, backend="torch")
         assert torch.equal(got.codes, ref.codes)
         assert torch.allclose(got.scores, ref.scores, atol=1e-4)
+        # the shared-prefix layout on the PEFT-wrapped model (LoRA on the attention projections) too
+        shared = beam_search(model, ids, mask, trie, vocab, num_beams=6, score=score, backend="torch",
+                             shared_prefix=True)
+        assert torch.equal(shared.codes, ref.codes)
+        assert torch.allclose(shared.scores, ref.scores, atol=1e-4)
 
 
 def test_non_affine_head_raises():

@@ -10,6 +10,11 @@ What is captured, per (model, prompts P, beams B, bucketed prompt width T, level
   each prompt's K/V into its B beam rows;
 - one graph per level l = 1 .. L-1: the reorder of the generated tail by parent beam, then the
   one-token forward of the P*B beams.
+With ``shared_prefix=True`` (``kv.SharedPrefixLayer``) the prefill graph copies nothing: the step graphs'
+layers read the prompts' K/V from the prefill's own buffers (P rows, not P*B), the beam rows hold only
+their L - 1 generated positions, the reorder moves those, and the attention is
+``ops.cascade.cascade_attention`` (the Triton kernel is captured like any other launch); the steps take no
+4-D masks, only a static [P, T] prompt mask.
 Everything a graph reads lives in static buffers that are refilled before each replay: token ids,
 position ids, the parent index and additive 4-D attention masks. HF uses a 4-D mask as given,
 so no data-dependent mask code (``padding_mask.all()`` ...) runs inside a capture. Prompts are left
@@ -24,7 +29,8 @@ calls only replay. In
 and the replays would be, so the protocol itself is tested without a GPU.
 
 Graph sets are kept per model in an LRU of ``GRAPH_SETS`` entries (``clear_graphs()`` drops them);
-a set holds its KV buffers (P*B x layers x 2 x kv_heads x (T + L - 1) x head_dim values) until evicted.
+a set holds its KV buffers (P*B x layers x 2 x kv_heads x (T + L - 1) x head_dim values; with shared_prefix
+P x T + P*B x (L - 1) positions instead of P*B x (T + L - 1)) until evicted.
 The key includes the autocast state (a graph replays the dtypes it was captured with) and the
 parameters' addresses; in-place weight updates (optimizer steps) are read by the replays.
 """
@@ -39,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec_fast.decode import kv
+from genrec_fast.ops.backend import resolve_backend
 
 GRAPH_SETS = 4  # graph sets (shapes) kept per model
 MODES = ("cuda", "emulate")
@@ -158,7 +165,8 @@ class _Graph:
 class GraphForward:
     """The prefill and the L - 1 step forwards of one search shape, run from static buffers."""
 
-    def __init__(self, base, P: int, B: int, T: int, L: int, device: torch.device, mode: str):
+    def __init__(self, base, P: int, B: int, T: int, L: int, device: torch.device, mode: str,
+                 shared_prefix: bool = False, backend: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"GraphForward: mode must be one of {MODES}, got {mode!r}")
         # weakly: the per-model cache (a WeakKeyDictionary keyed by the model) must not keep the model alive
@@ -174,9 +182,17 @@ class GraphForward:
         self.index = torch.arange(R, device=device)
         self.identity = torch.arange(R, device=device)
         self.step_pos = [None] + [torch.zeros((R, 1), dtype=torch.long, device=device) for _ in range(1, L)]
-        self.step_mask4 = [None] + [torch.zeros((R, 1, 1, T + l), dtype=dtype, device=device) for l in range(1, L)]
+        # (shared prefix: no per-beam masks; the attention reads the [P, T] prompt mask of the layers)
+        self.step_mask4 = [None] + [None if shared_prefix else torch.zeros((R, 1, 1, T + l), dtype=dtype, device=device)
+                                    for l in range(1, L)]
+        self.shared_prefix = bool(shared_prefix)
         self.pre_layers = [kv.KVBuffer(T) for _ in range(base.config.num_hidden_layers)]
-        self.beam_layers = [kv.KVBuffer(T + L - 1) for _ in range(base.config.num_hidden_layers)]
+        if self.shared_prefix:  # the prompts' K/V stay in the prefill's buffers; the beam rows hold their tails
+            self.prefix_mask = torch.zeros((P, T), dtype=torch.bool, device=device)
+            self.beam_layers = [kv.SharedPrefixLayer(pre, self.prefix_mask, B, L - 1, backend)
+                                for pre in self.pre_layers]
+        else:
+            self.beam_layers = [kv.KVBuffer(T + L - 1) for _ in range(base.config.num_hidden_layers)]
         self.pre_cache, self.beam_cache = kv.buffer_cache(self.pre_layers), kv.buffer_cache(self.beam_layers)
         pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.prefill_graph = _Graph("prefill", self._prefill, mode, pool, warmup=lambda: None)
@@ -192,7 +208,7 @@ class GraphForward:
                 g.graph = g.out = g.fn = g.warmup = None
         self.prefill_graph, self.step_graphs = None, []
         self.pre_layers = self.beam_layers = self.pre_cache = self.beam_cache = None
-        self.ids = self.pos = self.mask4 = self.tok = self.index = self.identity = None
+        self.ids = self.pos = self.mask4 = self.tok = self.index = self.identity = self.prefix_mask = None
         self.step_pos = self.step_mask4 = []
 
     @property
@@ -207,16 +223,21 @@ class GraphForward:
         for ly in self.pre_layers:
             ly.set_length(0)
         _, hidden = kv.forward(self.base, self.ids, self.mask4, self.pos, self.pre_cache)
-        for pre, beam in zip(self.pre_layers, self.beam_layers):
-            beam.expand_from(pre.keys, pre.values, self.B)
+        if not self.shared_prefix:
+            for pre, beam in zip(self.pre_layers, self.beam_layers):
+                beam.expand_from(pre.keys, pre.values, self.B)
         return hidden
 
     def _stepper(self, level: int) -> Callable[[], torch.Tensor]:
         def step() -> torch.Tensor:
             for ly in self.beam_layers:
-                ly.set_length(self.T + level - 1)
+                if self.shared_prefix:
+                    ly.set_tail_length(level - 1)
+                else:
+                    ly.set_length(self.T + level - 1)
                 if level > 1:
                     ly.reorder_tail(self.index)
+            # shared prefix: kv.forward gives the model its placeholder mask (the layers hold prefix_mask)
             _, hidden = kv.forward(self.base, self.tok, self.step_mask4[level], self.step_pos[level], self.beam_cache)
             return hidden
         return step
@@ -233,11 +254,14 @@ class GraphForward:
         eye = torch.eye(T, dtype=torch.bool, device=ids.device)
         allowed = (torch.tril(torch.ones_like(eye)) & key_ok[:, None, :]) | eye  # pad queries see themselves only
         self.mask4.copy_(torch.where(allowed, 0.0, self.min)[:, None])
+        if self.shared_prefix:
+            self.prefix_mask.copy_(key_ok)
         lengths = mask.sum(-1).repeat_interleave(B)[:, None]
         prompt_mask = torch.where(key_ok, 0.0, self.min).to(self.mask4.dtype).repeat_interleave(B, dim=0)
         for level in range(1, self.L):  # generated positions (>= T) are always attended: zeros from __init__
             self.step_pos[level].copy_(lengths + level - 1)
-            self.step_mask4[level][:, 0, 0, :T].copy_(prompt_mask)
+            if not self.shared_prefix:
+                self.step_mask4[level][:, 0, 0, :T].copy_(prompt_mask)
         return self.prefill_graph.run(restore=lambda: None)
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -252,16 +276,21 @@ class GraphForward:
         return self.step_graphs[level].run(restore=set_parents)
 
 
-def graph_forward(base, P: int, B: int, T: int, L: int, device: torch.device, mode: str, bucket: int) -> GraphForward:
-    """The cached ``GraphForward`` for this shape (prompt width rounded up to ``bucket``), made on first use."""
+def graph_forward(base, P: int, B: int, T: int, L: int, device: torch.device, mode: str, bucket: int,
+                  shared_prefix: bool = False, backend: str = "auto") -> GraphForward:
+    """The cached ``GraphForward`` for this shape (prompt width rounded up to ``bucket``), made on first use;
+    ``shared_prefix``: the prompt K/V kept once per prompt (``kv.SharedPrefixLayer``), ``backend`` its attention's."""
     check_supported(base)
     width = -(-T // bucket) * bucket
     per_model = _sets.setdefault(base, collections.OrderedDict())
-    key = (P, B, width, L, str(device), mode, _autocast_state(device), _fingerprint(base))
+    # the backend only matters inside the graphs for the shared-prefix attention ("auto" resolved as the search does)
+    backend = resolve_backend(backend, device) if shared_prefix else None
+    key = (P, B, width, L, str(device), mode, _autocast_state(device), _fingerprint(base), bool(shared_prefix),
+           backend)
     if key in per_model:
         per_model.move_to_end(key)
         return per_model[key]
     while len(per_model) >= GRAPH_SETS:
         per_model.popitem(last=False)[1].close()
-    per_model[key] = GraphForward(base, P, B, width, L, device, mode)
+    per_model[key] = GraphForward(base, P, B, width, L, device, mode, shared_prefix, backend or "auto")
     return per_model[key]

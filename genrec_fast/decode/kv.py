@@ -7,6 +7,12 @@ first ``length + q`` positions, so no ``torch.cat`` of the whole cache happens p
 buffers' addresses never change (what a captured CUDA graph needs). Every beam's parent
 belongs to the same prompt, whose B rows hold identical prompt positions, so a reorder only
 gathers the generated tail (positions >= the prompt length).
+
+``SharedPrefixLayer`` (``beam_search(..., shared_prefix=True)``) goes further: the prompt's K/V are never
+copied per beam (they stay in the prefill's own layer, once per prompt) and each beam row holds only its
+L - 1 generated positions; those forwards attend with :func:`shared_prefix_attention`
+(``genrec_fast.ops.cascade.cascade_attention``: the prompt part read once for all B x G query rows of a
+prompt, merged with each row's tail by log-sum-exp).
 """
 from __future__ import annotations
 
@@ -90,6 +96,61 @@ if HAS_LAYERED_CACHE:
             self._k[:, :, t:self.length] = self._k[index, :, t:self.length]
             self._v[:, :, t:self.length] = self._v[index, :, t:self.length]
 
+    class SharedPrefixLayer(DynamicLayer):
+        """One layer's K/V for the beam steps of ``beam_search(..., shared_prefix=True)``: the prompt's K/V
+        stay where the prefill wrote them, ONCE per prompt (``source.keys`` / ``source.values``, [P, Hkv, T,
+        D], read at attention time), and each of the P * B beam rows owns a tail buffer of ``capacity``
+        (= L - 1) positions for its generated tokens. ``update`` appends to the tails and returns the tail
+        views; the attention (:func:`shared_prefix_attention`, set for these forwards by :func:`forward`)
+        reads the prompt from here. A reorder gathers the tails only; nothing is ever expanded per beam.
+        ``prefix_mask`` [P, T] bool: the prompt keys that are attended (False at left padding)."""
+
+        def __init__(self, source, prefix_mask: torch.Tensor, beams: int, capacity: int, backend: str = "auto"):
+            super().__init__()
+            self.source, self.prefix_mask, self.beams, self.capacity = source, prefix_mask, int(beams), int(capacity)
+            self.backend, self.tail_len = backend, 0
+            self._k = self._v = None
+
+        @property
+        def prefix_k(self) -> torch.Tensor:
+            return self.source.keys
+
+        @property
+        def prefix_v(self) -> torch.Tensor:
+            return self.source.values
+
+        def set_tail_length(self, n: int) -> None:
+            """Tail positions ``< n`` hold valid K/V (the next append writes at ``n``)."""
+            self.tail_len = int(n)
+            if self._k is not None:
+                self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self._k is None:  # first append (outside a capture: the graph path warms up first)
+                self.device = key_states.device
+                self._k = key_states.new_empty((key_states.shape[0], key_states.shape[1], self.capacity,
+                                                key_states.shape[-1]))
+                self._v = value_states.new_empty((value_states.shape[0], value_states.shape[1], self.capacity,
+                                                  value_states.shape[-1]))
+                self.is_initialized = True
+            end = self.tail_len + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"SharedPrefixLayer: tail full, {end} > {self.capacity} generated positions")
+            self._k[:, :, self.tail_len:end] = key_states
+            self._v[:, :, self.tail_len:end] = value_states
+            self.set_tail_length(end)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.source.keys.shape[-2] + self.tail_len
+
+        def reorder_tail(self, index: torch.Tensor) -> None:
+            """Rows := rows ``index`` on the generated positions (the prompt is per prompt: nothing to move)."""
+            if self._k is not None and self.tail_len:
+                n = self.tail_len
+                self._k[:, :, :n] = self._k[index, :, :n]
+                self._v[:, :, :n] = self._v[index, :, :n]
+
     def buffer_cache(layers: List["KVBuffer"]):
         """An HF ``DynamicCache`` whose layers are the given buffers."""
         cache = DynamicCache()
@@ -106,10 +167,28 @@ def expand_cache(cache, beams: int, extra: int) -> None:
         cache.batch_repeat_interleave(beams)
 
 
+def shared_prefix_cache(prompt_cache, prefix_mask: torch.Tensor, beams: int, extra: int, backend: str = "auto"):
+    """A cache of :class:`SharedPrefixLayer` over the prompt layers of ``prompt_cache`` (plain ``DynamicLayer``s
+    or ``KVBuffer``s of the P prompts: their K/V are used in place, not copied), ``extra`` tail positions per
+    beam row."""
+    layers = getattr(prompt_cache, "layers", None)
+    if not (HAS_LAYERED_CACHE and layers and all(type(ly) in (DynamicLayer, KVBuffer) and ly.keys is not None
+                                                 for ly in layers)):
+        kinds = sorted({type(ly).__name__ for ly in layers or ()}) or [type(prompt_cache).__name__]
+        raise ValueError(f"beam_search(shared_prefix=True): the prefill made a cache of {kinds}; the shared-prefix "
+                         "path needs full-attention DynamicLayer caches (transformers >= 4.54)")
+    return buffer_cache([SharedPrefixLayer(ly, prefix_mask, beams, extra, backend) for ly in layers])
+
+
+def is_shared_prefix(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(HAS_LAYERED_CACHE and layers and all(type(ly) is SharedPrefixLayer for ly in layers))
+
+
 def reorder_cache(cache, index: torch.Tensor) -> None:
     """Gather the cache rows of the chosen parent beams (``index``: flat row per beam)."""
     layers = getattr(cache, "layers", None)
-    if HAS_LAYERED_CACHE and layers and all(type(ly) is KVBuffer for ly in layers):
+    if is_shared_prefix(cache) or (HAS_LAYERED_CACHE and layers and all(type(ly) is KVBuffer for ly in layers)):
         for ly in layers:
             ly.reorder_tail(index)
     else:
@@ -125,9 +204,16 @@ def _cache_arg(model_class: type) -> str:
 def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache):
     """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H]).
 
-    An sdpa (or flash-attention) model runs with :func:`decode_sdpa` as its attention for this call (see there)."""
+    An sdpa (or flash-attention) model runs with :func:`decode_sdpa` as its attention for this call (see there);
+    on a cache of :class:`SharedPrefixLayer` every layer runs :func:`shared_prefix_attention` instead and
+    ``attention_mask`` is replaced by a placeholder (the layers hold the prompt mask)."""
     name = _cache_arg(type(base))
-    with decode_attention(base.config):
+    if is_shared_prefix(cache):  # every layer attends through shared_prefix_attention; the mask is the layers'
+        ctx = shared_prefix_forward(base.config, cache)
+        attention_mask = _placeholder_mask(cache)
+    else:
+        ctx = decode_attention(base.config)
+    with ctx:
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                    **{name: cache})
     return getattr(out, name), out.last_hidden_state[:, -1]
@@ -222,3 +308,92 @@ class decode_attention:  # noqa: N801 - a context manager used like a function
         for c, impl in self.saved:
             c._attn_implementation_internal = impl
         return False
+
+
+# ---- shared-prefix attention (beam_search(..., shared_prefix=True)) -----------------------------------
+SHARED_PREFIX = "genrec_fast_shared_prefix"
+_active_shared = []  # the SharedPrefixLayer list of the forward running now (a stack: one entry per forward)
+
+
+def _placeholder_mask(cache) -> torch.Tensor:
+    """A 4-D mask given to the model so that none of transformers' mask code runs (a 4-D mask is passed on as
+    it is, in every release); :func:`shared_prefix_attention` ignores it and reads ``prefix_mask``. Made once
+    per cache (a captured graph may hold it)."""
+    if getattr(cache, "_genrec_placeholder", None) is None:
+        ly = cache.layers[0]
+        cache._genrec_placeholder = ly.prefix_mask.new_zeros((1, 1, 1, 1), dtype=ly.prefix_k.dtype)
+    return cache._genrec_placeholder
+
+
+def check_shared_prefix(config) -> None:
+    """Raise ValueError naming why the model cannot run the shared-prefix decode (every attention layer must
+    be a full-attention sdpa / flash one: all of them are replaced by :func:`shared_prefix_attention`)."""
+    if not HAS_LAYERED_CACHE or AttentionInterface is None:
+        raise ValueError("beam_search(shared_prefix=True) needs transformers >= 4.54 (per-layer caches, "
+                         "AttentionInterface)")
+    impls = {getattr(c, "_attn_implementation_internal", None) for c in _config_tree(config)} - {None}
+    bad = sorted(str(i) for i in impls if not _swapped(i))
+    if bad or not impls:
+        raise ValueError(f"beam_search(shared_prefix=True) needs sdpa (or flash) attention in every config, the "
+                         f"model has {sorted(str(i) for i in impls)}")
+    layer_types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
+    if any(t != "full_attention" for t in layer_types) or window:
+        raise ValueError("beam_search(shared_prefix=True) supports full-attention layers only "
+                         f"(layer_types={sorted(set(layer_types))}, sliding_window="
+                         f"{getattr(config, 'sliding_window', None)})")
+
+
+class shared_prefix_forward:  # noqa: N801 - a context manager used like a function
+    """Within: every config of the model uses :func:`shared_prefix_attention` (put back exactly after) and it
+    reads the layers of ``cache``."""
+
+    def __init__(self, config, cache):
+        check_shared_prefix(config)
+        self.layers = cache.layers
+        self.saved = [(c, c._attn_implementation_internal) for c in _config_tree(config)
+                      if _swapped(getattr(c, "_attn_implementation_internal", None))]
+
+    def __enter__(self):
+        _active_shared.append(self.layers)
+        for c, _ in self.saved:
+            c._attn_implementation_internal = SHARED_PREFIX
+
+    def __exit__(self, *exc):
+        for c, impl in self.saved:
+            c._attn_implementation_internal = impl
+        _active_shared.pop()
+        return False
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            is_causal=None, **kwargs):
+    """The attention of a shared-prefix beam step: one query token per beam row over its prompt's K/V (once
+    per prompt, in the layer) and its own tail (``key``/``value``: what ``SharedPrefixLayer.update`` just
+    returned), by ``genrec_fast.ops.cascade.cascade_attention``. ``attention_mask`` is a placeholder: the
+    prompt mask is the layer's, the tail is attended entirely."""
+    from genrec_fast.ops.cascade import cascade_attention
+
+    idx = getattr(module, "layer_idx", None)
+    where = f"shared_prefix_attention ({type(module).__name__}, layer {idx})"
+    if not _active_shared or idx is None or not 0 <= idx < len(_active_shared[-1]):
+        raise RuntimeError(f"{where}: called outside a shared-prefix beam step, or the module has no layer_idx")
+    layer = _active_shared[-1][idx]
+    if key is not layer.keys or value is not layer.values:
+        raise RuntimeError(f"{where}: key/value are not the tails the cache layer just returned (the model "
+                           "changes them between cache.update and attention); use shared_prefix=False")
+    unsupported = [k for k in ("softcap", "position_bias", "sliding_window", "s_aux") if kwargs.get(k) is not None]
+    if query.shape[2] != 1 or dropout or kwargs.get("output_attentions") or unsupported:
+        raise RuntimeError(f"{where}: supports one query token, no dropout and no {unsupported or 'extra terms'} "
+                           f"(query {tuple(query.shape)}, dropout {dropout})")
+    rows, heads, _, dim = query.shape
+    P = layer.prefix_k.shape[0]
+    q = query[:, :, 0].unflatten(0, (P, layer.beams))
+    out = cascade_attention(q, layer.prefix_k, layer.prefix_v, layer.prefix_mask, key.unflatten(0, (P, layer.beams)),
+                            value.unflatten(0, (P, layer.beams)), scale=scaling, backend=layer.backend)
+    return out.reshape(rows, 1, heads, dim), None
+
+
+if AttentionInterface is not None:
+    # no mask function under this name: the search gives these forwards a 4-D placeholder mask
+    AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)

@@ -8,7 +8,9 @@ LM head only -> (score="full_vocab") log-sum-exp over all V rows, computed in co
 so [R, V] never exists at once -> trie mask + log-softmax + parent score
 (``ops.beam.trie_log_softmax``) -> per-prompt top-B over B x K_l candidates
 (``ops.beam.grouped_topk``: parent, code, score, next trie node). The last level needs no
-forward pass, so a search costs one prefill and L - 1 cached one-token steps.
+forward pass, so a search costs one prefill and L - 1 cached one-token steps. With
+``shared_prefix=True`` the cache is never expanded: the prompt's K/V stay once per prompt, each beam row
+holds only its generated tail (``kv.SharedPrefixLayer``, attention by ``ops.cascade.cascade_attention``).
 
 Ranking equals HF ``generate(num_beams=B, num_return_sequences=B, max_new_tokens=L,
 length_penalty=0, do_sample=False, prefix_allowed_tokens_fn=<trie>)`` with score="full_vocab":
@@ -199,9 +201,36 @@ class _EagerForward:
         return hidden
 
 
-def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket):
+class _SharedPrefixForward(_EagerForward):
+    """The eager forwards with the prompt's K/V kept once per prompt (``shared_prefix=True``): the prefill's
+    own cache layers are the prompts' K/V, each beam row gets a tail of L - 1 positions
+    (``kv.SharedPrefixLayer``), the attention is ``ops.cascade.cascade_attention`` and a reorder moves the
+    tails only."""
+
+    def __init__(self, base, B: int, L: int, backend: str):
+        super().__init__(base, B, L)
+        self.backend = backend
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.prompt_cache, hidden = kv.forward(self.base, input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), None)
+        self.lengths, self.prefix_mask = mask.sum(-1).repeat_interleave(self.B), mask.bool()
+        return hidden
+
+    def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        if parent_rows is None:  # level 1: empty tails, nothing to copy
+            self.cache = kv.shared_prefix_cache(self.prompt_cache, self.prefix_mask, self.B, self.L - 1, self.backend)
+        else:
+            kv.reorder_cache(self.cache, parent_rows)
+        position = (self.lengths + level - 1)[:, None]
+        self.cache, hidden = kv.forward(self.base, token.reshape(-1, 1), None, position, self.cache)
+        return hidden
+
+
+def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket, shared_prefix=False, backend="auto"):
+    if shared_prefix:
+        kv.check_shared_prefix(base.config)
     if cuda_graphs is False or cuda_graphs is None:
-        return _EagerForward(base, B, L)
+        return _SharedPrefixForward(base, B, L, backend) if shared_prefix else _EagerForward(base, B, L)
     if cuda_graphs is True:
         if device.type != "cuda":
             raise ValueError(f"beam_search: cuda_graphs=True needs the model on a CUDA device, it is on {device}")
@@ -212,7 +241,8 @@ def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket):
         raise ValueError(f"beam_search: cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
     if int(bucket) < 1:
         raise ValueError(f"beam_search: graph_bucket must be >= 1, got {bucket}")
-    return graphs.graph_forward(base, P, B, T, L, device, mode, int(bucket))
+    return graphs.graph_forward(base, P, B, T, L, device, mode, int(bucket), shared_prefix=bool(shared_prefix),
+                                backend=backend)
 
 
 def _raise_if_stuck_or_nan(stuck: List[torch.Tensor], nan: List[torch.Tensor], B: int) -> None:
@@ -234,7 +264,8 @@ def _raise_if_stuck_or_nan(stuck: List[torch.Tensor], nan: List[torch.Tensor], B
 
 def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
                 num_beams: int, score: str = "full_vocab", backend: str = "auto",
-                cuda_graphs: Union[bool, str] = False, graph_bucket: int = 64) -> BeamSearchResult:
+                cuda_graphs: Union[bool, str] = False, graph_bucket: int = 64,
+                shared_prefix: bool = False) -> BeamSearchResult:
     """Constrained beam search of ``num_beams`` SIDs per prompt (see the module doc).
 
     input_ids / attention_mask: [batch, T], LEFT padded, each prompt ending exactly where the
@@ -244,6 +275,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     cuda_graphs: replay the prefill and the SID steps from CUDA graphs captured per shape
     (``genrec_fast.decode.graphs``; prompts left padded to a multiple of ``graph_bucket`` tokens);
     "emulate" runs the same static-buffer protocol eagerly (any device; for tests).
+    shared_prefix: keep each prompt's K/V once (not once per beam); the beam steps attend with
+    ``ops.cascade.cascade_attention`` (prompt K/V shared by the prompt's B beams + each beam's own tail) and
+    a reorder moves the tails only. Needs sdpa (or flash) full attention; eager and graph paths.
     """
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if not (isinstance(t, torch.Tensor) or (t is None and name == "attention_mask")):
@@ -255,20 +289,21 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             # graphs, streams and replays all act on the CURRENT CUDA device: make it the model's
             res = _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab,
-                          num_beams, score, backend, cuda_graphs, graph_bucket)
+                          num_beams, score, backend, cuda_graphs, graph_bucket, shared_prefix)
     # out of inference mode: results the caller may edit in place or use in autograd (small tensors)
     return BeamSearchResult(res.codes.clone(), res.scores.clone(), res.leaf_ids.clone(), trie)
 
 
 def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab, num_beams, score,
-            backend, cuda_graphs, graph_bucket) -> BeamSearchResult:
+            backend, cuda_graphs, graph_bucket, shared_prefix=False) -> BeamSearchResult:
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     _check_inputs(input_ids, mask, trie, sid_vocab, num_beams, score, weight.shape[0])
     backend = resolve_backend(backend, device)
     da = trie_device_arrays(trie, device)
     P, B, L = input_ids.shape[0], int(num_beams), trie.num_levels
-    runner = _forward_runner(base, cuda_graphs, P, B, input_ids.shape[1], L, device, graph_bucket)
+    runner = _forward_runner(base, cuda_graphs, P, B, input_ids.shape[1], L, device, graph_bucket, shared_prefix,
+                             backend)
     hidden = runner.prefill(input_ids, mask)
     rows = torch.arange(P, device=device)[:, None]
     scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
