@@ -161,6 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from genrec_fast.train.runtime import cli_logging
+
     names = {f.name for f in fields(DemoConfig)}
+    cli_logging()  # the SFT stage's messages (valid evals, resume) on stdout
     run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in names}))
     return 0

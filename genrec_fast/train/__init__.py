@@ -24,10 +24,18 @@ from .rewards import (
 
 _LAZY = {
     "train_sft": "genrec_fast.train.sft",
+    "SFTConfig": "genrec_fast.train.sft",
+    "SFTTrainer": "genrec_fast.train.sft",
     "train_sdpo": "genrec_fast.train.sdpo",
     "SDPOConfig": "genrec_fast.train.sdpo",
+    "SDPOTrainer": "genrec_fast.train.sdpo",
     "train_grpo": "genrec_fast.train.grpo",
     "GRPOConfig": "genrec_fast.train.grpo",
+    "GRPOTrainer": "genrec_fast.train.grpo",
+    "StageConfig": "genrec_fast.train.runtime",
+    "StageTrainer": "genrec_fast.train.runtime",
+    "NonFiniteLossError": "genrec_fast.train.runtime",
+    "OutputDirLocked": "genrec_fast.train.runtime",
 }
 
 __all__ = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
@@ -22,21 +23,24 @@ import torch
 
 from genrec_fast.train.logprobs import sequence_logprobs, token_logprobs
 from genrec_fast.train.losses import GRPO_LOSS_LEVELS, grpo_loss
-from genrec_fast.train.post_training import (PostTrainConfig, Session, add_config_arguments, check_finite,
-                                             post_train, run_cli)
+from genrec_fast.train.post_training import (PostTrainConfig, PostTrainer, Session, add_config_arguments,
+                                             run_cli)
+from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lock
 from genrec_fast.train.rewards import group_advantages, group_rewards, hit_rank, make_reward, no_signal_share
 
 
 @dataclass
 class GRPOConfig(PostTrainConfig):
-    group_size: int = 16  # beams per prompt = rollouts per group
-    reward: str = "ranking"  # "rule", "ranking" or "semantic"
-    item_embeddings: Optional[str] = None  # .npy [N, D] for the semantic reward (default: embed catalogue texts)
-    num_updates: int = 1  # optimizer steps per rollout (> 1: PPO ratio clipping matters)
-    clip_eps: float = 0.2
-    beta: float = 0.04  # weight of the k3 KL to the reference
-    inject_target: bool = False
-    loss_level: str = "token"  # "token": ratio, clip and KL per SID token, averaged (TRL, MiniOneRec); "sequence"
+    group_size: int = opt(16, "beams per prompt = rollouts per group (>= 2)")
+    reward: str = opt("ranking", "'rule', 'ranking' (ReRe) or 'semantic'")
+    item_embeddings: Optional[str] = opt(None, ".npy [N, D] for the semantic reward (default: embed the catalogue "
+                                               "texts)")
+    num_updates: int = opt(1, "optimizer steps per rollout (> 1: PPO ratio clipping matters)")
+    clip_eps: float = opt(0.2, "PPO ratio clipping")
+    beta: float = opt(0.04, "GRPO: weight of the k3 KL to the reference")
+    inject_target: bool = opt(False, "put the target's SID in place of the last beam of a group that missed it")
+    loss_level: str = opt("token", "'token': ratio, clip and KL per SID token, averaged (TRL, MiniOneRec); "
+                                   "'sequence': on the summed sequence log-prob")
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,13 +120,24 @@ def _item_embeddings(session: Session) -> np.ndarray:
     return np.asarray(embed_items(session.data.catalog.texts))
 
 
-def train_grpo(cfg: GRPOConfig) -> Dict[str, Any]:
-    """GRPO from an SFT checkpoint; returns the metrics dict (also written to cfg.out/metrics.json)."""
-    def make_step(session: Session):
+class GRPOTrainer(PostTrainer):
+    """GRPO: :func:`grpo_step` with the configured reward on each batch."""
+
+    def __init__(self, cfg: GRPOConfig):
+        super().__init__(cfg, "rl", self._make_step)
+
+    @staticmethod
+    def _make_step(session: Session):
+        cfg = session.cfg
         emb = _item_embeddings(session) if cfg.reward == "semantic" else None
         return functools.partial(grpo_step, session, make_reward(cfg.reward, emb))
 
-    return post_train(cfg, make_step, "rl")
+
+def train_grpo(cfg: GRPOConfig) -> Dict[str, Any]:
+    """GRPO from an SFT checkpoint (resuming the newest checkpoint in cfg.output_dir); returns the metrics dict
+    (also written to cfg.output_dir/metrics.json)."""
+    with run_lock(Path(cfg.output_dir), enabled=is_main_process()):
+        return GRPOTrainer(cfg).run()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

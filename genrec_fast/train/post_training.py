@@ -1,9 +1,11 @@
 """What S-DPO and GRPO share: config, set-up from an SFT checkpoint, the accelerate loop,
 evaluation before/after, and saving.
 
-A trainer supplies ``make_step(session) -> step`` where ``step(samples) -> dict of floats``
+A stage supplies ``make_step(session) -> step`` where ``step(samples) -> dict of floats``
 computes its loss on a batch of samples, calls ``session.backward_and_step(loss)`` and
-returns statistics to log; :func:`post_train` does the rest. Under ``accelerate launch`` each
+returns statistics to log; :class:`PostTrainer` (on the stages' shared base,
+``genrec_fast.train.runtime``) does the rest: the output-dir lock, a fresh start or the resume of
+the newest checkpoint, the loop, the JSONL log, evaluation and saving. Under ``accelerate launch`` each
 process takes its own slice of every global batch (DDP or DeepSpeed through the
 Accelerator), the frozen reference lives beside the policy, and evaluation is sharded by
 ``genrec_fast.eval.evaluate``.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import time
@@ -23,47 +24,62 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from genrec_fast.io import atomic_dir
 from genrec_fast.model import eval_mode
 from genrec_fast.train.logprobs import ReferenceModel
+from genrec_fast.train.runtime import (StageConfig, StageTrainer, check_finite, cli_logging, help_text,
+                                       is_main_process, load_model_dir, logger, opt, rng_state, run_lock,
+                                       save_model_dir, set_rng_state)
+
+__all__ = ["PostTrainConfig", "Session", "add_config_arguments", "check_finite", "config_from_args", "post_train",
+           "run_cli"]
+
+# what a post-training run writes in out (its result marker first): a fresh start removes an earlier run's
+POST_OUTPUTS = ("metrics.json", "model")
+# config fields a resumed run may change: where and how it runs, not what it trains on or how
+_RESUMABLE_CHANGES = ("data", "output_dir", "out", "progress", "eval_batch_size", "save", "cuda_graphs",
+                      "save_every", "keep_checkpoints", "resume")
 
 
 @dataclass
-class PostTrainConfig:
+class PostTrainConfig(StageConfig):
     """Options both post-training stages take (each stage's config adds its own)."""
 
-    model: str = ""  # SFT checkpoint directory (model + tokenizer with the SID tokens)
-    data: str = ""  # MiniOneRec-format data directory
-    out: str = ""  # output directory: model/, metrics.json
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # prompts per step per process
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    beta: float = 0.1  # S-DPO temperature / GRPO KL weight
-    seed: int = 0
-    max_prompt_length: Optional[int] = None
-    train_samples: Optional[int] = None  # use a fixed random subset of the train split
-    eval_splits: Tuple[str, ...] = ("valid", "test")
-    eval_samples: Optional[int] = 500  # fixed random subset per split (None: all)
-    eval_beams: int = 20
-    eval_batch_size: int = 16
-    eval_before: bool = True  # evaluate the SFT model on the same subsets first
-    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, else "no"
-    lora_r: int = 0  # > 0: train a LoRA adapter; the reference is the adapter-disabled policy
-    lora_alpha: int = 16
-    log_every: int = 10
-    save: bool = True
-    cuda_graphs: bool = False  # rollouts' and evals' beam-search forwards replayed from CUDA graphs (not ZeRO-3)
+    model: str = opt("", "SFT model directory (model + tokenizer with the SID tokens)")
+    data: str = opt("", "MiniOneRec-format data directory")
+    output_dir: str = opt("", "output directory: model/, metrics.json, train_log.jsonl, checkpoints/ (or --out)")
+    max_steps: Optional[int] = opt(100, "optimizer steps (or --steps)")
+    batch_size: int = opt(8, "prompts per step per process")
+    lr: float = opt(1e-5, "learning rate (finite, >= 0)")
+    warmup_steps: int = opt(0, "steps of linear warm-up (lr x (s + 1) / (warmup_steps + 1)), then constant")
+    max_grad_norm: float = opt(1.0, "gradient-norm clipping")
+    beta: float = opt(0.1, "S-DPO: temperature of the implicit rewards; GRPO: weight of the k3 KL to the reference")
+    max_prompt_length: Optional[int] = opt(None, "prompt tokens kept (cut from the left); none: all")
+    train_samples: Optional[int] = opt(None, "train on a fixed random subset of the train split of this size")
+    eval_splits: Tuple[str, ...] = opt(("valid", "test"), "splits evaluated before/after ('none': no evaluation)")
+    eval_samples: Optional[int] = opt(500, "fixed random subset per eval split (none: all)")
+    eval_beams: int = opt(20, "beams of the evaluations (>= 10)")
+    eval_batch_size: int = opt(16, "prompts per evaluation beam search")
+    eval_before: bool = opt(True, "evaluate the SFT model on the same subsets first")
+    lora_r: int = opt(0, "> 0: train a LoRA adapter of this rank (the reference is the adapter-disabled policy; "
+                         "merged into the saved model); 0: full training")
+    save: bool = opt(True, "write the trained policy to OUT/model")
+    cuda_graphs: bool = opt(False, "rollouts' and evals' beam-search forwards replayed from CUDA graphs (not ZeRO-3)")
+    save_every: int = opt(50, "optimizer steps between checkpoints (OUT/checkpoints; not under DeepSpeed); 0: none")
 
     def __post_init__(self):
-        for name in ("model", "data", "out"):
+        for name in ("model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"{type(self).__name__}: '{name}' is required")
-        for name in ("steps", "batch_size", "eval_beams", "eval_batch_size", "log_every"):
+        super().__post_init__()
+        if not self.output_dir:
+            raise ValueError(f"{type(self).__name__}: 'output_dir' (--output-dir, or --out) is required")
+        if self.max_steps is None:
+            raise ValueError(f"{type(self).__name__}: max_steps (--max-steps, or --steps) must be a number of steps")
+        for name in ("max_steps", "batch_size", "eval_beams", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{type(self).__name__}: '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{type(self).__name__}: warmup_steps must be >= 0, got {self.warmup_steps}")
         splits = tuple(self.eval_splits)
         self.eval_splits = () if splits == ("none",) else splits  # `--eval-splits none`: no evaluation
         if self.eval_splits and self.eval_beams < 10:
@@ -100,7 +116,6 @@ class Session:
 
         from genrec_fast.data import load_minionerec
         from genrec_fast.eval import catalog_trie
-        from genrec_fast.model import load_model_and_tokenizer
 
         self.cfg = cfg
         mp = cfg.mixed_precision
@@ -114,9 +129,9 @@ class Session:
             raise ValueError(f"{cfg.data}: the catalogue has no SIDs (index.json)")
         self.trie = catalog_trie(catalog)
         self.item_leaf = self.trie.lookup(catalog.codes)  # [N] leaf (= SID) of every item
-        model, self.tokenizer, self.sid_vocab = load_model_and_tokenizer(
-            cfg.model, catalog.codebook_sizes, lora=cfg.lora_r > 0, lora_r=max(cfg.lora_r, 1), lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.0, device=self.accelerator.device,
+        model, self.tokenizer, self.sid_vocab = load_model_dir(
+            cfg.model, catalog.codebook_sizes, lora=cfg.lora_r > 0, lora_r=max(cfg.lora_r, 1),
+            lora_alpha=cfg.lora_alpha, lora_dropout=0.0, device=self.accelerator.device,
         )
         disable_dropout(model)
         self.reference = ReferenceModel(model)  # before prepare: an unwrapped, un-sharded copy
@@ -223,19 +238,21 @@ class Session:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm) if norm is not None else float("nan")
 
-    def batches(self):
-        """Endless stream of this process's slice of each global batch (seeded epochs)."""
+    def batches(self, start: int = 0):
+        """Endless stream of this process's slice of each global batch (seeded epochs), from the
+        ``start``-th global batch on (a resumed run continues where its checkpoint was taken)."""
         world, rank, bs = self.accelerator.num_processes, self.accelerator.process_index, self.cfg.batch_size
         per_step = world * bs
         if len(self.train) < per_step:
             raise ValueError(f"{len(self.train)} train samples < one global batch of {per_step}")
-        epoch = 0
+        per_epoch = len(self.train) // per_step
+        epoch, first = divmod(start, per_epoch)
         while True:
             order = np.random.default_rng(self.cfg.seed + epoch).permutation(len(self.train))
-            for start in range(0, len(order) - per_step + 1, per_step):
-                mine = order[start + rank * bs : start + (rank + 1) * bs]
+            for b in range(first, per_epoch):
+                mine = order[b * per_step + rank * bs : b * per_step + (rank + 1) * bs]
                 yield [self.train[i] for i in mine]
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """The policy's metrics per eval split. From the second call on, each split's entry also holds
@@ -267,16 +284,7 @@ class Session:
         state = acc.get_state_dict(self.model)  # every process takes part (ZeRO-3 gathers)
         target = out_dir / "model"
         if acc.is_main_process:
-            model = self.unwrapped
-            if self.reference.uses_adapter:
-                model = copy.deepcopy(model).merge_and_unload()  # adapter folded in: a plain checkpoint
-                state = None
-
-            def write(tmp: Path) -> None:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-
-            atomic_dir(target, write)
+            save_model_dir(self.unwrapped, self.tokenizer, target, self.data.catalog, state_dict=state)
         acc.wait_for_everyone()
         return target
 
@@ -289,46 +297,114 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def post_train(cfg: PostTrainConfig, make_step: Callable[[Session], Callable[[list], Dict[str, float]]],
                name: str) -> Dict[str, Any]:
-    """Run ``cfg.steps`` steps of ``make_step(session)``; evaluate before/after; save; return the metrics dict."""
-    t0 = time.perf_counter()
-    session = Session(cfg)
-    step = make_step(session)
-    acc = session.accelerator
-    out_dir = Path(cfg.out)
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    result: Dict[str, Any] = {"stage": name, "config": _jsonable(dataclasses.asdict(cfg)),
-                              "num_processes": acc.num_processes}
-    if cfg.eval_before:
-        result["before"] = session.evaluate()
-        _log(acc, f"[{name}] before: {_fmt_eval(result['before'])}")
-    session.model.train()
-    log: List[Dict[str, float]] = []
-    window: List[Dict[str, float]] = []
-    batches = session.batches()
-    t_train = time.perf_counter()
-    for i in range(cfg.steps):
-        stats = step(next(batches))
-        window.append(stats)
-        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-            row = _reduce(acc, window)
-            row["step"], row["lr"] = i + 1, session.scheduler.get_last_lr()[0]
-            log.append(row)
-            window = []
-            _log(acc, f"[{name}] step {i + 1}/{cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
-    result["train_seconds"] = round(time.perf_counter() - t_train, 2)
-    result["log"] = log
-    result["after"] = session.evaluate()
-    _log(acc, f"[{name}] after: {_fmt_eval(result['after'])}")
-    if cfg.save:
-        result["model_dir"] = str(session.save(out_dir))
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    if acc.is_main_process:
-        _write_json(out_dir / "metrics.json", result)
-    acc.wait_for_everyone()
-    result["session"] = session
-    return result
+    """Run ``cfg.max_steps`` steps of ``make_step(session)`` (resuming the newest checkpoint in ``cfg.output_dir``
+    when ``cfg.resume``); evaluate before/after; save; return the metrics dict. One run at a time per output dir."""
+    with run_lock(Path(cfg.output_dir), enabled=is_main_process()):
+        return PostTrainer(cfg, name, make_step).run()
+
+
+class PostTrainer(StageTrainer):
+    """One post-training run (S-DPO or GRPO: the ``make_step`` of the stage) on a :class:`Session`."""
+
+    outputs = POST_OUTPUTS
+
+    def __init__(self, cfg: PostTrainConfig, name: str, make_step):
+        self.t0 = time.perf_counter()
+        self.session = Session(cfg)
+        super().__init__(cfg, Path(cfg.output_dir), self.session.accelerator)
+        self.stage = name
+        self.step_fn = make_step(self.session)
+
+    def rng_states(self) -> Dict[str, Any]:
+        return {**rng_state(), "session": self.session.rng.bit_generator.state}
+
+    def set_rng_states(self, state: Dict[str, Any]) -> None:
+        set_rng_state(state)
+        self.session.rng.bit_generator.state = state["session"]
+
+    def run_key(self) -> Dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it (see ``_RESUMABLE_CHANGES``)."""
+        key = {k: v for k, v in _jsonable(dataclasses.asdict(self.cfg)).items() if k not in _RESUMABLE_CHANGES}
+        key.update(stage=self.stage, num_processes=self.acc.num_processes)
+        return key
+
+    def run(self) -> Dict[str, Any]:
+        cfg, acc, session = self.cfg, self.acc, self.session
+        result: Dict[str, Any] = {"stage": self.stage, "config": _jsonable(dataclasses.asdict(cfg)),
+                                  "num_processes": acc.num_processes}
+        run = self._start()
+        if "before" in run:
+            result["before"] = run["before"]
+        t_train = time.perf_counter() - run["train_seconds"]
+        self._train(run, t_train)
+        result["train_seconds"] = round(time.perf_counter() - t_train, 2)
+        result["log"] = run["log"]
+        result["after"] = session.evaluate()
+        self.info("[%s] after: %s", self.stage, _fmt_eval(result["after"]))
+        if cfg.save:
+            result["model_dir"] = str(session.save(self.out))
+        result["seconds"] = round(time.perf_counter() - self.t0, 2)
+        if self.is_main:
+            _write_json(self.out / "metrics.json", result)
+        acc.wait_for_everyone()
+        result["session"] = session
+        return result
+
+    def _start(self) -> Dict[str, Any]:
+        """The run's progress: from the newest readable checkpoint (policy, optimizer, scheduler and every
+        process's RNG states restored), or a fresh start (the starting policy evaluated when eval_before)."""
+        session = self.session
+        blob = self.resume_or_start(self.run_key())
+        if blob is not None:
+            session.unwrapped.load_state_dict(blob["model"])
+            session.optimizer.load_state_dict(blob["optimizer"])
+            session.scheduler.load_state_dict(blob["scheduler"])
+            session.__dict__["_first_eval"] = blob["first_eval"]  # "vs_start" of the final eval compares with it
+            self.info("[%s] resumed from step %d (%s)", self.stage, blob["trainer"]["step"], self.out / "checkpoints")
+            return blob["trainer"]
+        run: Dict[str, Any] = {"step": 0, "log": [], "window": [], "train_seconds": 0.0}
+        if self.cfg.eval_before:
+            run["before"] = session.evaluate()
+            self.info("[%s] before: %s", self.stage, _fmt_eval(run["before"]))
+        return run
+
+    def _train(self, run: Dict[str, Any], t_train: float) -> None:
+        cfg, session = self.cfg, self.session
+        session.model.train()
+        batches = session.batches(start=run["step"])
+        bar = self.progress_bar(cfg.max_steps, initial=run["step"])
+        for i in range(run["step"], cfg.max_steps):
+            run["window"].append(self.step_fn(next(batches)))
+            run["step"] = i + 1
+            bar.update(1)
+            if run["step"] % cfg.log_every == 0 or run["step"] == cfg.max_steps:
+                row = _reduce(self.acc, run["window"])
+                row["step"], row["lr"] = run["step"], session.scheduler.get_last_lr()[0]
+                run["log"].append(row)
+                run["window"] = []
+                self.log_metrics(row)
+                self.info("[%s] step %d/%d %s", self.stage, run["step"], cfg.max_steps,
+                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+            if cfg.save_every and (run["step"] % cfg.save_every == 0 or run["step"] == cfg.max_steps):
+                run["train_seconds"] = time.perf_counter() - t_train
+                self._save_checkpoint(run)
+        bar.close()
+
+    def _save_checkpoint(self, run: Dict[str, Any]) -> None:
+        """A checkpoint at ``run["step"]``; none under DeepSpeed (its optimizer state is sharded across
+        processes), which a warning says once."""
+        if getattr(self.acc.state, "deepspeed_plugin", None) is not None:
+            if not getattr(self, "_warned_deepspeed", False):
+                logger.warning("%s: no checkpoints under DeepSpeed (sharded optimizer state); a restart starts "
+                               "afresh", self.stage)
+                self._warned_deepspeed = True
+            return
+        session = self.session
+        self.save_checkpoint(run["step"], {
+            "model": session.unwrapped.state_dict(), "optimizer": session.optimizer.state_dict(),
+            "scheduler": session.scheduler.state_dict(), "trainer": run,
+            "first_eval": session.__dict__.get("_first_eval", {}), "run_key": self.run_key()})
+        self.acc.wait_for_everyone()
 
 
 def _reduce(acc, window: List[Dict[str, float]]) -> Dict[str, float]:
@@ -338,11 +414,6 @@ def _reduce(acc, window: List[Dict[str, float]]) -> Dict[str, float]:
     if acc.num_processes > 1:
         local = acc.reduce(local.to(acc.device), reduction="mean").cpu()
     return {k: float(v) for k, v in zip(keys, local)}
-
-
-def _log(acc, text: str) -> None:
-    if acc.is_main_process:
-        print(text, flush=True)
 
 
 def _fmt_eval(res: Dict[str, Dict[str, float]]) -> str:
@@ -356,24 +427,24 @@ def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
 # ---- command line --------------------------------------------------------------------------------
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--option`` per field of a config dataclass (types and defaults from the dataclass)."""
-    hints = {f.name: f for f in dataclasses.fields(config_cls)}
-    for name, f in hints.items():
-        flag = "--" + name.replace("_", "-")
-        default = f.default
+    """One ``--option`` per field of a config dataclass (types and defaults from the dataclass, help texts
+    from the fields' ``metadata["help"]``); model, data and out first."""
+    first = ("model", "data", "output_dir", "out")
+    ordered = sorted(dataclasses.fields(config_cls), key=lambda f: first.index(f.name) if f.name in first else 4)
+    for f in ordered:
+        name, flag, default = f.name, "--" + f.name.replace("_", "-"), f.default
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if name in ("model", "data", "out"):
-            parser.add_argument(flag, dest=name, required=True)
+        if name in first:  # model and data are required, and output_dir or its other name out
+            parser.add_argument(flag, dest=name, required=name in first[:2], default=default,
+                                help=help_text(f, False))
         elif "bool" in kind:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text(f, False))
         elif "Tuple" in kind:
-            parser.add_argument(flag, dest=name, nargs="+", default=list(default))
-        elif "float" in kind:
-            parser.add_argument(flag, dest=name, type=_optional(float), default=default)
-        elif "int" in kind:
-            parser.add_argument(flag, dest=name, type=_optional(int), default=default)
+            parser.add_argument(flag, dest=name, nargs="+", default=list(default), help=help_text(f))
         else:
-            parser.add_argument(flag, dest=name, type=_optional(str), default=default)
+            conv = float if "float" in kind else int if "int" in kind else str
+            parser.add_argument(flag, dest=name, type=_optional(conv), default=default, help=help_text(f))
 
 
 def _optional(conv):
@@ -392,18 +463,12 @@ def config_from_args(config_cls, args: argparse.Namespace):
 
 
 def run_cli(config_cls, train_fn, args: argparse.Namespace) -> int:
+    cli_logging()
     result = train_fn(config_from_args(config_cls, args))
     before, after = result.get("before"), result["after"]
     if result["session"].accelerator.is_main_process:
         for split, m in after.items():
             b = f" (SFT {before[split]['NDCG@10']:.4f})" if before else ""
             print(f"{split}: NDCG@10 {m['NDCG@10']:.4f}{b}  HR@10 {m['HR@10']:.4f}")
-        print(f"metrics: {Path(result['config']['out']) / 'metrics.json'}")
+        print(f"metrics: {Path(result['config']['output_dir']) / 'metrics.json'}")
     return 0
-
-
-def check_finite(name: str, value: torch.Tensor) -> None:
-    if not bool(torch.isfinite(value).all()):
-        raise FloatingPointError(f"{name} is not finite: {value.detach().flatten()[:8].tolist()}")
-
-

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
@@ -21,18 +22,19 @@ import torch
 
 from genrec_fast.train.logprobs import sequence_logprobs
 from genrec_fast.train.losses import sdpo_loss
-from genrec_fast.train.post_training import (PostTrainConfig, Session, add_config_arguments, check_finite,
-                                             post_train, run_cli)
+from genrec_fast.train.post_training import (PostTrainConfig, PostTrainer, Session, add_config_arguments,
+                                             run_cli)
+from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lock
 
 NEGATIVE_SOURCES = ("random", "mined")
 
 
 @dataclass
 class SDPOConfig(PostTrainConfig):
-    num_negatives: int = 3
-    negatives: str = "random"  # "random" (from the catalogue) or "mined" (top wrong beams)
-    beta: float = 1.0
-    sft_weight: float = 0.0  # + weight x NLL per SID token of the chosen response (keeps its likelihood up)
+    num_negatives: int = opt(3, "rejected SIDs per prompt")
+    negatives: str = opt("random", "'random' (from the catalogue) or 'mined' (top wrong beams of the policy)")
+    beta: float = opt(1.0, "S-DPO temperature: the implicit rewards are beta x (policy - reference) log-probs")
+    sft_weight: float = opt(0.0, "+ this weight x the chosen response's NLL per SID token (keeps its likelihood up)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,9 +109,18 @@ def sdpo_step(session: Session, samples: List) -> Dict[str, float]:
     }
 
 
+class SDPOTrainer(PostTrainer):
+    """S-DPO: :func:`sdpo_step` on each batch."""
+
+    def __init__(self, cfg: SDPOConfig):
+        super().__init__(cfg, "sdpo", lambda session: functools.partial(sdpo_step, session))
+
+
 def train_sdpo(cfg: SDPOConfig) -> Dict[str, Any]:
-    """S-DPO from an SFT checkpoint; returns the metrics dict (also written to cfg.out/metrics.json)."""
-    return post_train(cfg, lambda session: functools.partial(sdpo_step, session), "sdpo")
+    """S-DPO from an SFT checkpoint (resuming the newest checkpoint in cfg.output_dir); returns the metrics dict
+    (also written to cfg.output_dir/metrics.json)."""
+    with run_lock(Path(cfg.output_dir), enabled=is_main_process()):
+        return SDPOTrainer(cfg).run()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,10 +12,13 @@
 * ``compile=True`` (``--compile``): the base transformer's forward and backward through
   ``torch.compile``, every packed batch padded to one [batch_tokens // pack_length, pack_length]
   shape so it compiles once.
-* bf16 autocast on GPU; checkpoints hold model, optimizer, scheduler, RNG states and the data
-  position (epoch + batch), so a resumed run continues exactly; tqdm progress; early stopping
-  on valid NDCG@10 from ``genrec_fast.eval.evaluate`` (constrained beam search) on a fixed
-  valid subset; a PNG of the loss and valid-metric curves (``curves.png``).
+* bf16 autocast on GPU; checkpoints hold model, optimizer, scheduler, every process's RNG states, the
+  data position (epoch + batch) and the open log window, so a resumed run continues exactly; a
+  non-finite loss stops the run; early stopping on valid NDCG@10 from ``genrec_fast.eval.evaluate``
+  (constrained beam search) on a fixed valid subset; a PNG of the loss and valid-metric curves
+  (``curves.png``).
+* :class:`SFTTrainer` on the stages' shared base (``genrec_fast.train.runtime``: the output-dir lock,
+  resume or fresh start, checkpoints, the JSONL log, progress bar, messages, the model directory).
 
 Python API: ``train_sft(SFTConfig(...), data=RecData)``; CLI: ``genrec-fast sft``.
 """
@@ -26,70 +29,72 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from genrec_fast.io import atomic_dir, atomic_write_text, recover_dir
+from genrec_fast.io import atomic_write_text
 from genrec_fast.model import lm_modules
-from genrec_fast.prompts import DEFAULT_TASKS, check_prompt_style, check_tasks
+from genrec_fast.prompts import DEFAULT_TASKS, build_examples, check_prompt_style, check_tasks, tokenizer_corpus
+from genrec_fast.train.runtime import (ALIASES, StageConfig, StageTrainer, check_finite, cli_logging, help_text,
+                                       is_main_process, load_model_dir, opt, run_lock)
 
 PACK_WINDOW = 8  # open rows a packed example may go to
+# what an SFT run writes in output_dir (its result marker first): a fresh start removes an earlier run's
+SFT_OUTPUTS = ("sft_result.json", "model", "test_metrics.json", "curves.png", "sft_config.json")
 
 
 @dataclass
-class SFTConfig:
-    data: Optional[str] = None  # a MiniOneRec-format directory (or pass data= to train_sft)
-    model: str = "tiny"  # "tiny" or an HF name/path
-    output_dir: str = "runs/sft"
-    tasks: Tuple[str, ...] = DEFAULT_TASKS
-    prompt_style: str = "minionerec"  # genrec_fast.prompts: "minionerec" (the MiniOneRec template) or "compact"
-    sequence_loss: bool = False  # compact only: loss on every history item of sid_seq too (prompts.build_examples)
-    whole_sequences: bool = False  # with sequence_loss: one sid_seq example per user sequence, not per window
-    epochs: float = 3.0
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    batch_tokens: int = 8192  # tokens per micro-batch (packed) / padded-token budget (bucketed)
-    pack_length: int = 512  # tokens per packed row
-    grad_accum: int = 1
-    max_length: int = 512  # tokens per example (prompt cut from the left)
-    packing: bool = True
-    compile: bool = False  # torch.compile the base forward; batches padded to [batch_tokens // pack_length, pack_length]
-    cuda_graphs: bool = False  # valid/test beam searches replayed from CUDA graphs (decode.graphs; CUDA only)
-    bf16: Optional[bool] = None  # None: bf16 autocast on CUDA only
-    seed: int = 0
-    eval_every: int = 0  # optimizer steps between valid evals; 0: once per epoch; <0: never
-    eval_epochs: float = 0.0  # > 0: epochs between valid evals instead (eval_every >= 0), e.g. 5.0 for short epochs
-    eval_samples: int = 256
-    eval_beams: int = 20
-    eval_batch_size: int = 32
-    patience: int = 3  # evals without a better valid NDCG@10 before stopping
-    train_on_valid: bool = False  # also train on the valid samples outside the early-stopping subset
-    save_every: int = 0  # optimizer steps between checkpoints; 0: at every eval
-    keep_checkpoints: int = 2
-    resume: bool = True  # continue from the newest checkpoint in output_dir if any
-    log_every: int = 10
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    model_overrides: Dict[str, int] = field(default_factory=dict)
-    tokenizer_vocab_size: int = 3000
-    test: bool = False  # after training, evaluate the selected model on the test split (+ baselines)
-    test_beams: int = 50
-    test_batch_size: int = 32
-    progress: bool = True
+class SFTConfig(StageConfig):
+    data: Optional[str] = opt(None, "MiniOneRec-format directory (train/valid/test.csv, index.json, ...); "
+                                    "or pass data= to train_sft")
+    model: str = opt("tiny", "'tiny' (a small Qwen2 from scratch) or an HF causal LM name/path")
+    output_dir: str = opt("runs/sft", "output directory: model/, checkpoints/, train_log.jsonl, curves.png, "
+                                      "sft_result.json")
+    max_steps: Optional[int] = opt(None, "optimizer steps (>= 1); overrides epochs")
+    tasks: Tuple[str, ...] = opt(DEFAULT_TASKS, "SFT tasks to enable (genrec_fast.prompts)")
+    prompt_style: str = opt("minionerec", "'minionerec' (the MiniOneRec template) or 'compact' (the history "
+                                          "SIDs alone); saved with the model")
+    sequence_loss: bool = opt(False, "compact only: loss on every history item of sid_seq too")
+    whole_sequences: bool = opt(False, "with sequence_loss: one sid_seq example per user sequence, not per window")
+    epochs: float = opt(3.0, "epochs (> 0), counted in micro-batches / grad_accum")
+    warmup_ratio: float = opt(0.03, "share of the steps with a linear warm-up, in [0, 1) (then cosine decay)")
+    batch_tokens: int = opt(8192, "tokens per micro-batch (packed) / padded-token budget (bucketed)")
+    pack_length: int = opt(512, "tokens per packed row")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_length: int = opt(512, "tokens per example (the prompt is cut from the left)")
+    packing: bool = opt(True, "pack examples into rows (else length-bucketed padded batches)")
+    compile: bool = opt(False, "torch.compile the base forward; batches padded to [batch_tokens // pack_length, "
+                               "pack_length]")
+    cuda_graphs: bool = opt(False, "valid/test beam searches replayed from CUDA graphs (CUDA only)")
+    eval_every: int = opt(0, "optimizer steps between valid evals; 0: once per epoch; < 0: never")
+    eval_epochs: float = opt(0.0, "> 0: epochs between valid evals instead (with eval_every >= 0)")
+    eval_samples: int = opt(256, "valid samples in the fixed early-stopping subset")
+    eval_beams: int = opt(20, "beams of the valid evals (>= 10: early stopping ranks by NDCG@10)")
+    eval_batch_size: int = opt(32, "prompts per valid beam search")
+    patience: int = opt(3, "evals without a better valid NDCG@10 before stopping")
+    train_on_valid: bool = opt(False, "also train on the valid samples outside the early-stopping subset")
+    save_every: int = opt(0, "optimizer steps between checkpoints; 0: at every eval")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    model_overrides: Dict[str, int] = opt(help="tiny-preset config fields, e.g. {\"hidden_size\": 256}", factory=dict)
+    tokenizer_vocab_size: int = opt(3000, "BPE vocabulary of the tiny preset's tokenizer")
+    test: bool = opt(False, "after training, evaluate the selected model on the test split (+ baselines)")
+    test_beams: int = opt(50, "beams of the test evaluation")
+    test_batch_size: int = opt(32, "prompts per test beam search")
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"SFTConfig: mixed_precision must be 'auto' (bf16 autocast on CUDA only), 'bf16' or 'no', "
+                             f"got {self.mixed_precision!r}")
         self.tasks = tuple(check_tasks(self.tasks))
         check_prompt_style(self.prompt_style)
+        self._check_steps()
         if self.sequence_loss and self.prompt_style != "compact":
             raise ValueError("sequence_loss needs prompt_style='compact'")
         if self.whole_sequences and not self.sequence_loss:
@@ -107,6 +112,19 @@ class SFTConfig:
         if self.compile and not self.packing:
             raise ValueError("compile needs packing=True: only packed batches have one fixed shape "
                              "([batch_tokens // pack_length, pack_length])")
+
+    def _check_steps(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"SFTConfig: max_steps must be >= 1 (optimizer steps; None: from epochs), "
+                             f"got {self.max_steps}")
+        if not (isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"SFTConfig: epochs must be a finite number > 0, got {self.epochs!r}")
+        if not (0 <= self.warmup_ratio < 1):
+            raise ValueError(f"SFTConfig: warmup_ratio must be in [0, 1) (the share of the steps that warm up), "
+                             f"got {self.warmup_ratio!r}")
+        for name in ("grad_accum", "batch_tokens", "pack_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SFTConfig: {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -309,7 +327,7 @@ def adamw(params, **kw) -> torch.optim.AdamW:
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 # SFTConfig fields a resumed run may change: where and how it runs, not what it trains on or how
-_RESUMABLE_CHANGES = ("data", "output_dir", "compile", "cuda_graphs", "eval_batch_size", "save_every",
+_RESUMABLE_CHANGES = ("data", "output_dir", "out", "compile", "cuda_graphs", "eval_batch_size", "save_every",
                       "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size", "progress")
 
 
@@ -323,65 +341,32 @@ def _run_key(cfg: "SFTConfig", lengths: Sequence[int]) -> dict:
     return key
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _checkpoints(out: Path) -> List[Path]:
-    d = out / "checkpoints"
-    if not d.is_dir():
-        return []
-    return sorted((p for p in d.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_pretrained(model, tokenizer, path: Path) -> None:
-    """Save a plain HF model + tokenizer (a LoRA model is merged into a copy first)."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
-
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    atomic_dir(path, write)
-
-
 def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
-    """PNG of the training loss and the valid metrics over optimizer steps (matplotlib Agg, atomic)."""
+    """PNG of the training loss and the valid metrics over optimizer steps (matplotlib Agg, atomic): one
+    5 x 4 inch panel per kind that has data (a run without valid evals gets the loss panel only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    if history["loss"]:
-        steps, losses = zip(*history["loss"])
-        ax1.plot(steps, losses, lw=1)
-    ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("train loss (response tokens)")
-    ax1.set_title(f"{title}: loss")
-    for name in ("NDCG@10", "HR@10"):
-        pts = [(s, m[name]) for s, m in history["valid"] if name in m]
-        if pts:
-            ax2.plot(*zip(*pts), marker="o", label=f"valid {name}")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_title(f"{title}: valid metrics")
-    if history["valid"]:
-        ax2.legend()
+    valid = {name: [(s, m[name]) for s, m in history["valid"] if name in m] for name in ("NDCG@10", "HR@10")}
+    panels = [kind for kind, has in (("loss", history["loss"]), ("valid", any(valid.values()))) if has]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        ax.set_xlabel("optimizer step")
+        if kind == "loss":
+            ax.plot(*zip(*history["loss"]), lw=1)
+            ax.set_ylabel("train loss (response tokens)")
+            ax.set_title(f"{title}: loss")
+        else:
+            for name, pts in valid.items():
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"valid {name}")
+            ax.set_title(f"{title}: valid metrics")
+            ax.legend()
+    if not panels:
+        axes[0][0].set_axis_off()
+        axes[0][0].text(0.5, 0.5, f"{title}: nothing logged yet", ha="center", va="center")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,263 +391,312 @@ def train_sft(config: Optional[SFTConfig] = None, data=None, **overrides) -> SFT
     """Train (or resume) an SFT run; returns the selected model, its tokenizer/SIDVocab and the output paths.
 
     ``data`` is a :class:`genrec_fast.data.RecData` with SIDs (default: read ``config.data``).
-    Keyword ``overrides`` replace config fields.
+    Keyword ``overrides`` replace config fields. One run at a time per ``output_dir`` (its lock).
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    from genrec_fast.eval import catalog_trie, evaluate
-    from genrec_fast.model import load_model_and_tokenizer
-    from genrec_fast.prompts import build_examples, tokenizer_corpus
-
-    cfg = SFTConfig(**{**(asdict(config) if config else {}), **overrides})
+    given = {k: v for k, v in asdict(config).items() if k not in ALIASES} if config else {}
+    cfg = SFTConfig(**{**given, **overrides})
     data = data if data is not None else _load_data(cfg)
     if data.catalog.codes is None:
         raise ValueError("SFT needs SIDs: the catalogue has none (build them with `genrec-fast sids`)")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(Path(cfg.output_dir), enabled=is_main_process()):
+        return SFTTrainer(cfg, data).run()
 
-    use_cuda = torch.cuda.is_available()
-    bf16 = use_cuda if cfg.bf16 is None else bool(cfg.bf16)
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
-                      cpu=not use_cuda)
-    if cfg.cuda_graphs and acc.device.type != "cuda":
-        raise ValueError(f"sft: cuda_graphs needs a CUDA device for the evaluation's beam search, training runs on {acc.device}")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
-    model, tokenizer, sid_vocab = load_model_and_tokenizer(
-        cfg.model, data.catalog.codebook_sizes, corpus=tokenizer_corpus(data.catalog),
-        tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
-        lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, device=acc.device, seed=cfg.seed)
-    # saved with the model: evaluation, S-DPO and RL prompt it in this style (prompts.model_prompt_style)
-    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.prompt_style = cfg.prompt_style
-    if cfg.cuda_graphs:  # before training, not at the first valid eval
-        from genrec_fast.decode import graphs
+class SFTTrainer(StageTrainer):
+    """One SFT run: set-up (model, examples, step plan, optimizer) in ``__init__``, then :meth:`run`."""
 
-        graphs.check_supported(lm_modules(model)[0])
-    valid_pick = np.arange(len(data.valid))
-    if len(data.valid) > cfg.eval_samples:
-        valid_pick = np.sort(np.random.default_rng(cfg.seed).choice(len(data.valid), cfg.eval_samples, replace=False))
-    valid = [data.valid[i] for i in valid_pick] if cfg.eval_every >= 0 else []
-    train_samples = list(data.train)
-    if cfg.train_on_valid:
-        held_out = set(valid_pick.tolist()) if valid else set()
-        train_samples += [s for i, s in enumerate(data.valid) if i not in held_out]
-    examples = build_examples(data, cfg.tasks, samples=train_samples, style=cfg.prompt_style,
-                              sequence_loss=cfg.sequence_loss, whole_sequences=cfg.whole_sequences)
-    if not examples:
-        raise ValueError(f"sft: no training examples: {len(train_samples)} training samples and tasks {list(cfg.tasks)}")
-    tokenized = tokenize_examples(tokenizer, examples, cfg.max_length)
-    lengths = [len(t[0]) for t in tokenized]
-    world, rank = acc.num_processes, acc.process_index
+    stage = "sft"
+    outputs = SFT_OUTPUTS
 
-    def batches_of(epoch: int):
-        b = epoch_batches(lengths, epoch, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing)
-        n = len(b) // world * world  # every process gets the same number of micro-batches
-        return b[rank:n:world]
+    def __init__(self, cfg: SFTConfig, data):
+        from accelerate import Accelerator
 
-    n_epoch0 = len(epoch_batches(lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing))
-    micro_per_epoch, dropped = divmod(n_epoch0, world)  # = len(batches_of(0)), and what it leaves out
-    if micro_per_epoch == 0:
-        raise ValueError(f"sft: {len(tokenized)} training examples make {n_epoch0} micro-batch(es) of <= "
-                         f"{cfg.batch_tokens} tokens, fewer than the {world} process(es): every process needs at least one")
-    if dropped:
-        acc.print(f"sft: {dropped} micro-batch(es) of each epoch left out so that the {world} processes get the same "
-                  "number (a different one each epoch: the order is reshuffled)")
-    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-    # accumulation runs on across epoch ends (a partial group is finished with the next epoch's first
-    # micro-batches), so `epochs` is counted in micro-batches (epoch 0's count; packing varies it by a few)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else max(
-        1, int(math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    lm = model
-    model, optimizer = acc.prepare(ResponseLoss(lm, compile=cfg.compile), optimizer)  # model: the wrapped loss module
-    pad_to = (max(1, cfg.batch_tokens // cfg.pack_length), cfg.pack_length) if cfg.compile else None
+        from genrec_fast.eval import catalog_trie
 
-    eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
-    if cfg.eval_epochs > 0 and cfg.eval_every >= 0:
-        eval_every = max(1, int(round(cfg.eval_epochs * steps_per_epoch)))
-    save_every = cfg.save_every or (eval_every if eval_every > 0 else steps_per_epoch)
-    if eval_every > 0 and not valid:
-        raise ValueError("early stopping needs a non-empty valid split (or set eval_every < 0)")
-    trie = catalog_trie(data.catalog)
+        use_cuda = torch.cuda.is_available()
+        self.bf16 = use_cuda if cfg.mixed_precision == "auto" else cfg.mixed_precision == "bf16"
+        acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
+                          cpu=not use_cuda)
+        super().__init__(cfg, Path(cfg.output_dir), acc)
+        if cfg.cuda_graphs and acc.device.type != "cuda":
+            raise ValueError(f"sft: cuda_graphs needs a CUDA device for the evaluation's beam search, training runs "
+                             f"on {acc.device}")
+        self.data = data
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self._load_model()
+        self._build_examples()
+        self._plan_steps()
+        self._make_optimizer()
+        self.trie = catalog_trie(data.catalog)
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
+                      "stopped_early": False, "tokens": 0, "train_seconds": 0.0, "history": {"loss": [], "valid": []},
+                      "window": [0.0, 0, 0]}  # loss sum, micro-batches and tokens since the last log line
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
-             "stopped_early": False, "tokens": 0, "train_seconds": 0.0,
-             "history": {"loss": [], "valid": []}}
-    if acc.is_main_process:
-        recover_dir(out / "model")  # what a crash inside its folder swap can leave behind
-        if not (cfg.resume and _checkpoints(out)):  # a fresh start: nothing of an earlier run may be resumed later
-            (out / "train_log.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    acc.wait_for_everyone()
-    ckpts = _checkpoints(out) if cfg.resume else []
-    run_key = _run_key(cfg, lengths)
-    if ckpts:
-        blob = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
-        saved = blob.get("run_key")
-        if saved is not None and saved != run_key:
-            diff = "; ".join(f"{k} {saved.get(k)!r} then, {run_key.get(k)!r} now"
-                             for k in sorted(set(saved) | set(run_key)) if saved.get(k) != run_key.get(k))
-            raise ValueError(f"sft: {ckpts[-1]} was made with other settings ({diff}): resuming would mix two "
-                             "runs; use --no-resume (a fresh start) or another --output-dir")
-        lm.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        state = blob["trainer"]
-        _set_rng_state(blob["rng"])
-        acc.print(f"sft: resumed from {ckpts[-1]} (step {state['step']})")
-        if acc.is_main_process and (out / "train_log.jsonl").exists():  # drop what was logged after the checkpoint
-            lines = (out / "train_log.jsonl").read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= state["step"]]
-            atomic_write_text(out / "train_log.jsonl", "".join(ln + "\n" for ln in keep))
-    if acc.is_main_process:  # the config of the latest (re)start
-        atomic_write_text(out / "sft_config.json", json.dumps(asdict(cfg), indent=2))
+    def _load_model(self) -> None:
+        cfg, catalog = self.cfg, self.data.catalog
+        self.lm, self.tokenizer, self.sid_vocab = load_model_dir(
+            cfg.model, catalog.codebook_sizes, corpus=tokenizer_corpus(catalog),
+            tokenizer_vocab_size=cfg.tokenizer_vocab_size, model_overrides=cfg.model_overrides or None,
+            lora=cfg.lora_r > 0, lora_r=max(cfg.lora_r, 1), lora_alpha=cfg.lora_alpha, device=self.acc.device,
+            seed=cfg.seed)
+        # saved with the model: evaluation, S-DPO and RL prompt it in this style (prompts.model_prompt_style)
+        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        base.config.prompt_style = cfg.prompt_style
+        if cfg.cuda_graphs:  # before training, not at the first valid eval
+            from genrec_fast.decode import graphs
 
-    def save_checkpoint():
-        if not acc.is_main_process:
-            return
-        blob = {"model": lm.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "trainer": state, "rng": _rng_state(), "run_key": run_key}
-        atomic_dir(out / "checkpoints" / f"step-{state['step']:07d}", lambda d: torch.save(blob, d / "state.pt"))
-        for old in _checkpoints(out)[:-max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old)
+            graphs.check_supported(lm_modules(self.lm)[0])
 
-    def run_eval() -> bool:
+    def _build_examples(self) -> None:
+        """The fixed valid subset (early stopping) and the tokenized training examples."""
+        cfg, data = self.cfg, self.data
+        valid_pick = np.arange(len(data.valid))
+        if len(data.valid) > cfg.eval_samples:
+            valid_pick = np.sort(np.random.default_rng(cfg.seed).choice(len(data.valid), cfg.eval_samples,
+                                                                        replace=False))
+        self.valid = [data.valid[i] for i in valid_pick] if cfg.eval_every >= 0 else []
+        train_samples = list(data.train)
+        if cfg.train_on_valid:
+            held_out = set(valid_pick.tolist()) if self.valid else set()
+            train_samples += [s for i, s in enumerate(data.valid) if i not in held_out]
+        self.examples = build_examples(data, cfg.tasks, samples=train_samples, style=cfg.prompt_style,
+                                       sequence_loss=cfg.sequence_loss, whole_sequences=cfg.whole_sequences)
+        if not self.examples:
+            raise ValueError(f"sft: no training examples: {len(train_samples)} training samples and tasks "
+                             f"{list(cfg.tasks)}")
+        self.tokenized = tokenize_examples(self.tokenizer, self.examples, cfg.max_length)
+        self.lengths = [len(t[0]) for t in self.tokenized]
+
+    def batches_of(self, epoch: int) -> List[List[List[int]]]:
+        """This process's micro-batches of ``epoch`` (every process gets the same number)."""
+        cfg, world = self.cfg, self.acc.num_processes
+        b = epoch_batches(self.lengths, epoch, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing)
+        n = len(b) // world * world
+        return b[self.acc.process_index:n:world]
+
+    def _plan_steps(self) -> None:
+        """Optimizer steps in all, and between valid evals and checkpoints."""
+        cfg, world = self.cfg, self.acc.num_processes
+        n_epoch0 = len(epoch_batches(self.lengths, 0, cfg.seed, cfg.batch_tokens, cfg.pack_length, cfg.packing))
+        micro_per_epoch, dropped = divmod(n_epoch0, world)  # = len(batches_of(0)), and what it leaves out
+        if micro_per_epoch == 0:
+            raise ValueError(f"sft: {len(self.tokenized)} training examples make {n_epoch0} micro-batch(es) of <= "
+                             f"{cfg.batch_tokens} tokens, fewer than the {world} process(es): every process needs "
+                             "at least one")
+        if dropped:
+            self.info("sft: %d micro-batch(es) of each epoch left out so that the %d processes get the same number "
+                      "(a different one each epoch: the order is reshuffled)", dropped, world)
+        steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+        # accumulation runs on across epoch ends (a partial group is finished with the next epoch's first
+        # micro-batches), so `epochs` is counted in micro-batches (epoch 0's count; packing varies it by a few)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else max(
+            1, int(math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)))
+        self.eval_every = steps_per_epoch if cfg.eval_every == 0 else cfg.eval_every
+        if cfg.eval_epochs > 0 and cfg.eval_every >= 0:
+            self.eval_every = max(1, int(round(cfg.eval_epochs * steps_per_epoch)))
+        self.save_every = cfg.save_every or (self.eval_every if self.eval_every > 0 else steps_per_epoch)
+        if self.eval_every > 0 and not self.valid:
+            raise ValueError("early stopping needs a non-empty valid split (or set eval_every < 0)")
+
+    def _make_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        cfg = self.cfg
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        optimizer = adamw([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                          lr=cfg.lr, betas=(0.9, 0.95))
+        self.scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        # self.model: the loss module accelerate wraps (DDP / DeepSpeed); self.lm: the LM inside it
+        self.model, self.optimizer = self.acc.prepare(ResponseLoss(self.lm, compile=cfg.compile), optimizer)
+        self.pad_to = (max(1, cfg.batch_tokens // cfg.pack_length), cfg.pack_length) if cfg.compile else None
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> SFTResult:
+        blob = self.resume_or_start(_run_key(self.cfg, self.lengths))
+        if blob is not None:
+            self.lm.load_state_dict(blob["model"])
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+            self.state = {"window": [0.0, 0, 0], **blob["trainer"]}
+            self.info("sft: resumed from step %d (%s)", self.state["step"], self.out / "checkpoints")
+        if self.is_main:  # the config of the latest (re)start
+            atomic_write_text(self.out / "sft_config.json", json.dumps(asdict(self.cfg), indent=2))
+        self._train()
+        return self._finish()
+
+    def _train(self) -> None:
+        state = self.state
+        bar = self.progress_bar(self.total_steps, initial=state["step"])
+        self.model.train()
+        self._t_start = self._t_log = time.perf_counter()
+        done = state["step"] >= self.total_steps or state["stopped_early"]
+        while not done:
+            batches = self.batches_of(state["epoch"])
+            while state["batch"] < len(batches) and not done:
+                if self._micro_step(batches[state["batch"]]):
+                    bar.update(1)
+                    done = self._after_step(bar)
+            if not done:
+                state["epoch"] += 1
+                state["batch"] = 0
+        bar.close()
+
+    def _micro_step(self, rows) -> bool:
+        """Forward and backward of one micro-batch (an optimizer step at the end of each accumulation group);
+        True when an optimizer step was taken."""
+        acc, model, window = self.acc, self.model, self.state["window"]
+        batch = collate(self.tokenized, rows, self.tokenizer.pad_token_id, self.cfg.packing, self.pad_to)
+        batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with acc.accumulate(model):
+            loss = model(batch)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state["batch"] += 1
+        window[0] += loss.detach().double()  # read at log time: no device sync per micro-batch
+        window[1] += 1
+        window[2] += batch["num_tokens"]
+        if not acc.sync_gradients:
+            return False
+        self.scheduler.step()
+        self.state["step"] += 1
+        return True
+
+    def _after_step(self, bar) -> bool:
+        """Log, evaluate and checkpoint after an optimizer step as due; True when the run is done."""
+        state = self.state
+        if state["step"] % self.cfg.log_every == 0 or state["step"] == self.total_steps:
+            self._log_window(bar)
+        stop = False
+        if self.eval_every > 0 and state["step"] % self.eval_every == 0:
+            stop = self._evaluate()
+            state["stopped_early"] = stop
+        done = stop or state["step"] >= self.total_steps
+        if done or state["step"] % self.save_every == 0:
+            now = time.perf_counter()
+            state["train_seconds"] += now - self._t_start
+            self._t_start = now
+            self._save_checkpoint()
+        return done
+
+    def _check_loss(self) -> None:
+        """Every training loss so far is finite (checked before anything is evaluated, logged or saved)."""
+        total, n, _ = self.state["window"]
+        if n:
+            check_finite("sft: the training loss", float(total) / n,
+                         f"at optimizer step {self.state['step']} (lr {self.cfg.lr})")
+
+    def _log_window(self, bar) -> None:
+        self._check_loss()
+        state, world = self.state, self.acc.num_processes
+        total, n, tokens = state["window"]
+        now = time.perf_counter()
+        rec = {"step": state["step"], "epoch": state["epoch"], "loss": float(total) / n,
+               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens * world / (now - self._t_log)}
+        state["history"]["loss"].append((state["step"], rec["loss"]))
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        self.log_metrics(rec)
+        state["tokens"] += tokens * world
+        state["window"], self._t_log = [0.0, 0, 0], now
+
+    def _save_checkpoint(self) -> None:
+        self._check_loss()
+        state = {**self.state, "window": [float(self.state["window"][0]), *self.state["window"][1:]]}
+        self.save_checkpoint(state["step"], {"model": self.lm.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                             "scheduler": self.scheduler.state_dict(), "trainer": state,
+                                             "run_key": _run_key(self.cfg, self.lengths)})
+
+    def _evaluate(self) -> bool:
         """Valid NDCG@10 on the fixed subset; saves the best model; True when patience ran out."""
-        metrics = evaluate(lm, tokenizer, sid_vocab, trie, valid, data.catalog,
+        from genrec_fast.eval import evaluate
+
+        self._check_loss()
+        cfg, state = self.cfg, self.state
+        metrics = evaluate(self.lm, self.tokenizer, self.sid_vocab, self.trie, self.valid, self.data.catalog,
                            num_beams=cfg.eval_beams, batch_size=cfg.eval_batch_size, ks=(1, 5, 10),
                            cuda_graphs=cfg.cuda_graphs)
         state["history"]["valid"].append((state["step"], {k: float(v) for k, v in metrics.items()}))
         score = metrics["NDCG@10"]
         if state["best"] is None or score > state["best"]:
             state.update(best=float(score), best_step=state["step"], bad_evals=0)
-            if acc.is_main_process:
-                _save_pretrained(lm, tokenizer, out / "model")
+            self.save_model(self.lm, self.tokenizer, self.data.catalog)
         else:
             state["bad_evals"] += 1
-        acc.print(f"sft: step {state['step']} valid NDCG@10 {score:.4f} HR@10 {metrics['HR@10']:.4f} "
-                  f"(best {state['best']:.4f} at step {state['best_step']})")
-        if acc.is_main_process:
-            plot_curves(state["history"], out / "curves.png")
+        self.info("sft: step %d valid NDCG@10 %.4f HR@10 %.4f (best %.4f at step %s)", state["step"], score,
+                  metrics["HR@10"], state["best"], state["best_step"])
+        if self.is_main:
+            plot_curves(state["history"], self.out / "curves.png")
         return state["bad_evals"] >= cfg.patience
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step",
-               disable=not (cfg.progress and acc.is_main_process))
-    model.train()
-    t_start, run_loss, run_n, log_tokens, t_log = time.perf_counter(), 0.0, 0, 0, time.perf_counter()
-    done = state["step"] >= total_steps or state["stopped_early"]
-    while not done:
-        batches = batches_of(state["epoch"])
-        while state["batch"] < len(batches) and not done:
-            batch = collate(tokenized, batches[state["batch"]], tokenizer.pad_token_id, cfg.packing, pad_to)
-            batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with acc.accumulate(model):
-                loss = model(batch)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batch"] += 1
-            run_loss += loss.detach().double()  # read at log time: no device sync per micro-batch
-            run_n += 1
-            log_tokens += batch["num_tokens"]
-            if not acc.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                now = time.perf_counter()
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": float(run_loss) / run_n,
-                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": log_tokens * world / (now - t_log)}
-                state["history"]["loss"].append((state["step"], rec["loss"]))
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if acc.is_main_process:
-                    with open(out / "train_log.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                state["tokens"] += log_tokens * world
-                run_loss, run_n, log_tokens, t_log = 0.0, 0, 0, now
-            stop = False
-            if eval_every > 0 and state["step"] % eval_every == 0:
-                stop = run_eval()
-                state["stopped_early"] = stop
-            if stop or state["step"] >= total_steps:
-                done = True
-            if done or state["step"] % save_every == 0:
-                state["train_seconds"] += time.perf_counter() - t_start
-                t_start = time.perf_counter()
-                save_checkpoint()
-        if not done:
-            state["epoch"] += 1
-            state["batch"] = 0
-    bar.close()
-    if eval_every > 0 and (not state["history"]["valid"] or state["history"]["valid"][-1][0] != state["step"]) \
-            and not state["stopped_early"]:
-        run_eval()
-    if state["best"] is None and acc.is_main_process:
-        _save_pretrained(lm, tokenizer, out / "model")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        plot_curves(state["history"], out / "curves.png")
+    def _finish(self) -> SFTResult:
+        """The last valid eval if due, the selected model reloaded (and tested), sft_result.json."""
+        state, out = self.state, self.out
+        valid = state["history"]["valid"]
+        if self.eval_every > 0 and (not valid or valid[-1][0] != state["step"]) and not state["stopped_early"]:
+            self._evaluate()
+        if state["best"] is None:
+            self.save_model(self.lm, self.tokenizer, self.data.catalog)
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            plot_curves(state["history"], out / "curves.png")
+        best, tok, vocab = load_model_dir(str(out / "model"), device=self.acc.device,
+                                          torch_dtype=torch.bfloat16 if self.bf16 else None)
+        best.eval()
+        result = {k: state[k] for k in ("step", "epoch", "best", "best_step", "stopped_early", "tokens",
+                                        "train_seconds")}
+        result.update(train_examples=len(self.examples), valid_subset=len(self.valid))
+        test_metrics = self._test(best, tok, vocab, result) if self.cfg.test else None
+        if self.is_main:
+            atomic_write_text(out / "sft_result.json", json.dumps(result, indent=2))
+        return SFTResult(model=best, tokenizer=tok, sid_vocab=vocab, output_dir=out, model_dir=out / "model",
+                         curves_png=out / "curves.png", history=state["history"], test_metrics=test_metrics)
 
-    from genrec_fast.model import load_model_and_tokenizer as _load
-
-    best, tok, vocab = _load(str(out / "model"), device=acc.device, torch_dtype=torch.bfloat16 if bf16 else None)
-    best.eval()
-    result = {k: state[k] for k in ("step", "epoch", "best", "best_step", "stopped_early", "tokens",
-                                    "train_seconds")}
-    result.update(train_examples=len(examples), valid_subset=len(valid))
-    test_metrics = None
-    if cfg.test:
+    def _test(self, model, tokenizer, vocab, result: dict) -> dict:
         from genrec_fast.eval import evaluate_split
 
         t0 = time.perf_counter()
-        test_metrics = evaluate_split(best, tok, vocab, data, "test", num_beams=cfg.test_beams,
-                                      batch_size=cfg.test_batch_size, trie=trie,
-                                      out=str(out / "test_metrics.json"), cuda_graphs=cfg.cuda_graphs)
+        metrics = evaluate_split(model, tokenizer, vocab, self.data, "test", num_beams=self.cfg.test_beams,
+                                 batch_size=self.cfg.test_batch_size, trie=self.trie,
+                                 out=str(self.out / "test_metrics.json"), cuda_graphs=self.cfg.cuda_graphs)
         result["test_seconds"] = time.perf_counter() - t0
-    if acc.is_main_process:
-        atomic_write_text(out / "sft_result.json", json.dumps(result, indent=2))
-    return SFTResult(model=best, tokenizer=tok, sid_vocab=vocab, output_dir=out, model_dir=out / "model",
-                     curves_png=out / "curves.png", history=state["history"], test_metrics=test_metrics)
+        return metrics
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
+    """One ``--option`` per SFTConfig field; help texts from the fields' ``metadata["help"]``."""
     d = SFTConfig()
-    parser.add_argument("--data", help="MiniOneRec-format directory (train/valid/test.csv, index.json, ...)")
-    parser.add_argument("--model", default=d.model, help="'tiny' or an HF causal LM name/path")
-    parser.add_argument("--output-dir", default=d.output_dir)
-    parser.add_argument("--tasks", nargs="+", default=list(d.tasks), help=f"SFT tasks to enable (of {list(d.tasks)})")
-    flags = [f.name for f in fields(SFTConfig) if isinstance(f.default, bool)]
-    for f in fields(SFTConfig):
-        if f.name in ("data", "model", "output_dir", "tasks", "model_overrides", "bf16") or f.name in flags:
-            continue
-        typ = {"max_steps": int}.get(f.name, type(f.default))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on CUDA)")
-    for name in flags:
-        parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                            default=getattr(d, name))
-    parser.add_argument("--model-overrides", type=json.loads, default={},
-                        help='JSON dict of tiny-preset config fields, e.g. \'{"hidden_size": 256}\'')
+    by_name = {f.name: f for f in fields(SFTConfig)}
+    first = ("data", "model", "output_dir", "tasks")
+    for f in [by_name[n] for n in first] + [f for f in fields(SFTConfig) if f.name not in first]:
+        flag = f"--{f.name.replace('_', '-')}"
+        default = f.default if f.name in ALIASES else getattr(d, f.name)  # an unset other name stays unset
+        if f.name == "tasks":
+            parser.add_argument(flag, nargs="+", default=list(default), help=help_text(f))
+        elif f.name == "model_overrides":
+            parser.add_argument(flag, type=json.loads, default={}, help="JSON dict of " + help_text(f, False))
+        elif "bool" in str(f.type):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text(f, False))
+        elif f.name == "data":
+            parser.add_argument(flag, help=help_text(f, False))
+        else:
+            typ = next((t for t in (bool, int, float) if t.__name__ in str(f.type)), str)
+            parser.add_argument(flag, type=typ, default=default, help=help_text(f))
 
 
 def run(args) -> int:
     names = {f.name for f in fields(SFTConfig)}
     cfg = SFTConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cli_logging()
     res = train_sft(cfg)
     print(f"sft: model in {res.model_dir}, curves in {res.curves_png}")
     return 0
