@@ -331,3 +331,18 @@ def test_disable_dropout_counts_and_clears():
     assert not torch.equal(model(x).logits, model(x).logits)  # GPT-2's dropout is on in train mode
     assert disable_dropout(model) > 0 and disable_dropout(model) == 0
     assert torch.equal(model(x).logits, model(x).logits)
+
+
+def test_post_training_on_train_and_valid(tiny_run, tmp_path):
+    """train_on_valid: the session's training prompts are the train samples then the valid ones, and valid
+    cannot also be an evaluation split (it would score the model on what it was trained on)."""
+    from genrec_fast.train import GRPOConfig
+    from genrec_fast.train.post_training import Session
+
+    data_dir, model_dir = tiny_run
+    args = dict(model=str(model_dir), data=str(data_dir), out=str(tmp_path / "o"), **COMMON)
+    with pytest.raises(ValueError, match="train_on_valid trains on the valid samples"):
+        GRPOConfig(train_on_valid=True, **{**args, "eval_splits": ("valid", "test")})
+    s = Session(GRPOConfig(train_on_valid=True, **{**args, "eval_splits": ("test",)}))
+    assert [x.user_id for x in s.train] == [x.user_id for x in s.data.train] + [x.user_id for x in s.data.valid]
+    assert len(Session(GRPOConfig(**{**args, "eval_splits": ("test",)})).train) == len(s.data.train)

@@ -55,6 +55,8 @@ class PostTrainConfig(StageConfig):
     beta: float = opt(0.1, "S-DPO: temperature of the implicit rewards; GRPO: weight of the k3 KL to the reference")
     max_prompt_length: Optional[int] = opt(None, "prompt tokens kept (cut from the left); none: all")
     train_samples: Optional[int] = opt(None, "train on a fixed random subset of the train split of this size")
+    train_on_valid: bool = opt(False, "train on the train and valid samples (for a test-only evaluation of a model "
+                                      "whose SFT saw valid too); valid can then not be an eval split")
     eval_splits: Tuple[str, ...] = opt(("valid", "test"), "splits evaluated before/after ('none': no evaluation)")
     eval_samples: Optional[int] = opt(500, "fixed random subset per eval split (none: all)")
     eval_beams: int = opt(20, "beams of the evaluations (>= 10)")
@@ -88,6 +90,9 @@ class PostTrainConfig(StageConfig):
         bad = [s for s in self.eval_splits if s not in ("train", "valid", "test")]
         if bad:
             raise ValueError(f"eval_splits must name train/valid/test splits, got {bad}")
+        if self.train_on_valid and "valid" in self.eval_splits:
+            raise ValueError(f"{type(self).__name__}: train_on_valid trains on the valid samples, so 'valid' cannot "
+                             f"be an eval split (got eval_splits {list(self.eval_splits)}; use --eval-splits test)")
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -149,7 +154,7 @@ class Session:
         # per-process data-loader steps), so warm-up would end N times early; ours counts global optimizer steps.
         # It sets the lr of the param groups the prepared optimizer (and DeepSpeed's wrapper) steps with.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
-        self.train = list(self.data.train)
+        self.train = list(self.data.train) + (list(self.data.valid) if cfg.train_on_valid else [])
         if not self.train:
             raise ValueError(f"{cfg.data}: the train split is empty")
         if cfg.train_samples is not None and cfg.train_samples < len(self.train):
