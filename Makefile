@@ -12,7 +12,7 @@ PIN         := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP       := $(VENV)/.genrec_fast-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-latest demo bench constraints clean
+.PHONY: install lint test test-latest demo bench bench-pytest constraints clean
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m genrec_fast.cli --version
 	touch $@
 
-test: install
+# ruff (rules and line length in pyproject.toml [tool.ruff]); `make test` runs it first
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
 # the whole suite against today's newest releases (torch stays 2.13.0: the newer wheels are CUDA builds)
@@ -40,6 +44,13 @@ demo: install
 
 bench: install
 	for b in benches/bench_*.py; do HF_HUB_OFFLINE=1 $(PYTHON) $$b || exit 1; done
+
+# the CPU micro-benchmarks (trie, rq, beam at small sizes) under pytest-benchmark, each run saved in .benchmarks/;
+# BENCH_ARGS=--benchmark-compare compares with the last saved run (--benchmark-compare-fail=median:20% fails on
+# a regression). Not part of `make test`.
+BENCH_ARGS ?=
+bench-pytest: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q benches/test_cpu_benchmarks.py --benchmark-autosave $(BENCH_ARGS)
 
 # rewrite constraints.txt from the packages of a green $(VENV) (keeps its header)
 constraints: install

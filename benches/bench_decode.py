@@ -53,10 +53,10 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Checks, bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
-
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import SIDVocab, beam_search  # noqa: E402
+
+from common import Checks, bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
 
 SIZES = (256, 256, 256)
 OPTIONAL = ("ours_graphs", "ours_shared", "ours_shared_graphs")  # a crash is reported, the run goes on
@@ -332,7 +332,8 @@ def run_setting(name: str, device: torch.device, model_spec: dict) -> dict:
 
 def main(argv=None) -> int:
     p = bench_parser(__doc__.splitlines()[0])
-    p.add_argument("--settings", default=None, help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
+    p.add_argument("--settings", default=None,
+                   help=f"comma list out of {', '.join(SETTINGS)} (default: all for the device)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU settings only)")
     p.add_argument("--summary", default=None, metavar="JSON",
                    help="only print the one-table summary of a finished run's JSON (benches/run_gpu.sh ends with it)")
@@ -367,7 +368,8 @@ def main(argv=None) -> int:
     cols += ["ours_shared_over_hf_constrained", "shared_same_ranking_as_ours", "shared_same_set_as_ours",
              "roofline_ms"] + [f"pct_roofline_{m}" for m in ROOFLINE_METHODS
                                if device.type == "cuda" or "graphs" not in m]
-    print_table([{c: r.get(c, "-") for c in cols} for r in rows], title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
+    print_table([{c: r.get(c, "-") for c in cols} for r in rows],
+                title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
     checks = check_rows(rows)
     print(f"total {time.perf_counter() - t0:.1f}s")
     write_json("bench_decode", {"bench": "decode", "rows": rows, **checks.payload()}, args.json)

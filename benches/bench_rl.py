@@ -35,14 +35,31 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (CPU_MODEL, GPU_MODEL, SIZES, build_model, hf_codes, hf_generate, prefix_dict,  # noqa: E402
-                          prompts, random_catalogue, same_set, same_set_prompts)
-from common import Checks, bench_parser, print_table, sync, timeit, write_json  # noqa: E402
-
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import beam_search  # noqa: E402
-from genrec_fast.train import (clipped_policy_loss, group_advantages, group_rewards, k3_kl,  # noqa: E402
-                               make_reward, sequence_logprobs)
+from genrec_fast.train import (  # noqa: E402
+    clipped_policy_loss,
+    group_advantages,
+    group_rewards,
+    k3_kl,
+    make_reward,
+    sequence_logprobs,
+)
+
+from bench_decode import (  # noqa: E402
+    CPU_MODEL,
+    GPU_MODEL,
+    SIZES,
+    build_model,
+    hf_codes,
+    hf_generate,
+    prefix_dict,
+    prompts,
+    random_catalogue,
+    same_set,
+    same_set_prompts,
+)
+from common import Checks, bench_parser, print_table, sync, timeit, write_json  # noqa: E402
 
 # device type -> (prompts per step, beams, items, prompt length, repeats of the HF rollout, repeats of ours)
 SETTINGS = {
@@ -156,7 +173,8 @@ def main(argv=None) -> int:
     row = run(device)
     sync(device)
     cols = ["prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback", "update_s", "step_s_ours",
-            "step_s_hf_callback", "rollouts_per_s_ours", "rollouts_per_s_hf_callback", "rollout_speedup", "step_speedup"]
+            "step_s_hf_callback", "rollouts_per_s_ours", "rollouts_per_s_hf_callback", "rollout_speedup",
+            "step_speedup"]
     cols += [k for k in ("rollout_s_ours_graphs", "rollout_speedup_graphs", "step_speedup_graphs") if k in row]
     cols += [k for k in ("same_set_groups_as_hf", "same_set_as_hf", "invalid_rate", "graphs_same_set_groups_as_hf",
                          "graphs_same_set_as_hf", "graphs_invalid_rate") if k in row]

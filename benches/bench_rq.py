@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Checks, bench_parser, print_table, timeit, write_json  # noqa: E402
-
 from genrec_fast.ops.rq import residual_quantize  # noqa: E402
+
+from common import Checks, bench_parser, print_table, timeit, write_json  # noqa: E402
 
 # name -> (device type, N, D, L, K, dtype)
 SETTINGS = {
@@ -57,7 +57,9 @@ def make_data(n, d, levels, k, dtype, device, seed=0):
     return x.to(device, dtype), codebooks.to(device, dtype)
 
 
-def run_setting(name: str, device: torch.device, rows: int = None) -> dict:
+def run_setting(name: str, device: torch.device, rows: int = None, time_ours=None) -> dict:
+    """One setting's row: both timings (``time_ours(fn) -> seconds`` times ours when given, e.g. through
+    pytest-benchmark; else :func:`timeit` as the baseline is), the speedup and the gates' quantities."""
     _, n, d, levels, k, dtype = SETTINGS[name]
     n = rows or n
     x, cb = make_data(n, d, levels, k, dtype, device)
@@ -68,7 +70,8 @@ def run_setting(name: str, device: torch.device, rows: int = None) -> dict:
         cdist_dtype = torch.float32
     xb, cbb = x.to(cdist_dtype), cb.to(cdist_dtype)
     repeat = 20 if device.type == "cuda" else 3
-    ours_s = timeit(lambda: residual_quantize(x, cb), device, repeat=repeat, warmup=3)
+    time_ours = time_ours or (lambda fn: timeit(fn, device, repeat=repeat, warmup=3))
+    ours_s = time_ours(lambda: residual_quantize(x, cb))
     base_s = timeit(lambda: cdist_rq(xb, cbb), device, repeat=repeat, warmup=2)
     codes, xhat = residual_quantize(x, cb)
     bcodes, bxhat = cdist_rq(xb, cbb)

@@ -47,10 +47,10 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Checks, bench_parser, print_table, sync, write_json  # noqa: E402
-
 from genrec_fast.model import TINY_CONFIG  # noqa: E402
 from genrec_fast.train.sft import ResponseLoss, adamw, collate, epoch_batches  # noqa: E402
+
+from common import Checks, bench_parser, print_table, sync, write_json  # noqa: E402
 
 SID_TOKENS = 3 * 256
 SETTINGS = {
@@ -91,11 +91,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast around the forward (default: on CUDA only; on CPU it runs the GPU setting's code path)")
+                   help="bf16 autocast around the forward (default: on CUDA only; on CPU it runs the GPU setting's "
+                        "code path)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on CPU: 1, see the module doc; on CUDA: torch's)")
     p.add_argument("--compile-modes", nargs="*", default=None, choices=("default", "reduce-overhead"),
-                   help="torch.compile variants of ours to time (default: 'default' on CPU, both on CUDA; none: eager only)")
+                   help="torch.compile variants of ours to time (default: 'default' on CPU, both on CUDA; none: "
+                        "eager only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else None)
@@ -216,12 +218,13 @@ def main(argv=None) -> int:
     tpc = {k: total_tokens / v for k, v in cpu_times.items()}
     base = names[0]
     rows = []
-    for name, fn, batches in variants:
+    for name, _, batches in variants:
         rows.append({"step": name, "tokens/s": tps[name], "tokens/CPU-s": tpc[name],
                      "ms/step": 1e3 * times[name] / (rounds * n_steps),
                      "computed positions": sum(b["input_ids"].numel() for b in batches) / n_steps,
                      "peak GiB": peak[name] / 2**30,
-                     "ratio": (tps if device.type == "cuda" else tpc)[name] / (tps if device.type == "cuda" else tpc)[base]})
+                     "ratio": (tps if device.type == "cuda" else tpc)[name]
+                     / (tps if device.type == "cuda" else tpc)[base]})
     # on CPU the headline ratio uses process CPU time, which other load on the machine does not inflate
     wall = {n: tps[n] / tps[base] for n in names[1:]}
     cpu = {n: tpc[n] / tpc[base] for n in names[1:]}
@@ -245,7 +248,8 @@ def main(argv=None) -> int:
     print("  its relative difference to the baseline's: " + ", ".join(f"{n} {v:.2e}" for n, v in loss_rel_diff.items()))
     write_json("bench_sft", {
         "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16,
+        "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "bf16": bf16,
         "setting": {**s, "vocab": vocab, "rounds": rounds, "compile_shape": fixed},
         "real_tokens_per_step": sum(tokens) / n_steps, "ratio_by": "wall" if device.type == "cuda" else "cpu_time",
         "wall_ratio": wall, "cpu_time_ratio": cpu, "compile_seconds": compile_s, "rows": rows,

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Checks, bench_parser, print_table, write_json  # noqa: E402
-
 from genrec_fast import SIDTrie  # noqa: E402
+
+from common import Checks, bench_parser, print_table, write_json  # noqa: E402
 
 
 def random_unique_sids(n: int, levels: int = 3, k: int = 256, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     flat = rng.choice(k ** levels, size=n, replace=False)
-    return np.stack([(flat // k ** (levels - 1 - l)) % k for l in range(levels)], axis=1).astype(np.int32)
+    return np.stack([(flat // k ** (levels - 1 - lvl)) % k for lvl in range(levels)], axis=1).astype(np.int32)
 
 
 def build_dict_trie(codes: np.ndarray):
@@ -44,6 +44,42 @@ def best_of(repeat: int, fn) -> float:
     return min(times)
 
 
+def compare_with_dict(codes: np.ndarray, trie: SIDTrie, t_ours: float, queries: int, repeat: int,
+                      checks: Checks) -> dict:
+    """The dict trie's build time (best of ``repeat``) against ``t_ours`` (our build's), allowed() queries/s of
+    both on ``queries`` random existing prefixes, contains() SIDs/s; the gates (same allowed codes as the dict
+    trie, every SID contained) recorded in ``checks``."""
+    n = len(codes)
+    t_dict = best_of(repeat, lambda: build_dict_trie(codes))
+    ref = build_dict_trie(codes)
+    # allowed() on random existing prefixes of every length 0..L-1
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, n, size=queries)
+    lens = rng.integers(0, 3, size=queries)
+    prefixes = [tuple(codes[i, :k].tolist()) for i, k in zip(idx, lens)]
+    t0 = time.perf_counter()
+    for pre in prefixes:
+        trie.allowed(pre)
+    q_ours = len(prefixes) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for pre in prefixes:
+        np.asarray(ref[pre], dtype=np.int32)
+    q_dict = len(prefixes) / (time.perf_counter() - t0)
+    # batched membership (what evaluation uses), per SID
+    t0 = time.perf_counter()
+    trie.contains(codes)
+    c_ours = n / (time.perf_counter() - t0)
+    row = {"dict build s": t_dict, "build speedup": t_dict / t_ours,
+           "allowed q/s ours": q_ours, "allowed q/s dict": q_dict, "allowed speedup": q_ours / q_dict,
+           "contains SIDs/s": c_ours}
+    # both tries give the same allowed codes on the queried prefixes, and every SID is contained
+    same = float(np.mean([trie.allowed(pre).tolist() == ref[pre] for pre in prefixes[:2000]]))
+    checks.check(f"N={n}", "same_allowed_as_dict", same, "==", 1.0)
+    checks.check(f"N={n}", "contains_all", float(trie.contains(codes).mean()), "==", 1.0)
+    row["same allowed as dict"] = same
+    return row
+
+
 def main(argv=None) -> int:
     p = bench_parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -52,47 +88,22 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="builds timed per size (best is reported)")
     args = p.parse_args(argv)
     if args.dict_size not in args.sizes:
-        p.error(f"--dict-size {args.dict_size} must be one of --sizes {args.sizes} (the dict baseline runs at that size)")
+        p.error(f"--dict-size {args.dict_size} must be one of --sizes {args.sizes} (the dict baseline runs at that "
+                "size)")
 
     checks = Checks()
     rows = []
     results = {"sizes": {}}
     for n in args.sizes:
         codes = random_unique_sids(n)
-        t_ours = best_of(args.repeat, lambda: SIDTrie(codes, 256))
+        t_ours = best_of(args.repeat, lambda codes=codes: SIDTrie(codes, 256))
         trie = SIDTrie(codes, 256)
         da = trie.device_arrays("cpu")
         row = {"N": n, "ours build s": t_ours, "device B/item": da.nbytes / n,
                "layouts": "/".join(lv.layout for lv in da.levels)}
         entry = dict(row)
         if n == args.dict_size:
-            t_dict = best_of(args.repeat, lambda: build_dict_trie(codes))
-            ref = build_dict_trie(codes)
-            # allowed() on random existing prefixes of every length 0..L-1
-            rng = np.random.default_rng(1)
-            idx = rng.integers(0, n, size=args.queries)
-            lens = rng.integers(0, 3, size=args.queries)
-            prefixes = [tuple(codes[i, :k].tolist()) for i, k in zip(idx, lens)]
-            t0 = time.perf_counter()
-            for pre in prefixes:
-                trie.allowed(pre)
-            q_ours = len(prefixes) / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for pre in prefixes:
-                np.asarray(ref[pre], dtype=np.int32)
-            q_dict = len(prefixes) / (time.perf_counter() - t0)
-            # batched membership (what evaluation uses), per SID
-            t0 = time.perf_counter()
-            trie.contains(codes)
-            c_ours = n / (time.perf_counter() - t0)
-            row.update({"dict build s": t_dict, "build speedup": t_dict / t_ours,
-                        "allowed q/s ours": q_ours, "allowed q/s dict": q_dict, "allowed speedup": q_ours / q_dict,
-                        "contains SIDs/s": c_ours})
-            # both tries give the same allowed codes on the queried prefixes, and every SID is contained
-            same = float(np.mean([trie.allowed(pre).tolist() == ref[pre] for pre in prefixes[:2000]]))
-            checks.check(f"N={n}", "same_allowed_as_dict", same, "==", 1.0)
-            checks.check(f"N={n}", "contains_all", float(trie.contains(codes).mean()), "==", 1.0)
-            row["same allowed as dict"] = same
+            row.update(compare_with_dict(codes, trie, t_ours, args.queries, args.repeat, checks))
             entry.update(row)
         rows.append(row)
         results["sizes"][str(n)] = entry

@@ -12,6 +12,7 @@ On CPU (tiny model) it runs cuda_graphs="emulate", only as a smoke test of this 
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -20,12 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_decode as bd  # noqa: E402
-from common import bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
-
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import beam_search, graphs  # noqa: E402
 from genrec_fast.decode.search import full_vocab_lse  # noqa: E402
+
+import bench_decode as bd  # noqa: E402
+from common import bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
 
 
 def median_time(fn, device, repeat: int) -> float:
@@ -50,11 +51,11 @@ def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool, s
     mode = True if device.type == "cuda" else "emulate"
     row = {"setting": name, "users": users, "beams": beams, "shared_prefix": shared_prefix}
     with torch.inference_mode():
-        search = lambda: beam_search(model, ids, mask, trie, vocab, beams, cuda_graphs=mode,  # noqa: E731
-                                     shared_prefix=shared_prefix)
+        search = functools.partial(beam_search, model, ids, mask, trie, vocab, beams, cuda_graphs=mode,
+                                   shared_prefix=shared_prefix)
         row["search_ms"] = 1e3 * median_time(search, device, repeat)
         row["users_per_s"] = users / row["search_ms"] * 1e3
-        eager = lambda: beam_search(model, ids, mask, trie, vocab, beams, shared_prefix=shared_prefix)  # noqa: E731
+        eager = functools.partial(beam_search, model, ids, mask, trie, vocab, beams, shared_prefix=shared_prefix)
         row["eager_search_ms"] = 1e3 * median_time(eager, device, repeat)
         gs = list(graphs._sets[model.model].values())[-1]
         if device.type == "cuda":
@@ -84,7 +85,7 @@ def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool, s
             print(f"\n### {name}: 3 graph searches, by host self time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
     graphs.clear_graphs()
-    del model
+    del model, search, eager
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -2,7 +2,7 @@
 # The GPU checks of the constrained decoder in one device call (meant for a lent H100/H200), under ~8 minutes
 # on one H100: install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
 # and the decode paths on the GPU (the beam ops, the shared-prefix attention, the eager / graph /
-# shared-prefix searches: tests that ran only in the Triton interpreter so far), then benches/bench_decode.py
+# shared-prefix searches: tests that run in the Triton interpreter on CPU), then benches/bench_decode.py
 # at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), and at the end ONE summary table (the decode
 # columns, % of roofline, each step's verdict). JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
@@ -13,13 +13,13 @@
 #   ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else BENCH_TIMEOUT, 300 s; decode: 240 s) and
 #   TEST_TIMEOUT (300 s) cap each step (worst case of the default run: 15 + 300 + 240 s, under one 10-minute
 #   device call); TEST_WORKERS (4) pytest-xdist processes.
-# Seen on a fresh H100 (2026-11-26, before the changes below): install 15 s, bench_decode 47-52 s, the pytest
-# step over 150 s in one process (cut there at test 83 of 89), bench_beam 13 s, bench_rl 11-16 s, bench_sft
-# 130 s with both compile modes (each a ~50 s compile of 24 layers). Since then: the tests run in 4 processes,
-# take the RQ kernel's fixed config (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py), the beam kernels compile ~21
-# variants instead of ~31 for the test shapes; bench_decode gained the shared-prefix columns (eager and graphs:
-# two more searches per setting, one Triton compile per attention shape) and the test step
-# tests/test_cascade_attention.py and tests/test_decode_shared_prefix.py; neither has run on a GPU yet.
+# Step times on a fresh H100 (measured 2026-11-26): install 15 s, bench_beam 13 s, bench_rl 11-16 s, bench_sft
+# 130 s with both compile modes (each a ~50 s compile of 24 layers), bench_decode 47-52 s without its
+# shared-prefix columns (eager and graphs: two more searches per setting and one Triton compile per attention
+# shape, not timed). The pytest step runs in TEST_WORKERS processes, with the RQ kernel's fixed config
+# (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py) and ~21 beam-kernel variants for the test shapes; one process
+# with the autotuned RQ kernel and per-size beam kernels (~31 variants) took over 150 s for 83 of its 89 tests.
+# tests/test_cascade_attention.py and tests/test_decode_shared_prefix.py have not run on a GPU.
 # benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
 # Each bench also checks that ours computes what its baseline computes (same beams / SIDs / codes / loss
 # within its thresholds) and exits 1 with "FAILED <setting> <metric> = <value> (threshold: ...)" lines

@@ -6,13 +6,11 @@
 // d (= prefixes of length d) are numbered 0..n_d-1 in sorted order, so the children of one node
 // are a contiguous run of ids at depth d+1: the CSR entry j of depth d *is* child node j.
 // No torch here: arrays go out as numpy buffers (see ../shared/DESIGN.md, "The trie").
-// Error paths are kept plain. On a lent GPU machine (Python 3.12, torch 2.11, the image's own
-// compiler and pybind11) the process died with SIGSEGV on two of them: allowed() of an absent prefix
-// and the constructor's range check. Both formatted a message with std::ostringstream, and allowed()
-// also threw through pybind11; the success paths, which do neither, ran. The cause was not pinned
-// down there, so both are gone: no C++ exception crosses the binding (bad input comes back as a
-// value, error() / None / -1, and genrec_fast.trie.SIDTrie raises the Python error), and messages
-// are built without iostreams.
+// Error paths are kept plain: no C++ exception crosses the binding (bad input comes back as a value,
+// error() / None / -1, and genrec_fast.trie.SIDTrie raises the Python error) and messages are built
+// from std::string, without iostreams. On the lent GPU image (Python 3.12, torch 2.11, its own compiler
+// and pybind11) an error path that formatted its message with std::ostringstream, or threw through
+// pybind11, killed the process with SIGSEGV (cause not found); the paths as written here do neither.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

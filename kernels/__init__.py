@@ -10,13 +10,13 @@ the first ``kernels`` on ``sys.path`` outside this repository (Hugging Face's ``
 which transformers imports) or raises ModuleNotFoundError: it never stands in for another
 package. tests/test_packaging.py checks this for every importable name at the root.
 """
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
 if __name__ != "genrec_fast.kernels":
     def _hand_over(name: str) -> None:
-        import importlib.machinery
-        import importlib.util
-        import os
-        import sys
-
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = [p for p in sys.path if os.path.abspath(p or os.curdir) != repo]
         spec = importlib.machinery.PathFinder.find_spec(name, path)

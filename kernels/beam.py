@@ -10,8 +10,9 @@ out code-major (index = code * NB + parent), and extracts the k best by k rounds
 then the lower parent beam. A round whose maximum is -inf writes padding (-1 / -inf).
 
 Plain-torch references with the same signatures: ``genrec_fast.ops.beam.trie_log_softmax_ref``
-and ``grouped_topk_ref``. Import this module lazily: triton is imported here and, on CPU,
-TRITON_INTERPRET=1 must be set before that happens.
+and ``grouped_topk_ref``; the ops there check the inputs and ``MAX_TOPK_CANDIDATES`` (the most
+candidates one top-k program holds) before they call in here. Import this module lazily: triton is
+imported here and, on CPU, TRITON_INTERPRET=1 must be set before that happens.
 """
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from genrec_fast.ops.beam import MAX_TOPK_CANDIDATES
-
-MAX_TOPK_BLOCK = MAX_TOPK_CANDIDATES  # NB * K candidates one program may hold (one constant, in ops.beam)
-# Compiles: sizes are not specialised on (do_not_specialize) and blocks start at _MIN_BLOCK, so small
-# shapes share one compiled kernel (the GPU test step compiled one per odd size); a masked tail is free here
+# Sizes are not specialised on (do_not_specialize) and blocks start at _MIN_BLOCK, so all shapes up to
+# _MIN_BLOCK share one compiled kernel and larger ones one per power of two; the masked tail costs nothing here
 _MIN_BLOCK = 64
 
 
@@ -48,7 +46,8 @@ def _trie_log_softmax_kernel(logits_ptr, allowed_ptr, parent_ptr, lse_ptr, out_p
         # a NaN among the allowed logits makes total (so norm, so the row) NaN, as logsumexp does in the
         # reference, whether or not this GPU's max ignored it
         norm = m_safe + tl.log(total)
-        norm = tl.where(m == float("inf"), float("inf"), norm)  # +inf allowed: NaN at that entry only, as in the reference
+        # +inf allowed: NaN at that entry only, as in the reference
+        norm = tl.where(m == float("inf"), float("inf"), norm)
     # every allowed logit -inf (norm -inf): -inf out, not -inf - -inf = NaN (the reference does the same)
     norm = tl.where(norm == float("-inf"), 0.0, norm)
     out = tl.where(ok, x - norm + parent, float("-inf"))
@@ -106,12 +105,7 @@ def _grouped_topk_kernel(scores_ptr, child_ptr, parent_out, code_out, score_out,
 
 def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
     P, NB, K = scores.shape
-    block = max(_MIN_BLOCK, triton.next_power_of_2(NB * K))
-    if block > MAX_TOPK_BLOCK:
-        raise ValueError(
-            f"grouped_topk (triton): {NB} beams x {K} codes = {NB * K} candidates per prompt exceeds the "
-            f"kernel's {MAX_TOPK_BLOCK}; use backend='torch' for such shapes"
-        )
+    block = max(_MIN_BLOCK, triton.next_power_of_2(NB * K))  # the caller keeps NB * K <= MAX_TOPK_CANDIDATES
     scores = scores.contiguous()
     child = child.contiguous()
     dev = scores.device

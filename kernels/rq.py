@@ -5,10 +5,10 @@ L levels. Per level it walks the codebook in ``BLOCK_K`` tiles, scores a tile wi
 ``tl.dot`` as ``||c_k||^2 - 2 r.c_k`` and folds it into a running (min, argmin), so the
 [N, K] distance matrix never exists in memory. The chosen codeword is gathered and
 subtracted, and added to x_hat. Ties: identical codewords of a level resolve to the lowest
-index in every tile (``codeword_norms`` gives later copies an infinite norm); equal computed
-distances go to the lowest index (``tl.argmin`` breaks ties left inside a tile, a later tile
-must be strictly better); distinct codewords at the same true distance follow the dots'
-rounding (see ``genrec_fast.ops.rq``).
+index in every tile (``cnorm``, from ``genrec_fast.ops.rq.codeword_norms``, gives later copies an
+infinite norm); equal computed distances go to the lowest index (``tl.argmin`` breaks ties left
+inside a tile, a later tile must be strictly better); distinct codewords at the same true distance
+follow the dots' rounding (see ``genrec_fast.ops.rq``).
 
 fp32 inputs use ``tf32x3`` dots on GPUs (about fp32 accuracy on tensor cores); bf16/fp16
 inputs feed the dot in their own dtype with fp32 accumulation. The residual, x_hat and
@@ -29,8 +29,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from genrec_fast.ops.rq import codeword_norms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -113,8 +111,9 @@ else:  # pragma: no cover - needs a GPU
     _FIXED = {}
 
 
-def rq_forward(x: torch.Tensor, codebooks: torch.Tensor, config=None):
-    """Fused forward: ``x`` [N, D], ``codebooks`` [L, K, D] (same dtype, same device).
+def rq_forward(x: torch.Tensor, codebooks: torch.Tensor, cnorm: torch.Tensor, config=None):
+    """Fused forward: ``x`` [N, D], ``codebooks`` [L, K, D] (same dtype, same device), ``cnorm`` [L, K] the
+    codeword norms of ``genrec_fast.ops.rq.codeword_norms(codebooks)`` (+inf for repeated codewords).
 
     Returns ``codes`` [N, L] int32, ``x_hat`` [N, D] (x's dtype) and ``norms`` [N, L] fp32,
     the squared norm of the residual left after each level. ``config``: one entry of ``CONFIGS``
@@ -129,7 +128,7 @@ def rq_forward(x: torch.Tensor, codebooks: torch.Tensor, config=None):
     norms = torch.empty((n, levels), dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, xhat, norms
-    cnorm = codeword_norms(codebooks).contiguous()  # [L, K], tiny; +inf for repeated codewords
+    cnorm = cnorm.float().contiguous()
     block_d = max(16, triton.next_power_of_2(d))
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # non-fp32 dots ignore the setting
 

@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 
 from genrec_fast.data.types import Catalog, RecData, Sample
-from genrec_fast.eval.baselines import (baseline_metrics, fit_samples, item_counts, popularity_baseline,
-                                        popularity_ranking, transition_baseline, transition_rankings)
+from genrec_fast.eval.baselines import (
+    baseline_metrics,
+    fit_samples,
+    item_counts,
+    popularity_baseline,
+    popularity_ranking,
+    transition_baseline,
+    transition_rankings,
+)
 
 
 def S(history, target, user="u"):

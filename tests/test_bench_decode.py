@@ -81,8 +81,9 @@ def test_bench_decode_gates_fire(monkeypatch):
 
 def test_roofline_by_hand_and_device_peaks(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHES))
-    import bench_decode
     from types import SimpleNamespace
+
+    import bench_decode
 
     try:
         # h 8, 1 layer, 2 heads of 4 on 1 K/V head, MLP 16, V 10: N = 64 + 64 + 64 + 384 = 576 weights per layer;

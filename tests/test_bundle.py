@@ -5,8 +5,16 @@ import warnings
 import numpy as np
 import pytest
 
-from genrec_fast.bundle import (BUNDLE_FILE, SID_INDEX_DIR, BundleMismatchError, catalog_fingerprint,
-                                check_model_matches, read_bundle, sid_fingerprint, write_bundle)
+from genrec_fast.bundle import (
+    BUNDLE_FILE,
+    SID_INDEX_DIR,
+    BundleMismatchError,
+    catalog_fingerprint,
+    check_model_matches,
+    read_bundle,
+    sid_fingerprint,
+    write_bundle,
+)
 from genrec_fast.data import Catalog
 
 

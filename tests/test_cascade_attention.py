@@ -36,7 +36,7 @@ def _inputs(P, B, H, Hkv, T, t, D, pads, dtype, device, seed, capacity=None):
 def _sdpa_replicated(q, pk, pv, mask, tk, tv, scale=None):
     """sdpa (fp32) over K/V copied per beam row and per query head: the attention of today's search."""
     P, B, H, D = q.shape
-    Hkv, T, t = pk.shape[1], pk.shape[2], tk.shape[3]
+    Hkv, t = pk.shape[1], tk.shape[3]
     G = H // Hkv
     k = torch.cat([pk.float().repeat_interleave(B, 0), tk.float().reshape(P * B, Hkv, t, D)], 2)
     v = torch.cat([pv.float().repeat_interleave(B, 0), tv.float().reshape(P * B, Hkv, t, D)], 2)
@@ -65,7 +65,7 @@ def test_cascade_matches_sdpa_over_replicated_kv(P, B, H, Hkv, T, t, D, pads, de
             got = cascade_attention(*args, backend=backend)
             assert got.shape == (P, B, H, D) and got.dtype == dtype, backend
             torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype],
-                                       msg=lambda m: f"{backend} {dtype}: {m}")
+                                       msg=lambda m, backend=backend, dtype=dtype: f"{backend} {dtype}: {m}")
 
 
 @pytest.mark.parametrize("t", [0, 1, 2, 3])

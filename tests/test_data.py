@@ -6,8 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genrec_fast.data import (Catalog, DataFormatError, RecData, Sample, build_samples, load_interactions,
-                              load_minionerec, load_movielens_1m, save_minionerec)
+from genrec_fast.data import (
+    Catalog,
+    DataFormatError,
+    RecData,
+    Sample,
+    build_samples,
+    load_interactions,
+    load_minionerec,
+    load_movielens_1m,
+    save_minionerec,
+)
 from genrec_fast.data import movielens as ml
 from genrec_fast.sid_tokens import sid_string, sid_tokens
 
@@ -26,7 +35,8 @@ def _release(tmp_path: Path, rows=None) -> Path:
 
     def row(user, hist, target):
         return ",".join([
-            user, '"' + repr([titles[h] for h in hist]).replace('"', '""') + '"', '"' + titles[target].replace('"', '""') + '"',
+            user, '"' + repr([titles[h] for h in hist]).replace('"', '""') + '"',
+            '"' + titles[target].replace('"', '""') + '"',
             '"' + repr([int(h) for h in hist]) + '"', target,
             '"' + repr([sid_string(codes[h]) for h in hist]) + '"', sid_string(codes[target]),
         ]) + "\n"
@@ -178,7 +188,8 @@ def test_load_interactions(tmp_path):
     assert len(data.test) == len(data.valid) == 6 and len(data.train) == 6 * 3
     assert max(len(s.history) for s in data.train) == 3
     s = data.test[0]
-    assert [data.catalog.item_ids[i] for i in s.history] == ["i2", "i3", "i4"] and data.catalog.item_ids[s.target] == "i5"
+    assert [data.catalog.item_ids[i] for i in s.history] == ["i2", "i3", "i4"]
+    assert data.catalog.item_ids[s.target] == "i5"
     small = load_interactions(inter, meta, max_users=2, max_interactions_per_user=4, seed=1)
     assert len({s.user_id for s in small.test}) == 2 and len(small.train) == 2 * 1
     assert small.catalog.item_ids == sorted(small.catalog.item_ids, key=lambda x: int(x[1:]))

@@ -6,8 +6,7 @@ import torch
 import transformers
 
 from genrec_fast import SIDTrie
-from genrec_fast.decode import BeamSearchResult, SIDVocab, beam_search, full_vocab_lse
-from genrec_fast.decode import kv
+from genrec_fast.decode import BeamSearchResult, SIDVocab, beam_search, full_vocab_lse, kv
 from genrec_fast.decode.search import trie_device_arrays
 from genrec_fast.sid_tokens import sid_token_strings
 

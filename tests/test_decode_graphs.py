@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from genrec_fast.decode import SIDVocab, beam_search, graphs
 from genrec_fast.model import lm_modules
 
-from test_decode import START, SIZES, hf_constrained, left_padded_prompts, random_trie, tiny_model
+from test_decode import SIZES, START, hf_constrained, left_padded_prompts, random_trie, tiny_model
 
 # ops that synchronise with the host or copy Python data to the device: illegal inside a CUDA graph capture
 _NOT_CAPTURABLE = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "item",

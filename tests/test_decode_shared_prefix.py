@@ -7,7 +7,7 @@ import torch
 from genrec_fast.decode import SIDVocab, beam_search, graphs, kv
 from genrec_fast.model import lm_modules
 
-from test_decode import START, SIZES, hf_constrained, left_padded_prompts, random_trie, tiny_model
+from test_decode import SIZES, START, hf_constrained, left_padded_prompts, random_trie, tiny_model
 from test_decode_graphs import _CaptureChecker, _fresh_seed
 
 
@@ -48,15 +48,13 @@ def test_shared_prefix_four_levels_odd_beams_attends_through_cascade(monkeypatch
     model = tiny_model("llama", seed, vocab_size=START + sum(sizes) + 2)
     trie, vocab = random_trie(seed % 1000, n=120, sizes=sizes), SIDVocab(START, sizes)
     ids, mask = left_padded_prompts(4, 11, seed)
-    import genrec_fast.ops.cascade as cascade
-
-    real, calls = cascade.cascade_attention, []
+    real, calls = kv.cascade_attention, []  # the op as the shared-prefix attention calls it
 
     def spy(q, pk, *args, **kwargs):
         calls.append((tuple(q.shape), tuple(pk.shape), tuple(args[2].shape)))
         return real(q, pk, *args, **kwargs)
 
-    monkeypatch.setattr(cascade, "cascade_attention", spy)
+    monkeypatch.setattr(kv, "cascade_attention", spy)
     res = beam_search(model, ids, mask, trie, vocab, 7, backend="torch", shared_prefix=True)
     layers, heads, kv_heads = model.config.num_hidden_layers, 4, 2
     D = model.config.hidden_size // heads

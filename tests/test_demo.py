@@ -37,8 +37,8 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     assert saved["sids"]["embedding"] == cfg["sid_embedding"] == "text+cf"
     # the saved model carries its prompt style: evaluated from its folder (as `genrec-fast eval` does), it
     # is prompted in the compact style and scores what the demo reported
-    from genrec_fast.eval import evaluate, catalog_trie
     from genrec_fast.data import load_minionerec as _load
+    from genrec_fast.eval import catalog_trie, evaluate
     from genrec_fast.model import load_model_and_tokenizer
     from genrec_fast.prompts import model_prompt_style
 

@@ -105,10 +105,9 @@ def tiny_setup():
 
 def test_evaluate_matches_direct_beam_search(tiny_setup):
     from genrec_fast.decode import beam_search
+    from genrec_fast.eval import evaluate
     from genrec_fast.model import encode_prompts
     from genrec_fast.prompts import rec_prompt
-
-    from genrec_fast.eval import evaluate
 
     data, model, tok, vocab = tiny_setup
     trie = catalog_trie(data.catalog)

@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 
 from genrec_fast import cli
-from genrec_fast.data import (Catalog, DataFormatError, RecData, Sample, load_catalog, load_interactions,
-                              load_minionerec, save_minionerec)
+from genrec_fast.config_cli import apply_config
+from genrec_fast.data import (
+    Catalog,
+    DataFormatError,
+    RecData,
+    Sample,
+    load_catalog,
+    load_interactions,
+    load_minionerec,
+    minionerec,
+    save_minionerec,
+)
 from genrec_fast.sid import read_index, read_item_json
-from genrec_fast.sid_tokens import sid_tokens
 
 
 def _entry(capsys, argv):
@@ -50,8 +59,6 @@ def _snapshot(d):
 
 
 def test_save_minionerec_failing_midway_leaves_the_previous_folder(tmp_path, monkeypatch):
-    import genrec_fast.sid.index_io as index_io
-
     out = tmp_path / "ds"
     save_minionerec(_dataset(title=lambda i: f"old {i}"), out)
     before = _snapshot(out)
@@ -59,7 +66,7 @@ def test_save_minionerec_failing_midway_leaves_the_previous_folder(tmp_path, mon
     def boom(*a, **k):  # the split csvs are written first: without atomic_dir they would now be the new ones
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_io, "write_index", boom)
+    monkeypatch.setattr(minionerec, "write_index", boom)
     with pytest.raises(OSError, match="disk full"):
         save_minionerec(_dataset(title=lambda i: f"new {i}"), out)
     assert _snapshot(out) == before
@@ -118,10 +125,10 @@ def test_config_values_are_converted_like_flags(tmp_path):
     with pytest.raises(ValueError, match="unknown option"):  # the key is the option's dest: 'balanced'
         cli.main(["sids", "--config", str(cfg), "--out", "o"])
     cfg.write_text("levels: '2'\nbalanced: false\nmax_users: null\n")
-    args = cli._apply_config(cli.build_parser("sids"), ["--config", str(cfg), "--out", "o"])
+    args = apply_config(cli.build_parser("sids"), ["--config", str(cfg), "--out", "o"])
     assert args.levels == 2 and args.balanced is False and args.max_users is None
     cfg.write_text("ks: 5\nmax_samples: '7'\n")
-    args = cli._apply_config(cli.build_parser("eval"), ["--config", str(cfg), "--model", "m", "--data", "d"])
+    args = apply_config(cli.build_parser("eval"), ["--config", str(cfg), "--model", "m", "--data", "d"])
     assert args.ks == [5] and args.max_samples == 7  # as `--ks 5 --max-samples 7` give
 
 

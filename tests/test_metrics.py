@@ -3,8 +3,14 @@ import math
 import numpy as np
 import pytest
 
-from genrec_fast.eval.metrics import (DEFAULT_KS, check_ks, format_table, metrics_from_ranks, ranking_metrics,
-                                      target_ranks)
+from genrec_fast.eval.metrics import (
+    DEFAULT_KS,
+    check_ks,
+    format_table,
+    metrics_from_ranks,
+    ranking_metrics,
+    target_ranks,
+)
 
 
 def test_hand_computed():

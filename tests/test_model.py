@@ -99,8 +99,9 @@ def test_attn_implementation_choice():
     """sdpa unless asked for (on any device: what the packed SFT step and the beam search are tested on)."""
     small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 64}
-    model, _, _ = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300, model_overrides=small)
+    model, _, _ = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300,
+                                           model_overrides=small)
     assert model.config._attn_implementation == "sdpa"
-    model, _, _ = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300, model_overrides=small,
-                                           attn_implementation="eager")
+    model, _, _ = load_model_and_tokenizer("tiny", SIZES, corpus=CORPUS, tokenizer_vocab_size=300,
+                                           model_overrides=small, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"

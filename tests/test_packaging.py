@@ -91,7 +91,8 @@ def test_model_code_and_cli_start_from_the_root():
             "except ModuleNotFoundError:  # Hugging Face's kernels not installed: nothing to hand over to\n"
             "    pass\n"
             "else:\n"
-            f"    assert not pathlib.Path(kernels.__file__).resolve().is_relative_to({str(ROOT / 'kernels')!r}), kernels.__file__\n")
+            "    assert not pathlib.Path(kernels.__file__).resolve().is_relative_to("
+            f"{str(ROOT / 'kernels')!r}), kernels.__file__\n")
     r = _python(["-c", code])
     assert r.returncode == 0, r.stderr[-3000:]
     r = _python(["-m", "genrec_fast.cli", "eval", "--help"])

@@ -71,14 +71,15 @@ def test_compact_style_is_the_bare_item_sequence(data):
     assert P.rec_prompt([0, 1], data.catalog, "compact") == "<a_1><b_2><a_1><b_3>"
     ex = P.TASKS["sid_seq"].example(s, data.catalog, "compact")
     assert ex.prompt + ex.response == "<a_1><b_2><a_1><b_3><a_0><b_3>"  # prompt + response: the sequence
-    for name, task in P.TASKS.items():  # the other tasks keep a short tag and no instruction text
+    for task in P.TASKS.values():  # the other tasks keep a short tag and no instruction text
         obj = s if task.source == "samples" else 2
         prompt = task.prompt(obj, data.catalog, "compact")
         assert "###" not in prompt and task.instruction not in prompt and prompt.startswith(task.tag)
     # no style given: the MiniOneRec template, for prompts and examples alike
     assert P.rec_prompt([0, 1], data.catalog).startswith("### Instruction:")
     assert P.rec_prompt([0, 1], data.catalog, "compact") == "<a_1><b_2><a_1><b_3>"
-    assert [e.prompt for e in P.build_examples(data, ["sid_seq"], style="compact")] == ["<a_1><b_2>", "<a_1><b_2><a_1><b_3>"]
+    examples = P.build_examples(data, ["sid_seq"], style="compact")
+    assert [e.prompt for e in examples] == ["<a_1><b_2>", "<a_1><b_2><a_1><b_3>"]
     with pytest.raises(ValueError, match="unknown prompt style"):
         P.rec_prompt([0], data.catalog, "chat")
     assert "next sid:" in P.tokenizer_corpus(data.catalog, template_weight=1)

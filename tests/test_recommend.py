@@ -12,6 +12,7 @@ from genrec_fast.data import Catalog
 from genrec_fast.eval import catalog_trie, predict
 from genrec_fast.recommend import Recommendation, format_recommendations
 from genrec_fast.train.sft import SFTConfig, train_sft
+
 from test_sft import SMALL, _data
 
 HISTORIES = [[str(i), str(i + 1)] for i in range(10)]  # the next item is always the last + 1

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from genrec_fast.ops.rq import residual_quantize, residual_quantize_ref
+from genrec_fast.ops.rq import codeword_norms, residual_quantize, residual_quantize_ref
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 
@@ -36,7 +36,8 @@ def test_triton_matches_reference(shape, device):
     for dtype in _dtypes(device):
         g = torch.Generator().manual_seed(n * 7 + k)
         x = torch.randn(n, d, generator=g).to(device, dtype)
-        cb = (torch.randn(levels, k, d, generator=g) * torch.tensor([1.0, 0.5, 0.25][:levels]).view(-1, 1, 1)).to(device, dtype)
+        scale = torch.tensor([1.0, 0.5, 0.25][:levels]).view(-1, 1, 1)
+        cb = (torch.randn(levels, k, d, generator=g) * scale).to(device, dtype)
         c1, h1, n1 = residual_quantize(x, cb, backend="triton", return_norms=True)
         c2, h2, n2 = residual_quantize_ref(x, cb, return_norms=True)
         assert c1.dtype == torch.int32 and c1.shape == (n, levels) and h1.dtype == dtype and h1.shape == (n, d)
@@ -63,7 +64,7 @@ def test_every_autotune_config_matches_the_reference(device):
     x, cb = x.to(device), cb.to(device)
     c2 = residual_quantize_ref(x, cb)[0]
     for config in rq_kernels.CONFIGS:
-        c1, h1, n1 = rq_kernels.rq_forward(x, cb, config=config)
+        c1, h1, n1 = rq_kernels.rq_forward(x, cb, codeword_norms(cb), config=config)
         _path_check(x, cb, c1, h1, n1, 1e-4)
         assert int(c1[7, 0]) == 5, config
         assert (c1 == c2).all(1).float().mean() >= 0.99, config
@@ -104,7 +105,6 @@ def test_identical_codewords_resolve_to_the_lowest_index_everywhere(device):
     """The tie contract (genrec_fast.ops.rq): among identical codewords the lowest index wins, in every
     tile of every config and in the reference, for rows at and near the codeword, at every level."""
     from genrec_fast.kernels import rq as rq_kernels
-    from genrec_fast.ops.rq import codeword_norms
 
     g = torch.Generator().manual_seed(11)
     levels, k, d = 2, 300, 16
@@ -123,7 +123,7 @@ def test_identical_codewords_resolve_to_the_lowest_index_everywhere(device):
     expect = rows.tolist()
     x, cb = x.to(device), cb.to(device)
     got = [residual_quantize_ref(x, cb)[0], residual_quantize(x, cb, backend="triton")[0]]
-    got += [rq_kernels.rq_forward(x, cb, config=c)[0] for c in rq_kernels.CONFIGS]
+    got += [rq_kernels.rq_forward(x, cb, codeword_norms(cb), config=c)[0] for c in rq_kernels.CONFIGS]
     for codes in got:
         assert codes[:, 0].tolist() == expect
     # the second level's pick may be any code, but the same one in every implementation

@@ -6,8 +6,7 @@ from genrec_fast.data import build_samples, user_sequences
 from genrec_fast.data.types import Catalog, RecData, Sample
 from genrec_fast.eval.baselines import baseline_metrics, baseline_ranks
 from genrec_fast.eval.metrics import metrics_from_ranks
-from genrec_fast.eval.sasrec import (SASRecConfig, fit_sasrec, fitted_for_split, stopping_split,
-                                     training_windows)
+from genrec_fast.eval.sasrec import SASRecConfig, fit_sasrec, fitted_for_split, stopping_split, training_windows
 
 torch.set_num_threads(1)
 

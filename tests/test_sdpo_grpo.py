@@ -178,17 +178,19 @@ def test_grpo_rollout_injection_and_no_signal(tiny_run, tmp_path):
 
 
 def test_cli_config_parsing(tiny_run, tmp_path):
-    from genrec_fast.cli import _apply_config, build_parser
+    from genrec_fast.cli import build_parser
+    from genrec_fast.config_cli import apply_config
     from genrec_fast.train.grpo import GRPOConfig
     from genrec_fast.train.post_training import config_from_args
 
     cfg_file = tmp_path / "rl.yaml"
     cfg_file.write_text("group_size: 6\nreward: rule\ninject_target: true\neval_splits: [test]\n")
     parser = build_parser("rl")
-    args = _apply_config(parser, ["--config", str(cfg_file), "--model", "m", "--data", "d", "--out", "o",
+    args = apply_config(parser, ["--config", str(cfg_file), "--model", "m", "--data", "d", "--out", "o",
                                   "--lr", "1e-4", "--max-prompt-length", "none"])
     cfg = config_from_args(GRPOConfig, args)
-    assert (cfg.group_size, cfg.reward, cfg.inject_target, cfg.eval_splits, cfg.lr) == (6, "rule", True, ("test",), 1e-4)
+    got = (cfg.group_size, cfg.reward, cfg.inject_target, cfg.eval_splits, cfg.lr)
+    assert got == (6, "rule", True, ("test",), 1e-4)
     assert cfg.max_prompt_length is None
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         GRPOConfig(model="m", data="d", out="o", group_size=1)
@@ -200,7 +202,8 @@ def test_cli_config_parsing(tiny_run, tmp_path):
         GRPOConfig(model="m", data="d", out="o", eval_beams=5)
     assert GRPOConfig(model="m", data="d", out="o", eval_beams=5, eval_splits=()).eval_beams == 5
     # what the error message advises works on the command line
-    args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--eval-beams", "5", "--eval-splits", "none"])
+    args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--eval-beams", "5",
+                              "--eval-splits", "none"])
     assert config_from_args(GRPOConfig, args).eval_splits == ()
 
 
@@ -229,13 +232,14 @@ _CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.mark.parametrize("path", sorted([*_CONFIGS.glob("sdpo_*.yaml"), *_CONFIGS.glob("rl_*.yaml")]),
                          ids=lambda p: p.name)
 def test_shipped_stage_configs_are_valid(path):
-    from genrec_fast.cli import _apply_config, build_parser
+    from genrec_fast.cli import build_parser
+    from genrec_fast.config_cli import apply_config
     from genrec_fast.train import GRPOConfig, SDPOConfig
     from genrec_fast.train.post_training import config_from_args
 
     stage = path.name.split("_")[0]
     cls = SDPOConfig if stage == "sdpo" else GRPOConfig
-    args = _apply_config(build_parser(stage), ["--config", str(path), "--model", "m", "--out", "o"])
+    args = apply_config(build_parser(stage), ["--config", str(path), "--model", "m", "--out", "o"])
     cfg = config_from_args(cls, args)
     assert cfg.data and cfg.steps >= 1
 

@@ -196,7 +196,7 @@ def test_train_learns_and_resumes_exactly(tmp_path):
     cfg = _cfg(tmp_path, max_steps=40, eval_every=20, save_every=20, keep_checkpoints=3, patience=5)
     res = train_sft(cfg, data=data)
     out = res.output_dir
-    losses = [l for _, l in res.history["loss"]]
+    losses = [loss for _, loss in res.history["loss"]]
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     assert [s for s, _ in res.history["valid"]] == [20, 40]
     assert res.curves_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -216,14 +216,15 @@ def test_train_learns_and_resumes_exactly(tmp_path):
     again = torch.load(out / "checkpoints" / "step-0000040" / "state.pt", weights_only=False)
     for k, v in final["model"].items():
         assert torch.equal(v, again["model"][k]), k
-    assert [l for _, l in res2.history["loss"]] == losses
+    assert [loss for _, loss in res2.history["loss"]] == losses
     for a, b in zip(final["optimizer"]["state"].values(), again["optimizer"]["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     # the log was cut back to the checkpoint's step on resume: every step once
     assert [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 41))
 
     # resuming with settings that shape the training changed is refused, naming them (no silent mix of two runs)
-    with pytest.raises(ValueError, match=r"other settings \(lr 0.003 then, 0.05 now; seed 0 then, 7 now\).*--no-resume"):
+    changed = r"other settings \(lr 0.003 then, 0.05 now; seed 0 then, 7 now\).*--no-resume"
+    with pytest.raises(ValueError, match=changed):
         train_sft(_cfg(tmp_path, max_steps=40, eval_every=20, save_every=20, keep_checkpoints=3, patience=5,
                        lr=5e-2, seed=7), data=data)
     with pytest.raises(ValueError, match=r"other settings \(examples .* now; tasks \['sid_seq', 'title2sid'\] then, "
@@ -318,7 +319,7 @@ def test_train_on_valid_keeps_the_early_stopping_subset_out(tmp_path):
 def test_train_with_lora_learns(tmp_path):
     data = _data()
     res = train_sft(_cfg(tmp_path, lora=True, lora_r=4, lr=3e-2, max_steps=20, eval_every=-1), data=data)
-    losses = [l for _, l in res.history["loss"]]
+    losses = [loss for _, loss in res.history["loss"]]
     assert len(losses) == 20 and np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
     assert not hasattr(res.model, "get_base_model")  # the saved model is the merged copy
 
@@ -375,7 +376,7 @@ def test_compiled_step_equals_eager_and_never_recompiles(tmp_path):
         for flag in (False, True):
             res = train_sft(_cfg(tmp_path, output_dir=str(tmp_path / f"c{flag}"), max_steps=3, eval_every=-1,
                                  compile=flag), data=data)
-            losses[flag] = [l for _, l in res.history["loss"]]
+            losses[flag] = [loss for _, loss in res.history["loss"]]
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert len(losses[True]) == 3 and np.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-5), losses
 
@@ -441,7 +442,8 @@ def test_packed_batch_under_flash_attention_keeps_examples_apart(monkeypatch):
         return {"causal": kw.get("is_causal", True)}
 
     monkeypatch.setattr(fau, "lazy_import_flash_attention",
-                        lambda *a, **k: ((flash_fn, flash_varlen_fn, None, None, None), (process_kwargs, process_kwargs)))
+                        lambda *a, **k: ((flash_fn, flash_varlen_fn, None, None, None),
+                                         (process_kwargs, process_kwargs)))
     data = _data()
     model, tok, _ = _tiny(data)
     model.eval()

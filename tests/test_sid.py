@@ -283,7 +283,8 @@ def test_cli_sids_from_an_interaction_log(tmp_path, tiny_encoder, capsys):
     got = load_minionerec(out)
     assert list(got.catalog.item_ids) == list(want.catalog.item_ids)
     assert list(got.catalog.titles) == list(want.catalog.titles)
-    assert "thing 7. genre 3" in got.catalog.texts[got.catalog.index("i7")] and "i7" not in got.catalog.texts[got.catalog.index("i7")]
+    text = got.catalog.texts[got.catalog.index("i7")]
+    assert "thing 7. genre 3" in text and "i7" not in text
     for split in ("train", "valid", "test"):
         assert [(s.user_id, s.history, s.target) for s in getattr(got, split)] == \
                [(s.user_id, s.history, s.target) for s in getattr(want, split)]
@@ -294,4 +295,5 @@ def test_cli_sids_from_an_interaction_log(tmp_path, tiny_encoder, capsys):
         cli_main(["sids", "--out", str(out)])
     assert entry(["sids", "--log", str(log), "--out", str(out), "--item-col", "nope"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("genrec-fast: error: ") and "log.csv:1: missing column(s) ['user_id', 'nope', 'timestamp']" in err
+    assert err.startswith("genrec-fast: error: ")
+    assert "log.csv:1: missing column(s) ['user_id', 'nope', 'timestamp']" in err

@@ -114,7 +114,8 @@ def test_cli_sids_text_plus_cf_from_a_log(tmp_path, tiny_encoder, capsys):
         for split in ("train", "valid", "test"):
             assert [(s.user_id, s.history, s.target) for s in getattr(got, split)] == \
                    [(s.user_id, s.history, s.target) for s in getattr(src, split)]
-        assert got.catalog.codebook_sizes[0] == 4 and len({tuple(c) for c in got.catalog.codes.tolist()}) == len(got.catalog)
+        assert got.catalog.codebook_sizes[0] == 4
+        assert len({tuple(c) for c in got.catalog.codes.tolist()}) == len(got.catalog)
         report = json.loads((dst / "sids_meta.json").read_text())["report"]
         assert report["cf_samples"] == len(samples)
     assert not np.array_equal(cf_embeddings(src.train, len(src.catalog), 8),

@@ -100,7 +100,8 @@ def test_cache_key_follows_the_encoder_files(tmp_path, tiny_encoder, monkeypatch
 
 def test_a_hub_name_that_is_not_on_disk_is_not_cached(monkeypatch):
     """A bare hub name says nothing of which revision made the vectors: no cache key, so no stale hit."""
-    assert embed._resolve_encoder("some-org/not-downloaded-encoder-xyz") == ("some-org/not-downloaded-encoder-xyz", None)
+    name = "some-org/not-downloaded-encoder-xyz"
+    assert embed._resolve_encoder(name) == (name, None)
 
 
 def test_bad_texts():

@@ -5,8 +5,16 @@ import pytest
 
 from genrec_fast.data.types import Sample
 from genrec_fast.eval.metrics import metrics_from_ranks
-from genrec_fast.eval.stats import (bootstrap_interval, compare_results, method_intervals, paired_interval,
-                                    paired_vs_best, per_sample, samples_fingerprint, unpaired_interval)
+from genrec_fast.eval.stats import (
+    bootstrap_interval,
+    compare_results,
+    method_intervals,
+    paired_interval,
+    paired_vs_best,
+    per_sample,
+    samples_fingerprint,
+    unpaired_interval,
+)
 
 
 def test_per_sample_matches_metrics_from_ranks():

@@ -2,17 +2,15 @@
 in one output directory, an unreadable checkpoint or model file, an old model beside a new run's config."""
 import json
 import logging
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from genrec_fast.data import save_minionerec
-from genrec_fast.train.sft import SFTConfig, train_sft
+from genrec_fast.train.sft import train_sft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_sft import SMALL, _cfg, _data, _tiny  # noqa: E402
@@ -158,10 +156,10 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path):
 
 
 def test_a_second_post_training_run_on_the_same_out_dir_is_refused(tmp_path):
-    from test_sdpo_grpo import COMMON, make_tiny_run
-
     from genrec_fast.train import GRPOConfig, SDPOConfig, train_grpo, train_sdpo
     from genrec_fast.train.runtime import OutputDirLocked
+
+    from test_sdpo_grpo import COMMON, make_tiny_run
 
     data_dir, model_dir = make_tiny_run(tmp_path)
     out = tmp_path / "post"
@@ -219,10 +217,10 @@ def test_a_truncated_model_file_is_an_error_naming_it(tmp_path):
 
 
 def test_a_truncated_sft_model_given_to_post_training_is_an_error_naming_it(tmp_path):
-    from test_sdpo_grpo import COMMON, make_tiny_run
-
     from genrec_fast.model import load_model_and_tokenizer
     from genrec_fast.train import GRPOConfig, SDPOConfig, train_grpo, train_sdpo
+
+    from test_sdpo_grpo import COMMON, make_tiny_run
 
     data_dir, model_dir = make_tiny_run(tmp_path)
     model, tok, _ = load_model_and_tokenizer(str(model_dir), (4, 4, 4))

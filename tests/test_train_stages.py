@@ -92,12 +92,12 @@ def test_the_curves_plot_draws_only_panels_that_have_data(tmp_path):
 
 
 def test_model_dirs_of_every_stage_carry_the_bundle(tmp_path):
-    from test_sdpo_grpo import COMMON, make_tiny_run
-
     from genrec_fast.bundle import BUNDLE_FILE, catalog_fingerprint
     from genrec_fast.data import load_minionerec
     from genrec_fast.train import SDPOConfig, train_sdpo
     from genrec_fast.train.sft import train_sft
+
+    from test_sdpo_grpo import COMMON, make_tiny_run
 
     data = _data()
     res = train_sft(_cfg(tmp_path, max_steps=1, eval_every=-1, lora=True, lora_r=4, prompt_style="compact"),
@@ -140,17 +140,18 @@ def test_the_stages_share_option_names_and_take_the_old_ones_as_other_names():
 
 
 def test_command_lines_take_both_names(tmp_path):
-    from genrec_fast.cli import _apply_config, build_parser
+    from genrec_fast.cli import build_parser
+    from genrec_fast.config_cli import apply_config
     from genrec_fast.train.grpo import GRPOConfig
     from genrec_fast.train.post_training import config_from_args
     from genrec_fast.train.sft import SFTConfig
 
     for argv in (["--out", "o", "--steps", "7"], ["--output-dir", "o", "--max-steps", "7"]):
-        args = _apply_config(build_parser("rl"), ["--model", "m", "--data", "d", "--no-bf16", *argv])
+        args = apply_config(build_parser("rl"), ["--model", "m", "--data", "d", "--no-bf16", *argv])
         cfg = config_from_args(GRPOConfig, args)
         assert (cfg.output_dir, cfg.max_steps, cfg.mixed_precision) == ("o", 7, "no")
     parser = build_parser("sft")
     for argv in (["--out", "o", "--steps", "7", "--lora"], ["--output-dir", "o", "--max-steps", "7", "--lora-r", "16"]):
-        args = vars(_apply_config(parser, argv))
+        args = vars(apply_config(parser, argv))
         cfg = SFTConfig(**{k: v for k, v in args.items() if k in {f.name for f in fields(SFTConfig)}})
         assert (cfg.output_dir, cfg.max_steps, cfg.lora_r) == ("o", 7, 16)

@@ -18,8 +18,17 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from genrec_fast.io import atomic_dir, unicode_error_message
 from genrec_fast.data.types import Catalog, RecData, Sample
+from genrec_fast.io import atomic_dir, unicode_error_message
+from genrec_fast.sid.embed import item_text
+from genrec_fast.sid.index_io import (
+    CODES_FILE,
+    INDEX_FILE,
+    META_FILE,
+    read_json_object,
+    saved_codebook_sizes,
+    write_index,
+)
 from genrec_fast.sid_tokens import parse_sid, sid_string
 
 SPLITS = ("train", "valid", "test")
@@ -52,28 +61,7 @@ def csv_rows(path: Path, reader):
         raise DataFormatError(unicode_error_message(path, e)) from None
 
 
-def item_text(entry: dict) -> str:
-    if entry.get("text"):
-        return str(entry["text"])
-    parts = [str(entry.get("title", "")).strip()]
-    for key in ("brand", "categories", "description"):
-        value = entry.get(key)
-        if isinstance(value, str) and value.strip().startswith("["):
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass
-        if isinstance(value, (list, tuple)):
-            value = " ".join(str(v) for v in value)
-        value = str(value or "").strip()
-        if value:
-            parts.append(value)
-    return ". ".join(p for p in parts if p)
-
-
 def _read_json(path: Path, what: str) -> dict:
-    from genrec_fast.sid.index_io import read_json_object
-
     try:
         return read_json_object(path, what)
     except ValueError as e:
@@ -157,8 +145,6 @@ def load_catalog(directory: Union[str, Path]) -> Catalog:
 def _saved_codebook_sizes(d: Path, ids: List[str]):
     """Codebook sizes from ``sids_meta.json`` (written by ``genrec-fast sids`` and :func:`save_minionerec`);
     None without it (the release ships none: sizes are then inferred from the codes)."""
-    from genrec_fast.sid.index_io import saved_codebook_sizes
-
     try:
         return saved_codebook_sizes(d, ids)
     except ValueError as e:
@@ -264,8 +250,6 @@ def _split_csv(samples: Sequence[Sample], catalog: Catalog) -> str:
 
 def dataset_files() -> tuple:
     """The names :func:`save_minionerec` writes into a dataset folder."""
-    from genrec_fast.sid.index_io import CODES_FILE, INDEX_FILE, META_FILE
-
     return (*(f"{split}.csv" for split in SPLITS), INDEX_FILE, CODES_FILE, META_FILE, "item.json", "info.txt")
 
 
@@ -292,8 +276,6 @@ def save_minionerec(data: RecData, directory: Union[str, Path], sid_report: Opti
     the codebook sizes, so a reload gives the same SID vocabulary (unused codes and non-power-of-2
     sizes included); ``sid_report`` goes into the latter.
     """
-    from genrec_fast.sid.index_io import write_index
-
     cat = data.catalog
     if cat.codes is None:
         raise ValueError("save_minionerec needs a catalogue with SIDs (catalog.codes is None)")

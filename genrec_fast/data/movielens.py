@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from genrec_fast.data.interactions import load_interactions
-from genrec_fast.io import _umask_mode, atomic_write_text
 from genrec_fast.data.minionerec import DataFormatError
 from genrec_fast.data.types import RecData
+from genrec_fast.io import _umask_mode, atomic_write_text
 
 ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 ML1M_SHA256 = "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"

@@ -97,4 +97,5 @@ class RecData:
             for row, s in enumerate(getattr(self, split)):
                 bad = [i for i in (*s.history, s.target) if not 0 <= i < n]
                 if bad:
-                    raise ValueError(f"{split} sample {row} (user {s.user_id}) has item indices {bad} outside 0..{n - 1}")
+                    raise ValueError(f"{split} sample {row} (user {s.user_id}) has item indices {bad} "
+                                     f"outside 0..{n - 1}")

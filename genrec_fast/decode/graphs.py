@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec_fast.decode import kv
+from genrec_fast.model import lm_modules
 from genrec_fast.ops.backend import resolve_backend
 
 GRAPH_SETS = 4  # graph sets (shapes) kept per model
@@ -62,8 +63,6 @@ def clear_graphs(model=None) -> None:
     else:
         keys = [model]
         if model not in _sets:
-            from genrec_fast.model import lm_modules
-
             try:
                 keys.append(lm_modules(model)[0])
             except (ValueError, AttributeError):  # not a causal LM: only ``model`` itself can be a key
@@ -120,7 +119,7 @@ def adapter_state(module) -> tuple:
     layer the active adapters, whether adapters are disabled, and the LoRA scales (captured graphs bake
     the scale in as a constant). Empty without peft."""
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft is optional (the 'lora' extra)
     except ImportError:  # no peft: no adapters
         return ()
     return tuple((tuple(m.active_adapters), bool(m.disable_adapters), tuple(sorted(getattr(m, "scaling", {}).items())))
@@ -183,8 +182,9 @@ class GraphForward:
         self.identity = torch.arange(R, device=device)
         self.step_pos = [None] + [torch.zeros((R, 1), dtype=torch.long, device=device) for _ in range(1, L)]
         # (shared prefix: no per-beam masks; the attention reads the [P, T] prompt mask of the layers)
-        self.step_mask4 = [None] + [None if shared_prefix else torch.zeros((R, 1, 1, T + l), dtype=dtype, device=device)
-                                    for l in range(1, L)]
+        self.step_mask4 = [None] + [None if shared_prefix
+                                    else torch.zeros((R, 1, 1, T + lvl), dtype=dtype, device=device)
+                                    for lvl in range(1, L)]
         self.shared_prefix = bool(shared_prefix)
         self.pre_layers = [kv.KVBuffer(T) for _ in range(base.config.num_hidden_layers)]
         if self.shared_prefix:  # the prompts' K/V stay in the prefill's buffers; the beam rows hold their tails
@@ -197,8 +197,8 @@ class GraphForward:
         pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.prefill_graph = _Graph("prefill", self._prefill, mode, pool, warmup=lambda: None)
         # warm-up with the identity parent index: the tail reorder is not idempotent
-        self.step_graphs = [None] + [_Graph(f"level-{l} step", self._stepper(l), mode, pool,
-                                            warmup=lambda: self.index.copy_(self.identity)) for l in range(1, L)]
+        self.step_graphs = [None] + [_Graph(f"level-{lvl} step", self._stepper(lvl), mode, pool,
+                                            warmup=lambda: self.index.copy_(self.identity)) for lvl in range(1, L)]
 
     def close(self) -> None:
         """Free the graphs and buffers now (the captured functions refer back to this object, so without

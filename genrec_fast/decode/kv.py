@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import torch
 
+from genrec_fast.ops.cascade import cascade_attention
+
 try:  # transformers >= 4.54: per-layer cache objects
     from transformers.cache_utils import DynamicCache, DynamicLayer
 except ImportError:  # pragma: no cover - older transformers: beam search uses cache.reorder_cache
@@ -372,8 +374,6 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     per prompt, in the layer) and its own tail (``key``/``value``: what ``SharedPrefixLayer.update`` just
     returned), by ``genrec_fast.ops.cascade.cascade_attention``. ``attention_mask`` is a placeholder: the
     prompt mask is the layer's, the tail is attended entirely."""
-    from genrec_fast.ops.cascade import cascade_attention
-
     idx = getattr(module, "layer_idx", None)
     where = f"shared_prefix_attention ({type(module).__name__}, layer {idx})"
     if not _active_shared or idx is None or not 0 <= idx < len(_active_shared[-1]):

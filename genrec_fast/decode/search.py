@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from genrec_fast.decode import graphs, kv
-from genrec_fast.decode.vocab import SIDVocab
 from genrec_fast.model import eval_mode, lm_modules
 from genrec_fast.ops.backend import resolve_backend
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
+from genrec_fast.sid_tokens import SIDVocab
 
 SCORES = ("full_vocab", "sid")
 LSE_CHUNK_ELEMS = 1 << 26  # rows x vocab columns per logits chunk of the log-sum-exp
@@ -47,8 +47,8 @@ class BeamSearchResult:
 
     codes [batch, B, L] long (-1 rows for padding), scores [batch, B] float32 (sum of the
     per-level log-probs; -inf for padding), leaf_ids [batch, B] long (trie leaf, -1 for
-    padding), all on the model's device (``input_ids`` are moved there). ``item_ids[p][b]`` is the np.ndarray of item ids
-    whose SID is beam b's (empty for padding), computed on first access.
+    padding), all on the model's device (``input_ids`` are moved there). ``item_ids[p][b]`` is the np.ndarray
+    of item ids whose SID is beam b's (empty for padding), computed on first access.
     """
 
     def __init__(self, codes: torch.Tensor, scores: torch.Tensor, leaf_ids: torch.Tensor, trie):
@@ -64,7 +64,8 @@ class BeamSearchResult:
         return [[self._trie.leaf_items(leaf) if leaf >= 0 else empty for leaf in row] for row in leaves]
 
     def __repr__(self) -> str:
-        return f"BeamSearchResult(batch={self.codes.shape[0]}, beams={self.codes.shape[1]}, levels={self.codes.shape[2]})"
+        batch, beams, levels = self.codes.shape
+        return f"BeamSearchResult(batch={batch}, beams={beams}, levels={levels})"
 
 
 def trie_device_arrays(trie, device: torch.device):
@@ -159,13 +160,16 @@ def _read_affine_head(head: torch.nn.Module, hidden: int):
 
 def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, vocab_rows):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
-        raise ValueError(f"beam_search: input_ids must be a [batch, T] tensor with batch, T >= 1, got {getattr(input_ids, 'shape', type(input_ids))}")
+        raise ValueError("beam_search: input_ids must be a [batch, T] tensor with batch, T >= 1, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids))}")
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"beam_search: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(f"beam_search: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
     not_left = torch.nonzero(attention_mask[:, -1] == 0).flatten()
     if not_left.numel():
         raise ValueError(
-            f"beam_search: prompts must be LEFT padded (last position attended); row(s) {not_left[:5].tolist()} end in padding"
+            f"beam_search: prompts must be LEFT padded (last position attended); row(s) {not_left[:5].tolist()} "
+            "end in padding"
         )
     if score not in SCORES:
         raise ValueError(f"beam_search: score must be one of {SCORES}, got {score!r}")
@@ -173,7 +177,8 @@ def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, 
         raise ValueError(f"beam_search: num_beams must be >= 1, got {num_beams}")
     if tuple(sid_vocab.codebook_sizes) != tuple(trie.codebook_sizes):
         raise ValueError(
-            f"beam_search: sid_vocab codebook sizes {sid_vocab.codebook_sizes} differ from the trie's {trie.codebook_sizes}"
+            f"beam_search: sid_vocab codebook sizes {sid_vocab.codebook_sizes} differ from the trie's "
+            f"{trie.codebook_sizes}"
         )
     if sid_vocab.end > vocab_rows:
         raise ValueError(f"beam_search: SID token ids reach {sid_vocab.end - 1} but the LM head has {vocab_rows} rows")

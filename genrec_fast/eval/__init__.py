@@ -1,9 +1,24 @@
 """Full-catalogue evaluation: ranking metrics, baselines (popularity, transition, SASRec), the model by beam
 search, and bootstrap intervals."""
-from genrec_fast.eval.baselines import (baseline_metrics, baseline_ranks, fit_samples, popularity_baseline,
-                                        popularity_ranking, transition_baseline, transition_rankings)
-from genrec_fast.eval.evaluate import (BeamRanker, catalog_trie, evaluate, evaluate_split, predict, results_table,
-                                       shard_range, write_json_atomic)
+from genrec_fast.eval.baselines import (
+    baseline_metrics,
+    baseline_ranks,
+    fit_samples,
+    popularity_baseline,
+    popularity_ranking,
+    transition_baseline,
+    transition_rankings,
+)
+from genrec_fast.eval.evaluate import (
+    BeamRanker,
+    catalog_trie,
+    evaluate,
+    evaluate_split,
+    predict,
+    results_table,
+    shard_range,
+    write_json_atomic,
+)
 from genrec_fast.eval.metrics import DEFAULT_KS, format_table, metrics_from_ranks, ranking_metrics
 from genrec_fast.eval.sasrec import SASRecConfig, fit_sasrec
 from genrec_fast.eval.stats import bootstrap_interval, compare_results, paired_interval

@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 
 from genrec_fast.eval.metrics import DEFAULT_KS, check_ks, metrics_from_ranks
+from genrec_fast.eval.sasrec import sasrec_ranks
 
 SPLITS = ("train", "valid", "test")
 
@@ -146,8 +147,6 @@ def baseline_ranks(data, split: str, samples: Sequence = None, ks: Iterable[int]
              "transition": transition_ranks(fit, samples, n, max(ks))}
     info: Dict[str, dict] = {}
     if sasrec is not False and sasrec is not None:
-        from genrec_fast.eval.sasrec import sasrec_ranks
-
         ranks["sasrec"], fit_info = sasrec_ranks(data, split, samples, max(ks), None if sasrec is True else sasrec)
         info["sasrec"] = {k: v for k, v in fit_info.items() if not k.endswith("_curve")}
     return ranks, info

@@ -1,7 +1,7 @@
 """Full-catalogue evaluation of a generative recommender by constrained beam search.
 
-Each sample's prompt (``genrec_fast.prompts.rec_prompt``, in the model's own prompt style) is decoded into ``num_beams`` SIDs,
-best first. The ranked item list walks the beams in order; a beam whose SID several items share
+Each sample's prompt (``genrec_fast.prompts.rec_prompt``, in the model's own prompt style) is decoded into
+``num_beams`` SIDs, best first. The ranked item list walks the beams in order; a beam whose SID several items share
 contributes all of them in ascending item index; repeats are dropped. A hit counts on the target
 ITEM, not on a shared SID string. The invalid rate is the share of returned beams whose SID is not
 an item of the trie, checked from the generated codes (0 when the search is constrained).
@@ -13,26 +13,29 @@ same metrics; only the main process should write files (``is_main_process``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
-from genrec_fast.io import atomic_write_text
-from genrec_fast.model import eval_mode, max_positions
-from genrec_fast.eval.baselines import baseline_ranks, metrics_of
-from genrec_fast.eval.metrics import (DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics,
-                                      target_ranks)
+from genrec_fast.decode import beam_search
 from genrec_fast.eval import stats
-
+from genrec_fast.eval.baselines import baseline_ranks, metrics_of
+from genrec_fast.eval.metrics import DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics, target_ranks
+from genrec_fast.io import atomic_write_text
+from genrec_fast.model import encode_prompts, eval_mode, max_positions
+from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
+from genrec_fast.trie import SIDTrie
 
 # ---- trie over a catalogue -------------------------------------------------------------------
 
 def catalog_trie(catalog):
     """The SIDTrie of a catalogue's codes; item ids are catalogue indices; shared SIDs are kept."""
-    from genrec_fast.trie import SIDTrie
-
     if catalog.codes is None:
         raise ValueError("the catalogue has no Semantic IDs (catalog.codes is None); build them first")
     return SIDTrie(catalog.codes, codebook_sizes=catalog.codebook_sizes, allow_duplicates=True)
@@ -115,10 +118,6 @@ def shard_range(n: int, num_processes: int, process_index: int) -> range:
 
 def dist_state():
     """accelerate's process state (set up once per process; gloo on CPU-only machines)."""
-    import os
-
-    from accelerate import PartialState
-
     # on a machine without CUDA, `accelerate launch` needs cpu=True to set up the gloo process group
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=cpu)
@@ -126,8 +125,6 @@ def dist_state():
 
 def _shard_info():
     """(num_processes, process_index, gather_object or None) of this run."""
-    from accelerate.utils import gather_object
-
     state = dist_state()
     return state.num_processes, state.process_index, (gather_object if state.num_processes > 1 else None)
 
@@ -178,10 +175,6 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
     batched by length, in the style ``prompt_style`` (None: the model's, :func:`model_prompt_style`).
     A prompt that does not fit the model's positions is an error (:func:`check_prompt_lengths`).
     """
-    from genrec_fast.decode import beam_search
-    from genrec_fast.model import encode_prompts
-    from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
-
     if num_beams < 1 or batch_size < 1 or top_n < 1:
         raise ValueError(f"num_beams, batch_size and top_n must be >= 1 (got {num_beams}, {batch_size}, {top_n})")
     idx = list(range(len(samples))) if indices is None else [int(i) for i in indices]
@@ -197,8 +190,6 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
     records = []
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="eval", unit="batch")
     with eval_mode(model):
         for batch in batches:
@@ -286,7 +277,8 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
     if split not in ("valid", "test"):
-        raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), got {split!r}")
+        raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), "
+                         f"got {split!r}")
     ks = ks_for_beams(ks, num_beams, "evaluate_split")
     samples = list(getattr(data, split))
     if max_samples is not None and max_samples < len(samples):

@@ -12,7 +12,7 @@ BACKENDS = ("auto", "triton", "torch")
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # lazy: optional (Linux only) and slow to import; see genrec_fast.kernels
     except Exception:  # noqa: BLE001 - any import failure means "no triton"
         return False
     return True

@@ -37,7 +37,8 @@ MAX_TOPK_CANDIDATES = 65536  # NB x K per prompt that the Triton top-k kernel ho
 
 def _check_log_softmax_inputs(logits, allowed, parent_scores, lse) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"trie_log_softmax: logits must be a 2-D tensor [R, K], got {getattr(logits, 'shape', type(logits))}")
+        raise ValueError("trie_log_softmax: logits must be a 2-D tensor [R, K], got "
+                         f"{getattr(logits, 'shape', type(logits))}")
     if not logits.is_floating_point():
         raise ValueError(f"trie_log_softmax: logits must be floating point, got {logits.dtype}")
     shape = tuple(logits.shape)
@@ -47,7 +48,8 @@ def _check_log_softmax_inputs(logits, allowed, parent_scores, lse) -> None:
             f"{getattr(allowed, 'dtype', type(allowed))} {tuple(getattr(allowed, 'shape', ()))}"
         )
     if not isinstance(parent_scores, torch.Tensor) or tuple(parent_scores.shape) != (shape[0],):
-        raise ValueError(f"trie_log_softmax: parent_scores must have shape ({shape[0]},), got {tuple(getattr(parent_scores, 'shape', ()))}")
+        raise ValueError(f"trie_log_softmax: parent_scores must have shape ({shape[0]},), got "
+                         f"{tuple(getattr(parent_scores, 'shape', ()))}")
     if lse is not None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (shape[0],)):
         raise ValueError(f"trie_log_softmax: lse must have shape ({shape[0]},), got {tuple(getattr(lse, 'shape', ()))}")
     for name, t in (("allowed", allowed), ("parent_scores", parent_scores), ("lse", lse)):
@@ -74,14 +76,16 @@ def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores:
     _check_log_softmax_inputs(logits, allowed, parent_scores, lse)
     if resolve_backend(backend, logits.device) == "torch":
         return trie_log_softmax_ref(logits, allowed, parent_scores, lse)
-    from genrec_fast.kernels import beam as beam_kernels  # lazy: imports triton
+    # lazy: triton (slow to import; on CPU TRITON_INTERPRET=1 must be set first)
+    from genrec_fast.kernels import beam as beam_kernels
 
     return beam_kernels.trie_log_softmax(logits, allowed, parent_scores, lse)
 
 
 def _check_topk_inputs(scores, child, k) -> None:
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
-        raise ValueError(f"grouped_topk: scores must be a 3-D tensor [P, NB, K], got {getattr(scores, 'shape', type(scores))}")
+        raise ValueError("grouped_topk: scores must be a 3-D tensor [P, NB, K], got "
+                         f"{getattr(scores, 'shape', type(scores))}")
     if scores.dtype != torch.float32:
         raise ValueError(f"grouped_topk: scores must be float32, got {scores.dtype}")
     if not isinstance(child, torch.Tensor) or child.shape != scores.shape or child.dtype not in _SIGNED_INT:
@@ -136,8 +140,15 @@ def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int, backend: str
     """Per-prompt top-k over NB x K beam candidates (see module doc)."""
     _check_topk_inputs(scores, child, k)
     chosen = resolve_backend(backend, scores.device)
-    if chosen == "torch" or (backend == "auto" and scores.shape[1] * scores.shape[2] > MAX_TOPK_CANDIDATES):
+    _, NB, K = scores.shape
+    if chosen == "torch" or (backend == "auto" and NB * K > MAX_TOPK_CANDIDATES):
         return grouped_topk_ref(scores, child, int(k))
-    from genrec_fast.kernels import beam as beam_kernels  # lazy: imports triton
+    if NB * K > MAX_TOPK_CANDIDATES:
+        raise ValueError(
+            f"grouped_topk (triton): {NB} beams x {K} codes = {NB * K} candidates per prompt exceeds the "
+            f"kernel's {MAX_TOPK_CANDIDATES}; use backend='torch' for such shapes"
+        )
+    # lazy: triton (slow to import; on CPU TRITON_INTERPRET=1 must be set first)
+    from genrec_fast.kernels import beam as beam_kernels
 
     return beam_kernels.grouped_topk(scores, child, int(k))

@@ -116,6 +116,7 @@ def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.T
     _check_inputs(q, prefix_k, prefix_v, prefix_mask, tail_k, tail_v, scale)
     if resolve_backend(backend, q.device) == "torch":
         return cascade_attention_ref(q, prefix_k, prefix_v, prefix_mask, tail_k, tail_v, scale)
-    from genrec_fast.kernels import cascade as cascade_kernels  # lazy: imports triton
+    # lazy: triton (slow to import; on CPU TRITON_INTERPRET=1 must be set first)
+    from genrec_fast.kernels import cascade as cascade_kernels
 
     return cascade_kernels.cascade_attention(q, prefix_k, prefix_v, prefix_mask, tail_k, tail_v, scale)

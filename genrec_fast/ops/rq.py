@@ -33,11 +33,13 @@ def _check_inputs(x: torch.Tensor, codebooks: torch.Tensor) -> None:
         raise ValueError(f"residual_quantize: x must be a 2-D tensor [N, D], got {getattr(x, 'shape', type(x))}")
     if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 3:
         raise ValueError(
-            f"residual_quantize: codebooks must be a 3-D tensor [L, K, D], got {getattr(codebooks, 'shape', type(codebooks))}"
+            "residual_quantize: codebooks must be a 3-D tensor [L, K, D], got "
+            f"{getattr(codebooks, 'shape', type(codebooks))}"
         )
     if codebooks.shape[2] != x.shape[1]:
         raise ValueError(
-            f"residual_quantize: x has D={x.shape[1]} but codebooks have D={codebooks.shape[2]} (shape {tuple(codebooks.shape)})"
+            f"residual_quantize: x has D={x.shape[1]} but codebooks have D={codebooks.shape[2]} "
+            f"(shape {tuple(codebooks.shape)})"
         )
     if codebooks.shape[0] < 1 or codebooks.shape[1] < 1:
         raise ValueError(f"residual_quantize: codebooks need L >= 1 and K >= 1, got shape {tuple(codebooks.shape)}")
@@ -87,9 +89,10 @@ def _ref_forward(x: torch.Tensor, codebooks: torch.Tensor):
 
 
 def _triton_forward(x: torch.Tensor, codebooks: torch.Tensor):
-    from genrec_fast.kernels import rq as rq_kernels  # lazy: imports triton
+    # lazy: triton (slow to import; on CPU TRITON_INTERPRET=1 must be set first)
+    from genrec_fast.kernels import rq as rq_kernels
 
-    return rq_kernels.rq_forward(x, codebooks)
+    return rq_kernels.rq_forward(x, codebooks, codeword_norms(codebooks))
 
 
 class _ResidualQuantize(torch.autograd.Function):

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from genrec_fast.sid.cf import cf_embeddings, mix_embeddings
 from genrec_fast.sid.collisions import make_unique
 from genrec_fast.sid.embed import embed_items
 from genrec_fast.sid.kmeans import ResidualKMeans
@@ -83,7 +84,8 @@ def build_sids(
     max_levels = len(LEVEL_PREFIXES) - 1  # one more may be appended to separate colliding items
     if not 1 <= int(levels) <= max_levels:
         raise ValueError(f"build_sids: levels (--levels) must be in 1..{max_levels}, got {levels}: SID tokens are "
-                         f"spelled <{LEVEL_PREFIXES[0]}_..> to <{LEVEL_PREFIXES[-1]}_..> and a dedup level may be added")
+                         f"spelled <{LEVEL_PREFIXES[0]}_..> to <{LEVEL_PREFIXES[-1]}_..> and a dedup level may be "
+                         "added")
     if method == "rqvae" and int(rqvae_epochs) < 1:
         raise ValueError(f"build_sids: rqvae_epochs (--epochs) must be >= 1, got {rqvae_epochs}")
     t0 = time.perf_counter()
@@ -95,8 +97,6 @@ def build_sids(
         embed_s = time.perf_counter() - t0
     extra_report = {"embedding": embedding}
     if embedding == "text+cf":
-        from genrec_fast.sid.cf import cf_embeddings, mix_embeddings
-
         cf = cf_embeddings(interactions, int(emb.shape[0]), dim=cf_dim, decay=cf_decay)
         emb = torch.from_numpy(mix_embeddings(emb.numpy(), cf, cf_weight))
         extra_report.update(cf_weight=float(cf_weight), cf_dim=int(cf_dim), cf_decay=float(cf_decay),

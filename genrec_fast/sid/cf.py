@@ -73,4 +73,5 @@ def mix_embeddings(text: np.ndarray, cf: np.ndarray, cf_weight: float = 0.5) -> 
         n = np.linalg.norm(x, axis=1, keepdims=True)
         return np.where(n > 0, x / np.maximum(n, 1e-12), 0.0)
 
-    return np.concatenate([np.sqrt(1.0 - cf_weight) * unit(text), np.sqrt(cf_weight) * unit(cf)], axis=1).astype(np.float32)
+    mixed = np.concatenate([np.sqrt(1.0 - cf_weight) * unit(text), np.sqrt(cf_weight) * unit(cf)], axis=1)
+    return mixed.astype(np.float32)

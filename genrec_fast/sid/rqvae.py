@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from genrec_fast.ops.rq import residual_quantize
 from genrec_fast.sid.kmeans import ResidualKMeans
@@ -129,8 +130,6 @@ def train_rqvae(
     progress: bool = True,
 ) -> Tuple[RQVAE, dict]:
     """Train an RQ-VAE on item embeddings ``x`` [N, H]; returns (best model, training report)."""
-    from tqdm.auto import tqdm
-
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"train_rqvae: x must be a non-empty [N, H] tensor, got shape {tuple(x.shape)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -21,12 +21,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 import torch
 
+from genrec_fast.sid import embed_items
 from genrec_fast.train.logprobs import sequence_logprobs, token_logprobs
 from genrec_fast.train.losses import GRPO_LOSS_LEVELS, grpo_loss
-from genrec_fast.train.post_training import (PostTrainConfig, PostTrainer, Session, add_config_arguments,
-                                             run_cli)
-from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lock
+from genrec_fast.train.post_training import PostTrainConfig, PostTrainer, Session, add_config_arguments, run_cli
 from genrec_fast.train.rewards import group_advantages, group_rewards, hit_rank, make_reward, no_signal_share
+from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lock
 
 
 @dataclass
@@ -115,8 +115,6 @@ def _item_embeddings(session: Session) -> np.ndarray:
         if emb.ndim != 2 or emb.shape[0] != n:
             raise ValueError(f"{path}: item embeddings must be [{n}, D] (one row per catalogue item), got {emb.shape}")
         return emb
-    from genrec_fast.sid import embed_items
-
     return np.asarray(embed_items(session.data.catalog.texts))
 
 

@@ -23,12 +23,32 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-from genrec_fast.model import eval_mode
+from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
+from genrec_fast.data import load_minionerec
+from genrec_fast.decode import beam_search
+from genrec_fast.eval import catalog_trie, compare_results, evaluate_split
+from genrec_fast.io import atomic_write_text
+from genrec_fast.model import encode_prompts, eval_mode
+from genrec_fast.prompts import model_prompt_style, rec_prompt
 from genrec_fast.train.logprobs import ReferenceModel
-from genrec_fast.train.runtime import (StageConfig, StageTrainer, check_finite, cli_logging, help_text,
-                                       is_main_process, load_model_dir, logger, opt, rng_state, run_lock,
-                                       save_model_dir, set_rng_state)
+from genrec_fast.train.runtime import (
+    StageConfig,
+    StageTrainer,
+    check_finite,
+    cli_logging,
+    is_main_process,
+    load_model_dir,
+    logger,
+    opt,
+    rng_state,
+    run_lock,
+    save_model_dir,
+    set_rng_state,
+    tracker_kwargs,
+)
 
 __all__ = ["PostTrainConfig", "Session", "add_config_arguments", "check_finite", "config_from_args", "post_train",
            "run_cli"]
@@ -37,7 +57,7 @@ __all__ = ["PostTrainConfig", "Session", "add_config_arguments", "check_finite",
 POST_OUTPUTS = ("metrics.json", "model")
 # config fields a resumed run may change: where and how it runs, not what it trains on or how
 _RESUMABLE_CHANGES = ("data", "output_dir", "out", "progress", "eval_batch_size", "save", "cuda_graphs",
-                      "save_every", "keep_checkpoints", "resume")
+                      "save_every", "keep_checkpoints", "resume", "report_to")
 
 
 @dataclass
@@ -116,17 +136,11 @@ class Session:
     """Everything a step needs: accelerator, policy (prepared), reference, data, trie, vocab."""
 
     def __init__(self, cfg: PostTrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        from genrec_fast.data import load_minionerec
-        from genrec_fast.eval import catalog_trie
-
         self.cfg = cfg
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=mp)
+        self.accelerator = Accelerator(mixed_precision=mp, **tracker_kwargs(cfg.report_to, cfg.output_dir))
         set_seed(cfg.seed)
         self.data = load_minionerec(cfg.data)
         catalog = self.data.catalog
@@ -184,9 +198,6 @@ class Session:
 
     def prompts(self, samples: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask of ``samples`` (on the device)."""
-        from genrec_fast.model import encode_prompts
-        from genrec_fast.prompts import model_prompt_style, rec_prompt
-
         style = model_prompt_style(self.unwrapped)
         texts = [rec_prompt(s.history, self.data.catalog, style) for s in samples]
         ids, mask = encode_prompts(self.tokenizer, texts, max_length=self.cfg.max_prompt_length)
@@ -214,7 +225,7 @@ class Session:
         model = self.unwrapped
         gather = contextlib.nullcontext()
         if self._zero3:
-            import deepspeed
+            import deepspeed  # lazy: optional (the 'deepspeed' extra), only under ZeRO-3
 
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
         with eval_mode(model), gather, torch.no_grad(), self.accelerator.autocast():
@@ -222,8 +233,6 @@ class Session:
 
     def beam_search(self, ids: torch.Tensor, mask: torch.Tensor, num_beams: int):
         """Constrained beam search of the current policy; refuses groups with padding beams."""
-        from genrec_fast.decode import beam_search
-
         with self.rollout_model() as model:
             res = beam_search(model, ids, mask, self.trie, self.sid_vocab, num_beams, score="full_vocab",
                               cuda_graphs=self.cfg.cuda_graphs)
@@ -263,8 +272,6 @@ class Session:
         """The policy's metrics per eval split. From the second call on, each split's entry also holds
         "vs_start": paired bootstrap intervals of (this policy - the policy of the first call) on the same
         samples (``genrec_fast.eval.compare_results``)."""
-        from genrec_fast.eval import compare_results, evaluate_split
-
         out = {}
         first = self.__dict__.setdefault("_first_eval", {})
         for split in self.cfg.eval_splits:
@@ -276,9 +283,11 @@ class Session:
                     max_prompt_length=self.cfg.max_prompt_length, print_table=False,
                     cuda_graphs=self.cfg.cuda_graphs, sasrec=False,  # only the policy's metrics are kept
                 )
-            out[split] = res["model"]
+            ps = res["per_sample"]  # the policy's rank of every sample's target, for pairing across runs
+            out[split] = {**res["model"], "per_sample": {"user_id": ps["user_id"], "samples_sha1": ps["samples_sha1"],
+                                                          "ranks": {"model": ps["ranks"]["model"]}}}
             if split in first:
-                out[split] = {**res["model"], "vs_start": compare_results(res, first[split], seed=self.cfg.seed)}
+                out[split]["vs_start"] = compare_results(res, first[split], seed=self.cfg.seed)
             else:
                 first[split] = res
         return out
@@ -295,8 +304,6 @@ class Session:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from genrec_fast.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -341,7 +348,10 @@ class PostTrainer(StageTrainer):
         if "before" in run:
             result["before"] = run["before"]
         t_train = time.perf_counter() - run["train_seconds"]
-        self._train(run, t_train)
+        try:
+            self._train(run, t_train)
+        finally:
+            self.finish_trackers()
         result["train_seconds"] = round(time.perf_counter() - t_train, 2)
         result["log"] = run["log"]
         result["after"] = session.evaluate()
@@ -432,39 +442,11 @@ def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
 # ---- command line --------------------------------------------------------------------------------
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--option`` per field of a config dataclass (types and defaults from the dataclass, help texts
-    from the fields' ``metadata["help"]``); model, data and out first."""
-    first = ("model", "data", "output_dir", "out")
-    ordered = sorted(dataclasses.fields(config_cls), key=lambda f: first.index(f.name) if f.name in first else 4)
-    for f in ordered:
-        name, flag, default = f.name, "--" + f.name.replace("_", "-"), f.default
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if name in first:  # model and data are required, and output_dir or its other name out
-            parser.add_argument(flag, dest=name, required=name in first[:2], default=default,
-                                help=help_text(f, False))
-        elif "bool" in kind:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text(f, False))
-        elif "Tuple" in kind:
-            parser.add_argument(flag, dest=name, nargs="+", default=list(default), help=help_text(f))
-        else:
-            conv = float if "float" in kind else int if "int" in kind else str
-            parser.add_argument(flag, dest=name, type=_optional(conv), default=default, help=help_text(f))
-
-
-def _optional(conv):
-    def parse(text):
-        if isinstance(text, str) and text.lower() in ("none", "null"):
-            return None
-        return conv(text)
-
-    parse.__name__ = conv.__name__
-    return parse
-
-
-def config_from_args(config_cls, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+    """One ``--option`` per field of a post-training config dataclass (``genrec_fast.config_cli``: types and
+    defaults from the dataclass, help texts from the fields' ``metadata["help"]``); model, data and out first,
+    model and data required (output_dir is checked by the config: it may come as --out)."""
+    add_dataclass_arguments(parser, config_cls, first=("model", "data", "output_dir", "out"),
+                            required=("model", "data"))
 
 
 def run_cli(config_cls, train_fn, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import errno
 import fcntl
+import importlib.util
 import json
 import logging
 import math
@@ -125,7 +126,7 @@ def run_lock(out: Union[str, Path], enabled: bool = True) -> Iterator[None]:
 def start_fresh(out: Path, outputs: Sequence[str]) -> None:
     """Remove ``outputs`` (names in ``out``, files or folders, the first one the run's result marker) and
     the checkpoints and metrics log of an earlier run: the start of a run that resumes nothing."""
-    for name in (*outputs, "checkpoints", "train_log.jsonl"):
+    for name in (*outputs, "checkpoints", "train_log.jsonl", TRACKER_DIR):
         path = out / name
         recover_dir(path)  # a swap's leftovers go too (a half-swapped model folder is put back, then removed)
         if path.is_dir() and not path.is_symlink():
@@ -236,6 +237,31 @@ def cut_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+# ---- experiment trackers (the metrics log's records, also sent through accelerate's trackers) ---------
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+TRACKER_DIR = "tensorboard"  # OUT/tensorboard: the TensorBoard event files of --report-to tensorboard
+
+
+def check_report_to(owner: str, report_to: str) -> None:
+    """``report_to`` is one of :data:`REPORT_TO` and the package it needs is installed."""
+    if report_to not in REPORT_TO:
+        raise ValueError(f"{owner}: report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ValueError(f"{owner}: report_to={report_to!r} needs the {report_to} package, which is not installed "
+                         f"(pip install {report_to}; or --report-to none)")
+
+
+def tracker_kwargs(report_to: str, out: Union[str, Path]) -> Dict[str, Any]:
+    """The ``Accelerator(...)`` keywords of ``report_to`` (none: no tracker)."""
+    return {} if report_to == "none" else {"log_with": report_to, "project_dir": str(out)}
+
+
+def _hparams(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A config as trackers take it: scalars kept, anything else as JSON text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
+
+
 # ---- model directories ---------------------------------------------------------------------------
 
 def load_model_dir(name: str, *args, **kwargs):
@@ -271,19 +297,14 @@ def save_model_dir(model, tokenizer, target: Path, catalog, state_dict: Optional
 
 # ---- what every stage shares ---------------------------------------------------------------------
 
-def opt(default=None, help: str = "", factory=None):
-    """A config field with its help text in ``metadata["help"]`` (the command lines' ``--help``);
-    ``factory``: a default_factory instead of ``default``."""
+def opt(default=None, help: str = "", factory=None, **metadata):
+    """A config field with its help text in ``metadata["help"]`` (the command lines' ``--help``) and any other
+    ``metadata`` key ``genrec_fast.config_cli`` reads (``choices``, ``type``); ``factory``: a default_factory
+    instead of ``default``."""
+    meta = {"help": help, **metadata}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def help_text(f, show_default: bool = True) -> str:
-    """A config field's ``metadata["help"]`` for argparse (``%`` escaped), with its default shown; a
-    ``BooleanOptionalAction`` flag shows its default by itself (``show_default=False``)."""
-    text = f.metadata.get("help", "").replace("%", "%%")
-    return f"{text} (default: %(default)s)" if show_default and "(default:" not in text else text
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
@@ -319,10 +340,13 @@ class StageConfig:
     resume: bool = opt(True, "continue from the newest readable checkpoint in the output directory; "
                               "--no-resume: a fresh start (an earlier run's outputs there are removed)")
     progress: bool = opt(True, "tqdm progress bar")
+    report_to: str = opt("none", "experiment tracker the train_log.jsonl records also go to: 'none', "
+                                 f"'tensorboard' (event files in OUT/{TRACKER_DIR}) or 'wandb'", choices=REPORT_TO)
 
     def __post_init__(self):
         name = type(self).__name__
         self._fold_aliases()
+        check_report_to(name, self.report_to)
         check_lr(name, self.lr)
         for key in ("log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
@@ -384,6 +408,7 @@ class StageTrainer:
         """The checkpoint blob to continue from (this process's RNG states already restored) or None (the
         output directory cleared of an earlier run's outputs)."""
         blob = resume_or_start(self.acc, self.stage, self.out, self.cfg.resume, run_key, self.outputs)
+        self._start_trackers(0 if blob is None else blob["trainer"]["step"])
         if blob is not None:
             rng = blob["rng"]
             self.set_rng_states(rng[self.acc.process_index] if isinstance(rng, list) else rng)
@@ -397,9 +422,31 @@ class StageTrainer:
         if self.is_main:
             save_checkpoint(self.out, step, {**blob, "rng": rngs}, self.cfg.keep_checkpoints)
 
+    def _start_trackers(self, step: int) -> None:
+        """Start the ``report_to`` tracker (after the output directory was cleared or resumed): a resumed
+        run's TensorBoard events drop what an earlier run logged after ``step`` (``purge_step``), as the
+        metrics log does."""
+        if self.cfg.report_to == "none":
+            return
+        if self.cfg.report_to == "tensorboard":
+            name, kwargs = TRACKER_DIR, {"tensorboard": {"purge_step": step + 1} if step else {}}
+        else:
+            name, kwargs = "genrec-fast", {"wandb": {"name": f"{self.stage} {self.out}", "dir": str(self.out)}}
+        self.acc.init_trackers(name, config=_hparams(dataclasses.asdict(self.cfg)), init_kwargs=kwargs)
+
+    def finish_trackers(self) -> None:
+        """Close the tracker (its last events written); the process group stays (unlike ``end_training``)."""
+        if self.is_main:
+            for tracker in self.acc.trackers:
+                tracker.finish()
+        self.acc.trackers = []
+
     def log_metrics(self, record: Dict[str, Any]) -> None:
+        """``record`` (with its "step") appended to OUT/train_log.jsonl and sent to the tracker, if any."""
         if self.is_main:
             append_log(self.out / "train_log.jsonl", record)
+            if self.acc.trackers:
+                self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def progress_bar(self, total: int, initial: int = 0):
         return tqdm(total=total, initial=initial, desc=self.stage, unit="step",

@@ -22,8 +22,7 @@ import torch
 
 from genrec_fast.train.logprobs import sequence_logprobs
 from genrec_fast.train.losses import sdpo_loss
-from genrec_fast.train.post_training import (PostTrainConfig, PostTrainer, Session, add_config_arguments,
-                                             run_cli)
+from genrec_fast.train.post_training import PostTrainConfig, PostTrainer, Session, add_config_arguments, run_cli
 from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lock
 
 NEGATIVE_SOURCES = ("random", "mined")
@@ -66,7 +65,8 @@ def random_negatives(rng: np.random.Generator, item_leaf: np.ndarray, samples: L
     return out
 
 
-def mined_negative_codes(session: Session, ids: torch.Tensor, mask: torch.Tensor, samples: List, n: int) -> torch.Tensor:
+def mined_negative_codes(session: Session, ids: torch.Tensor, mask: torch.Tensor, samples: List,
+                         n: int) -> torch.Tensor:
     """[G, n, L] codes of the top n beams that are not the target's SID (beam search with n+1 beams)."""
     res = session.beam_search(ids, mask, n + 1)
     leaves = res.leaf_ids.cpu().numpy()

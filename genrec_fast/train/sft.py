@@ -24,25 +24,47 @@ Python API: ``train_sft(SFTConfig(...), data=RecData)``; CLI: ``genrec-fast sft`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers import get_scheduler
 
+from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
+from genrec_fast.data import load_minionerec
+from genrec_fast.decode import graphs
+from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, build_examples, check_prompt_style, check_tasks, tokenizer_corpus
-from genrec_fast.train.runtime import (ALIASES, StageConfig, StageTrainer, check_finite, cli_logging, help_text,
-                                       is_main_process, load_model_dir, opt, run_lock)
+from genrec_fast.train.runtime import (
+    ALIASES,
+    StageConfig,
+    StageTrainer,
+    check_finite,
+    cli_logging,
+    is_main_process,
+    load_model_dir,
+    opt,
+    run_lock,
+    tracker_kwargs,
+)
+
+try:  # torch's list of the devices with a fused AdamW kernel (a private helper)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:  # pragma: no cover - torch without the helper: CUDA has the kernel everywhere
+    _get_fused_kernels_supported_devices = None
 
 PACK_WINDOW = 8  # open rows a packed example may go to
 # what an SFT run writes in output_dir (its result marker first): a fresh start removes an earlier run's
@@ -218,7 +240,8 @@ def collate(tokenized, batch: List[List[int]], pad_id: int, packed: bool,
     R, width = len(batch), max(sum(n) for n in lens)
     if pad_to is not None:
         if not packed:
-            raise ValueError("collate: pad_to needs packed=True (padded rows of an unpacked batch carry an attention mask)")
+            raise ValueError("collate: pad_to needs packed=True (padded rows of an unpacked batch carry an "
+                             "attention mask)")
         if R > pad_to[0] or width > pad_to[1]:
             raise ValueError(f"collate: a batch of {R} rows x {width} tokens does not fit pad_to={tuple(pad_to)}")
         R, width = pad_to
@@ -299,7 +322,8 @@ def _last_hidden(base, input_ids, position_ids, attention_mask=None) -> torch.Te
     examples (varlen) from the restarting position ids only when the batch has one row; with several
     rows it would run plain causal attention across each row's examples."""
     impl = getattr(base.config, "_attn_implementation", None)
-    if attention_mask is None and input_ids.shape[0] > 1 and isinstance(impl, str) and impl.startswith("flash_attention"):
+    flash = isinstance(impl, str) and impl.startswith("flash_attention")
+    if attention_mask is None and input_ids.shape[0] > 1 and flash:
         rows, width = input_ids.shape
         hidden = base(input_ids=input_ids.reshape(1, rows * width), position_ids=position_ids.reshape(1, rows * width),
                       use_cache=False).last_hidden_state
@@ -314,12 +338,7 @@ def adamw(params, **kw) -> torch.optim.AdamW:
     torch 2.4), else torch's default (foreach on CUDA). The same update rule either way."""
     groups = list(params)
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # pragma: no cover - torch without the helper: CUDA has the kernel everywhere
-        devices = {"cuda"}
+    devices = set(_get_fused_kernels_supported_devices()) if _get_fused_kernels_supported_devices else {"cuda"}
     fused = bool(tensors) and all(p.device.type in devices and torch.is_floating_point(p) for p in tensors)
     return torch.optim.AdamW(groups, fused=fused or None, **kw)
 
@@ -328,7 +347,8 @@ def adamw(params, **kw) -> torch.optim.AdamW:
 
 # SFTConfig fields a resumed run may change: where and how it runs, not what it trains on or how
 _RESUMABLE_CHANGES = ("data", "output_dir", "out", "compile", "cuda_graphs", "eval_batch_size", "save_every",
-                      "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size", "progress")
+                      "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size", "progress",
+                      "report_to")
 
 
 def _run_key(cfg: "SFTConfig", lengths: Sequence[int]) -> dict:
@@ -342,16 +362,14 @@ def _run_key(cfg: "SFTConfig", lengths: Sequence[int]) -> dict:
 
 
 def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
-    """PNG of the training loss and the valid metrics over optimizer steps (matplotlib Agg, atomic): one
-    5 x 4 inch panel per kind that has data (a run without valid evals gets the loss panel only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG of the training loss and the valid metrics over optimizer steps (a matplotlib figure drawn by Agg,
+    without pyplot or its global backend; written atomically): one 5 x 4 inch panel per kind that has data (a
+    run without valid evals gets the loss panel only)."""
     valid = {name: [(s, m[name]) for s, m in history["valid"] if name in m] for name in ("NDCG@10", "HR@10")}
     panels = [kind for kind, has in (("loss", history["loss"]), ("valid", any(valid.values()))) if has]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
+    fig = Figure(figsize=(5 * max(1, len(panels)), 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         ax.set_xlabel("optimizer step")
         if kind == "loss":
@@ -372,7 +390,6 @@ def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 
@@ -380,8 +397,6 @@ def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
 # ---- the loop ------------------------------------------------------------------------------------
 
 def _load_data(cfg: SFTConfig):
-    from genrec_fast.data import load_minionerec
-
     if cfg.data is None:
         raise ValueError("no data: set SFTConfig.data (a MiniOneRec-format directory) or pass data=")
     return load_minionerec(cfg.data)
@@ -409,14 +424,10 @@ class SFTTrainer(StageTrainer):
     outputs = SFT_OUTPUTS
 
     def __init__(self, cfg: SFTConfig, data):
-        from accelerate import Accelerator
-
-        from genrec_fast.eval import catalog_trie
-
         use_cuda = torch.cuda.is_available()
         self.bf16 = use_cuda if cfg.mixed_precision == "auto" else cfg.mixed_precision == "bf16"
         acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
-                          cpu=not use_cuda)
+                          cpu=not use_cuda, **tracker_kwargs(cfg.report_to, cfg.output_dir))
         super().__init__(cfg, Path(cfg.output_dir), acc)
         if cfg.cuda_graphs and acc.device.type != "cuda":
             raise ValueError(f"sft: cuda_graphs needs a CUDA device for the evaluation's beam search, training runs "
@@ -445,8 +456,6 @@ class SFTTrainer(StageTrainer):
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         base.config.prompt_style = cfg.prompt_style
         if cfg.cuda_graphs:  # before training, not at the first valid eval
-            from genrec_fast.decode import graphs
-
             graphs.check_supported(lm_modules(self.lm)[0])
 
     def _build_examples(self) -> None:
@@ -501,8 +510,6 @@ class SFTTrainer(StageTrainer):
             raise ValueError("early stopping needs a non-empty valid split (or set eval_every < 0)")
 
     def _make_optimizer(self) -> None:
-        from transformers import get_scheduler
-
         cfg = self.cfg
         params = [p for p in self.lm.parameters() if p.requires_grad]
         optimizer = adamw([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -526,8 +533,11 @@ class SFTTrainer(StageTrainer):
             self.info("sft: resumed from step %d (%s)", self.state["step"], self.out / "checkpoints")
         if self.is_main:  # the config of the latest (re)start
             atomic_write_text(self.out / "sft_config.json", json.dumps(asdict(self.cfg), indent=2))
-        self._train()
-        return self._finish()
+        try:
+            self._train()
+            return self._finish()
+        finally:
+            self.finish_trackers()
 
     def _train(self) -> None:
         state = self.state
@@ -615,8 +625,6 @@ class SFTTrainer(StageTrainer):
 
     def _evaluate(self) -> bool:
         """Valid NDCG@10 on the fixed subset; saves the best model; True when patience ran out."""
-        from genrec_fast.eval import evaluate
-
         self._check_loss()
         cfg, state = self.cfg, self.state
         metrics = evaluate(self.lm, self.tokenizer, self.sid_vocab, self.trie, self.valid, self.data.catalog,
@@ -659,8 +667,6 @@ class SFTTrainer(StageTrainer):
                          curves_png=out / "curves.png", history=state["history"], test_metrics=test_metrics)
 
     def _test(self, model, tokenizer, vocab, result: dict) -> dict:
-        from genrec_fast.eval import evaluate_split
-
         t0 = time.perf_counter()
         metrics = evaluate_split(model, tokenizer, vocab, self.data, "test", num_beams=self.cfg.test_beams,
                                  batch_size=self.cfg.test_batch_size, trie=self.trie,
@@ -672,30 +678,13 @@ class SFTTrainer(StageTrainer):
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    """One ``--option`` per SFTConfig field; help texts from the fields' ``metadata["help"]``."""
-    d = SFTConfig()
-    by_name = {f.name: f for f in fields(SFTConfig)}
-    first = ("data", "model", "output_dir", "tasks")
-    for f in [by_name[n] for n in first] + [f for f in fields(SFTConfig) if f.name not in first]:
-        flag = f"--{f.name.replace('_', '-')}"
-        default = f.default if f.name in ALIASES else getattr(d, f.name)  # an unset other name stays unset
-        if f.name == "tasks":
-            parser.add_argument(flag, nargs="+", default=list(default), help=help_text(f))
-        elif f.name == "model_overrides":
-            parser.add_argument(flag, type=json.loads, default={}, help="JSON dict of " + help_text(f, False))
-        elif "bool" in str(f.type):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text(f, False))
-        elif f.name == "data":
-            parser.add_argument(flag, help=help_text(f, False))
-        else:
-            typ = next((t for t in (bool, int, float) if t.__name__ in str(f.type)), str)
-            parser.add_argument(flag, type=typ, default=default, help=help_text(f))
+    """One ``--option`` per SFTConfig field (``genrec_fast.config_cli``: types and defaults from the dataclass,
+    help texts from the fields' ``metadata["help"]``); data, model, output_dir and tasks first."""
+    add_dataclass_arguments(parser, SFTConfig, first=("data", "model", "output_dir", "tasks"))
 
 
 def run(args) -> int:
-    names = {f.name for f in fields(SFTConfig)}
-    cfg = SFTConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = config_from_args(SFTConfig, args)
     cli_logging()
     res = train_sft(cfg)
     print(f"sft: model in {res.model_dir}, curves in {res.curves_png}")
