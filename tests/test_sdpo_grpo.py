@@ -350,3 +350,75 @@ def test_post_training_on_train_and_valid(tiny_run, tmp_path):
     s = Session(GRPOConfig(train_on_valid=True, **{**args, "eval_splits": ("test",)}))
     assert [x.user_id for x in s.train] == [x.user_id for x in s.data.train] + [x.user_id for x in s.data.valid]
     assert len(Session(GRPOConfig(**{**args, "eval_splits": ("test",)})).train) == len(s.data.train)
+
+
+def test_post_training_panels_are_the_logged_statistics_and_the_evals():
+    from genrec_fast.train.curves import post_training_panels
+
+    log = [{"step": 5, "loss": 1.0, "lr": 1e-3}, {"step": 10, "loss": 0.5, "lr": 1e-3, "kl": 0.1}]
+    before = {"valid": {"NDCG@10": 0.1, "HR@10": 0.2}, "test": {"NDCG@10": 0.2}}
+    after = {"valid": {"NDCG@10": 0.3, "HR@10": 0.4}, "test": {"NDCG@10": 0.25}}
+    panels = dict(post_training_panels(log, before, after, last_step=10))
+    assert list(panels) == ["loss", "lr", "kl", "eval NDCG@10"]
+    assert panels["loss"] == {"loss": [(5, 1.0), (10, 0.5)]} and panels["kl"] == {"kl": [(10, 0.1)]}
+    assert panels["eval NDCG@10"] == {"valid NDCG@10": [(0, 0.1), (10, 0.3)], "test NDCG@10": [(0, 0.2), (10, 0.25)]}
+    # not evaluated before: the after point only; not evaluated at all (or nothing logged): no such panel
+    assert dict(post_training_panels(log, None, after, 10))["eval NDCG@10"]["test NDCG@10"] == [(10, 0.25)]
+    assert [t for t, _ in post_training_panels(log, None, {}, 10)] == ["loss", "lr", "kl"]
+    assert post_training_panels([], None, {}, 10) == []
+
+
+def _png_size(path):
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return tuple(int.from_bytes(head[i:i + 4], "big") for i in (16, 20))
+
+
+@pytest.mark.parametrize("stage", ["sdpo", "grpo"])
+def test_post_training_writes_curves_of_its_logged_statistics(tiny_run, tmp_path, stage):
+    from genrec_fast.train import GRPOConfig, SDPOConfig, train_grpo, train_sdpo
+    from genrec_fast.train.curves import post_training_panels
+
+    data_dir, model_dir = tiny_run
+    out = tmp_path / stage
+    common = {**COMMON, "log_every": 1, "eval_splits": ("test",)}
+    if stage == "sdpo":
+        res = train_sdpo(SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(out), steps=2,
+                                    num_negatives=2, **common))
+        stats = {"accuracy", "margin", "chosen_logp"}
+    else:
+        res = train_grpo(GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(out), steps=2, group_size=4,
+                                    **common))
+        stats = {"reward", "hit_rate", "no_signal", "kl"}
+    logged = set(res["log"][0]) - {"step"}
+    assert {"loss"} | stats <= logged
+    panels = post_training_panels(res["log"], res["before"], res["after"], 2)
+    assert [t for t, _ in panels] == [k for k in res["log"][0] if k != "step"] + ["eval NDCG@10"]
+    assert set(dict(panels)["eval NDCG@10"]) == {"test NDCG@10"}
+    n = len(panels)
+    assert _png_size(out / "curves.png") == (500 * min(n, 4), 400 * -(-n // 4))
+
+
+def test_post_training_lr_schedules(tiny_run, tmp_path):
+    from genrec_fast.train.post_training import Session
+    from genrec_fast.train.sdpo import SDPOConfig
+
+    data_dir, model_dir = tiny_run
+
+    def lrs(**kw):
+        s = Session(SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), lr=1e-3, steps=4,
+                               **{**COMMON, **kw}))
+        out = []
+        for _ in range(4):
+            s.optimizer.step()
+            s.scheduler.step()
+            out.append(s.scheduler.get_last_lr()[0])
+        return out
+
+    assert lrs() == [1e-3] * 4  # warmup_steps=0 (every shipped config): the lr throughout
+    assert lrs(warmup_steps=2) == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3])  # min(1, s / warmup_steps) x lr
+    assert lrs(lr_scheduler="linear") == pytest.approx([0.75e-3, 0.5e-3, 0.25e-3, 0.0])
+    assert lrs(lr_scheduler="cosine", warmup_steps=2) == pytest.approx([0.5e-3, 1e-3, 0.5e-3, 0.0])
+    with pytest.raises(ValueError, match="SDPOConfig: lr_scheduler must be one of constant_with_warmup, cosine, "
+                                         "linear, got 'step'"):
+        SDPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), lr_scheduler="step", **COMMON)

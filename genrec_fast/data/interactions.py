@@ -141,32 +141,70 @@ def load_interactions(
     whitespace (tabs, line breaks) collapsed to single spaces. A log that gives no sample (no user with
     two interactions) is an error.
     """
+    _check_load_options(sep, max_users, max_interactions_per_user)
+    inter_path = Path(interactions)
+    users, item_keys, times, lines = _read_log(inter_path, sep, user_col, item_col, time_col)
+    idx = _kept_rows(users, times, max_users, max_interactions_per_user, seed)
+    meta_rows: Dict[str, Dict[str, str]] = {}
+    if items is not None:
+        item_path = Path(items)
+        # the default text needs the title column: without it every title would silently be the item id
+        meta_rows = _read_item_rows(item_path, sep, item_col, None if item_text is not None else title_col)
+        for i in idx:
+            if item_keys[i] not in meta_rows:
+                raise DataFormatError(
+                    f"{inter_path}:{lines[i]}: item {item_keys[i]!r} has no row in {item_path}"
+                )
+        used = {item_keys[i] for i in idx}
+        ids = [k for k in meta_rows if k in used]  # metadata-file order
+    else:
+        seen = set()
+        ids = [k for k in (item_keys[i] for i in idx) if not (k in seen or seen.add(k))]
+    catalog = _catalog(ids, meta_rows, item_text or _default_item_text(title_col, item_col), item_col)
+    train, valid, test = build_samples(
+        [users[i] for i in idx],
+        [catalog.index(item_keys[i]) for i in idx],
+        [times[i] for i in idx],
+        max_history=max_history,
+        split=split,
+        valid_frac=valid_frac,
+        test_frac=test_frac,
+    )
+    if not (train or valid or test):
+        raise DataFormatError(f"{inter_path}: no samples: none of the {len(set(users[i] for i in idx))} kept users "
+                              "has two interactions (a sample is a history of at least one item and a target)")
+    return RecData(catalog=catalog, train=train, valid=valid, test=test)
+
+
+def _check_load_options(sep: Optional[str], max_users: Optional[int],
+                        max_interactions_per_user: Optional[int]) -> None:
     if sep is not None and len(sep) != 1:
         raise ValueError(f"sep (--sep) must be a single character, got {sep!r}")
     for name, value in (("max_users", max_users), ("max_interactions_per_user", max_interactions_per_user)):
         if value is not None and value < 1:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
-    inter_path = Path(interactions)
+
+
+def _read_log(path: Path, sep: Optional[str], user_col: str, item_col: str,
+              time_col: str) -> Tuple[List[str], List[str], List[float], List[int]]:
+    """(users, item ids, timestamps, file line numbers) of the interaction log's rows, in file order; a row
+    with the wrong number of fields, a timestamp that is not a finite number, an empty user or item, or an
+    item id holding a tab or line break is an error naming its line."""
     users: List[str] = []
     item_keys: List[str] = []
     times: List[float] = []
     lines: List[int] = []
-    f, reader, rows, header = _reader(inter_path, sep)
+    f, reader, rows, header = _reader(path, sep)
     with f:
-        col = _columns(inter_path, header, (user_col, item_col, time_col))
+        col = _columns(path, header, (user_col, item_col, time_col))
         ui, ii, ti = col[user_col], col[item_col], col[time_col]
         for row in rows:
             if not row:
                 continue
-            where = f"{inter_path}:{reader.line_num}"
+            where = f"{path}:{reader.line_num}"
             if len(row) != len(header):
                 raise DataFormatError(f"{where}: {len(row)} fields, expected {len(header)}")
-            try:
-                ts = float(row[ti])
-            except ValueError:
-                raise DataFormatError(f"{where}: timestamp {row[ti]!r} is not a number") from None
-            if not math.isfinite(ts):
-                raise DataFormatError(f"{where}: timestamp {row[ti]!r} is not a finite number")
+            ts = _timestamp(row[ti], where)
             user, item = row[ui].strip(), row[ii].strip()
             for name, value in ((user_col, user), (item_col, item)):
                 if not value:
@@ -178,7 +216,24 @@ def load_interactions(
             times.append(ts)
             lines.append(reader.line_num)
     if not users:
-        raise DataFormatError(f"{inter_path}: no interactions")
+        raise DataFormatError(f"{path}: no interactions")
+    return users, item_keys, times, lines
+
+
+def _timestamp(value: str, where: str) -> float:
+    try:
+        ts = float(value)
+    except ValueError:
+        raise DataFormatError(f"{where}: timestamp {value!r} is not a number") from None
+    if not math.isfinite(ts):
+        raise DataFormatError(f"{where}: timestamp {value!r} is not a finite number")
+    return ts
+
+
+def _kept_rows(users: Sequence[str], times: Sequence[float], max_users: Optional[int],
+               max_interactions_per_user: Optional[int], seed: int) -> np.ndarray:
+    """Indices of the interactions kept: those of a seeded random subset of ``max_users`` users, and of
+    each user's ``max_interactions_per_user`` most recent interactions (None: no limit)."""
     keep = np.ones(len(users), dtype=bool)
     if max_users is not None:
         uniq = sorted(set(users))
@@ -194,58 +249,39 @@ def load_interactions(
                 c = counts.get(users[i], 0)
                 keep[i] = c < max_interactions_per_user
                 counts[users[i]] = c + 1
-    idx = np.flatnonzero(keep)
-    used = {item_keys[i] for i in idx}
+    return np.flatnonzero(keep)
 
+
+def _read_item_rows(path: Path, sep: Optional[str], item_col: str,
+                    title_col: Optional[str]) -> Dict[str, Dict[str, str]]:
+    """Item id -> its metadata row (column -> value), in file order; the columns ``item_col`` (and
+    ``title_col`` unless None) are required, an item listed twice is an error."""
     meta_rows: Dict[str, Dict[str, str]] = {}
-    meta_order: List[str] = []
-    if items is not None:
-        item_path = Path(items)
-        f, reader, rows, header = _reader(item_path, sep)
-        with f:
-            # the default text needs the title column: without it every title would silently be the item id
-            _columns(item_path, header, (item_col,) if item_text is not None else (item_col, title_col))
-            for row in rows:
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataFormatError(f"{item_path}:{reader.line_num}: {len(row)} fields, expected {len(header)}")
-                rec = dict(zip(header, row))
-                key = rec[item_col].strip()
-                if key in meta_rows:
-                    raise DataFormatError(f"{item_path}:{reader.line_num}: item {key!r} listed twice")
-                meta_rows[key] = rec
-                meta_order.append(key)
-        for i in idx:
-            if item_keys[i] not in meta_rows:
-                raise DataFormatError(
-                    f"{inter_path}:{lines[i]}: item {item_keys[i]!r} has no row in {item_path}"
-                )
-        ids = [k for k in meta_order if k in used]
-    else:
-        seen = set()
-        ids = [k for k in (item_keys[i] for i in idx) if not (k in seen or seen.add(k))]
-    text_fn = item_text or _default_item_text(title_col, item_col)
+    f, reader, rows, header = _reader(path, sep)
+    with f:
+        _columns(path, header, (item_col,) if title_col is None else (item_col, title_col))
+        for row in rows:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataFormatError(f"{path}:{reader.line_num}: {len(row)} fields, expected {len(header)}")
+            rec = dict(zip(header, row))
+            key = rec[item_col].strip()
+            if key in meta_rows:
+                raise DataFormatError(f"{path}:{reader.line_num}: item {key!r} listed twice")
+            meta_rows[key] = rec
+    return meta_rows
+
+
+def _catalog(ids: List[str], meta_rows: Dict[str, Dict[str, str]], text_fn: ItemText, item_col: str) -> Catalog:
+    """The catalogue of ``ids``: titles and texts from their metadata rows (an item without one: its id)."""
     titles, texts = [], []
     for k in ids:
         row = meta_rows.get(k, {item_col: k})
         title, text = text_fn(row) if k in meta_rows else (k, k)
         titles.append(_one_line(title) or k)
         texts.append(text or title or k)
-    catalog = Catalog(item_ids=ids, titles=titles, texts=texts)
-    train, valid, test = build_samples(
-        [users[i] for i in idx],
-        [catalog.index(item_keys[i]) for i in idx],
-        [times[i] for i in idx],
-        max_history=max_history,
-        split=split,
-        valid_frac=valid_frac,
-        test_frac=test_frac,
-    )
-    if not (train or valid or test):
-        raise DataFormatError(f"{inter_path}: no samples: none of the {len(set(users[i] for i in idx))} kept users "
-                              "has two interactions (a sample is a history of at least one item and a target)")
-    return RecData(catalog=catalog, train=train, valid=valid, test=test)
+    return Catalog(item_ids=ids, titles=titles, texts=texts)
 
 
 def user_sequences(samples: Sequence[Sample], max_history: Optional[int] = None) -> List[List[int]]:

@@ -4,9 +4,9 @@ and a JSON file.
 
 Run it under ``accelerate launch`` to shard the prompts over processes.
 
-Before anything is loaded or decoded the options are checked (``--num-beams``, ``--ks``, ``--out`` can be
-written), and the model's bundle (``genrec_fast.bundle``) is compared with the data's SID index: a model
-trained on other Semantic IDs is refused; a model without a bundle gets a warning.
+Before anything is loaded or decoded the options are checked (``--num-beams``, ``--ks``, ``--prompt-style``,
+``--out`` can be written), and the model's bundle (``genrec_fast.bundle``) is compared with the data's SID index: a
+model trained on other Semantic IDs is refused; a model without a bundle gets a warning.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from genrec_fast.data.minionerec import load_minionerec, read_split
 from genrec_fast.eval.evaluate import dist_state, evaluate_split
 from genrec_fast.eval.metrics import DEFAULT_KS, ks_for_beams
 from genrec_fast.model import load_model_and_tokenizer
+from genrec_fast.prompts import PROMPT_STYLES
 
 
 @dataclass
@@ -56,6 +57,9 @@ class EvalConfig:
     max_prompt_length: Optional[int] = option(None, "keep each prompt's last this many tokens (default: whole "
                                                     "prompts; a prompt that does not fit the model's positions is an "
                                                     "error naming the sample)")
+    prompt_style: Optional[str] = option(None, "the prompts' style (default: the model's own, from its config; "
+                                               "'minionerec' for a model without one, e.g. a MiniOneRec checkpoint)",
+                                         choices=PROMPT_STYLES)
     out: Optional[str] = option(None, "write the results here as JSON (default: not written)")
 
 
@@ -113,5 +117,5 @@ def run(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
                    out=args.out, score=args.score, backend=args.backend, progress=True,
                    cuda_graphs=args.cuda_graphs, sasrec=args.sasrec, num_resamples=args.num_resamples,
-                   max_prompt_length=args.max_prompt_length)
+                   max_prompt_length=args.max_prompt_length, prompt_style=args.prompt_style)
     return 0

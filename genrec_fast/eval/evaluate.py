@@ -219,10 +219,11 @@ def metrics_from_records(records: Sequence[dict], ks: Iterable[int] = DEFAULT_KS
 def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
              batch_size: int = 16, ks: Optional[Iterable[int]] = None, score: str = "full_vocab",
              backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
-             return_records: bool = False, cuda_graphs: bool = False):
+             return_records: bool = False, cuda_graphs: bool = False, prompt_style: Optional[str] = None):
     """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
 
     ks: cut-offs, at most ``num_beams`` (None: 1, 3, 5, 10, 20, 50 up to ``num_beams``).
+    prompt_style: the prompts' style (``genrec_fast.prompts.PROMPT_STYLES``; None: the model's own).
 
     Sharded over processes under ``accelerate launch``; every process returns the full result.
     With ``return_records`` also returns the per-sample records (ranked item lists).
@@ -236,7 +237,7 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
     records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
                       batch_size=batch_size, top_n=max(ks), score=score, backend=backend,
                       max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, prompt_style=prompt_style)
     if gather is not None:
         records = sorted(gather(records), key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(len(samples))):
@@ -264,12 +265,15 @@ def interval_metrics(ks: Iterable[int]) -> Tuple[str, str]:
 def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_beams: int = 50,
                    batch_size: int = 16, ks: Optional[Iterable[int]] = None, max_samples: Optional[int] = None,
                    seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
-                   sasrec=True, num_resamples: int = stats.DEFAULT_RESAMPLES, **decode_kwargs) -> dict:
+                   sasrec=True, num_resamples: int = stats.DEFAULT_RESAMPLES, prompt_style: Optional[str] = None,
+                   **decode_kwargs) -> dict:
     """The model and the baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
 
     ``max_samples`` evaluates a fixed random subset (seeded) — the baselines use the same subset.
     ks: as in :func:`evaluate` (at most ``num_beams``; the baselines get the same cut-offs).
     sasrec: False leaves the SASRec baseline out; a ``SASRecConfig`` (or dict) sets it up.
+    prompt_style: the style the model is prompted in (``genrec_fast.prompts.PROMPT_STYLES``; None: the model's
+    own, :func:`genrec_fast.prompts.model_prompt_style`), checked before anything is decoded.
     The result also holds "per_sample" (user ids, targets, a fingerprint of the samples and every
     method's 0-based target ranks, -1 = not in its list), "intervals" (95 % bootstrap intervals over
     users of each method's NDCG@10 / HR@10, ``num_resamples`` draws seeded by ``seed``) and "paired"
@@ -280,13 +284,16 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
         raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), "
                          f"got {split!r}")
     ks = ks_for_beams(ks, num_beams, "evaluate_split")
+    if prompt_style is not None:
+        check_prompt_style(prompt_style)
     samples = list(getattr(data, split))
     if max_samples is not None and max_samples < len(samples):
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
         samples = [samples[i] for i in keep]
     trie = catalog_trie(data.catalog) if trie is None else trie
     model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
-                                      batch_size=batch_size, ks=ks, return_records=True, **decode_kwargs)
+                                      batch_size=batch_size, ks=ks, return_records=True, prompt_style=prompt_style,
+                                      **decode_kwargs)
     ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
     b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
     ranks.update(b_ranks)

@@ -74,20 +74,7 @@ def build_sids(
     indices: pass the TRAIN split only), mixed by :func:`genrec_fast.sid.cf.mix_embeddings` with
     ``cf_weight``, so an SID prefix groups items that are watched in the same contexts.
     """
-    if method not in METHODS:
-        raise ValueError(f"build_sids: method must be one of {METHODS}, got {method!r}")
-    if embedding not in EMBEDDINGS:
-        raise ValueError(f"build_sids: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
-    if embedding == "text+cf" and interactions is None:
-        raise ValueError("build_sids: embedding='text+cf' needs interactions (the train samples the collaborative "
-                         "vectors are fitted on)")
-    max_levels = len(LEVEL_PREFIXES) - 1  # one more may be appended to separate colliding items
-    if not 1 <= int(levels) <= max_levels:
-        raise ValueError(f"build_sids: levels (--levels) must be in 1..{max_levels}, got {levels}: SID tokens are "
-                         f"spelled <{LEVEL_PREFIXES[0]}_..> to <{LEVEL_PREFIXES[-1]}_..> and a dedup level may be "
-                         "added")
-    if method == "rqvae" and int(rqvae_epochs) < 1:
-        raise ValueError(f"build_sids: rqvae_epochs (--epochs) must be >= 1, got {rqvae_epochs}")
+    _check_build_options(method, embedding, interactions, levels, rqvae_epochs)
     t0 = time.perf_counter()
     emb = _as_embeddings(data)
     embed_s = 0.0
@@ -97,17 +84,13 @@ def build_sids(
         embed_s = time.perf_counter() - t0
     extra_report = {"embedding": embedding}
     if embedding == "text+cf":
-        cf = cf_embeddings(interactions, int(emb.shape[0]), dim=cf_dim, decay=cf_decay)
-        emb = torch.from_numpy(mix_embeddings(emb.numpy(), cf, cf_weight))
-        extra_report.update(cf_weight=float(cf_weight), cf_dim=int(cf_dim), cf_decay=float(cf_decay),
-                            cf_items=int((np.abs(cf).sum(axis=1) > 0).sum()), cf_samples=len(interactions))
+        emb = _mix_cf(emb, interactions, cf_weight, cf_dim, cf_decay, extra_report)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t1 = time.perf_counter()
-    extra = {}
     if method == "rqkmeans":
         rkm = ResidualKMeans(levels, codebook_size, iters=kmeans_iters, seed=seed, balanced=balanced, backend=backend)
         codes = rkm.fit(emb.to(device), progress=progress)
-        residuals, last_book = rkm.residuals, rkm.codebooks[-1]
+        residuals, last_book, extra = rkm.residuals, rkm.codebooks[-1], {}
     else:
         model, extra = train_rqvae(emb, levels=levels, codebook_size=codebook_size, epochs=rqvae_epochs,
                                    seed=seed, device=device, backend=backend, progress=progress)
@@ -131,3 +114,31 @@ def build_sids(
         "wall_s": time.perf_counter() - t0,
     }
     return SIDResult(codes=codes_u, codebook_sizes=sizes, report=report)
+
+
+def _check_build_options(method: str, embedding: str, interactions: Optional[Sequence], levels: int,
+                         rqvae_epochs: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"build_sids: method must be one of {METHODS}, got {method!r}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"build_sids: embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+    if embedding == "text+cf" and interactions is None:
+        raise ValueError("build_sids: embedding='text+cf' needs interactions (the train samples the collaborative "
+                         "vectors are fitted on)")
+    max_levels = len(LEVEL_PREFIXES) - 1  # one more may be appended to separate colliding items
+    if not 1 <= int(levels) <= max_levels:
+        raise ValueError(f"build_sids: levels (--levels) must be in 1..{max_levels}, got {levels}: SID tokens are "
+                         f"spelled <{LEVEL_PREFIXES[0]}_..> to <{LEVEL_PREFIXES[-1]}_..> and a dedup level may be "
+                         "added")
+    if method == "rqvae" and int(rqvae_epochs) < 1:
+        raise ValueError(f"build_sids: rqvae_epochs (--epochs) must be >= 1, got {rqvae_epochs}")
+
+
+def _mix_cf(emb: torch.Tensor, interactions: Sequence, cf_weight: float, cf_dim: int, cf_decay: float,
+            report: dict) -> torch.Tensor:
+    """The text embeddings mixed with collaborative vectors fitted on ``interactions``; their settings and
+    coverage go into ``report``."""
+    cf = cf_embeddings(interactions, int(emb.shape[0]), dim=cf_dim, decay=cf_decay)
+    report.update(cf_weight=float(cf_weight), cf_dim=int(cf_dim), cf_decay=float(cf_decay),
+                  cf_items=int((np.abs(cf).sum(axis=1) > 0).sum()), cf_samples=len(interactions))
+    return torch.from_numpy(mix_embeddings(emb.numpy(), cf, cf_weight))

@@ -5,7 +5,7 @@ A stage supplies ``make_step(session) -> step`` where ``step(samples) -> dict of
 computes its loss on a batch of samples, calls ``session.backward_and_step(loss)`` and
 returns statistics to log; :class:`PostTrainer` (on the stages' shared base,
 ``genrec_fast.train.runtime``) does the rest: the output-dir lock, a fresh start or the resume of
-the newest checkpoint, the loop, the JSONL log, evaluation and saving. Under ``accelerate launch`` each
+the newest checkpoint, the loop, the JSONL log, evaluation, ``curves.png`` and saving. Under ``accelerate launch`` each
 process takes its own slice of every global batch (DDP or DeepSpeed through the
 Accelerator), the frozen reference lives beside the policy, and evaluation is sharded by
 ``genrec_fast.eval.evaluate``.
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from transformers import get_scheduler
 
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
 from genrec_fast.data import load_minionerec
@@ -33,6 +34,7 @@ from genrec_fast.eval import catalog_trie, compare_results, evaluate_split
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import encode_prompts, eval_mode
 from genrec_fast.prompts import model_prompt_style, rec_prompt
+from genrec_fast.train.curves import plot_panels, post_training_panels
 from genrec_fast.train.logprobs import ReferenceModel
 from genrec_fast.train.runtime import (
     StageConfig,
@@ -54,7 +56,9 @@ __all__ = ["PostTrainConfig", "Session", "add_config_arguments", "check_finite",
            "run_cli"]
 
 # what a post-training run writes in out (its result marker first): a fresh start removes an earlier run's
-POST_OUTPUTS = ("metrics.json", "model")
+POST_OUTPUTS = ("metrics.json", "model", "curves.png")
+# the post-training lr schedules (names of transformers.get_scheduler)
+LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear")
 # config fields a resumed run may change: where and how it runs, not what it trains on or how
 _RESUMABLE_CHANGES = ("data", "output_dir", "out", "progress", "eval_batch_size", "save", "cuda_graphs",
                       "save_every", "keep_checkpoints", "resume", "report_to")
@@ -66,11 +70,16 @@ class PostTrainConfig(StageConfig):
 
     model: str = opt("", "SFT model directory (model + tokenizer with the SID tokens)")
     data: str = opt("", "MiniOneRec-format data directory")
-    output_dir: str = opt("", "output directory: model/, metrics.json, train_log.jsonl, checkpoints/ (or --out)")
+    output_dir: str = opt("", "output directory: model/, metrics.json, curves.png, train_log.jsonl, checkpoints/ "
+                                "(or --out)")
     max_steps: Optional[int] = opt(100, "optimizer steps (or --steps)")
     batch_size: int = opt(8, "prompts per step per process")
     lr: float = opt(1e-5, "learning rate (finite, >= 0)")
-    warmup_steps: int = opt(0, "steps of linear warm-up (lr x (s + 1) / (warmup_steps + 1)), then constant")
+    warmup_steps: int = opt(0, "optimizer steps of linear warm-up from 0 (the lr of step s + 1 is lr x s / "
+                               "warmup_steps while s < warmup_steps)")
+    lr_scheduler: str = opt("constant_with_warmup", "lr after the warm-up (transformers.get_scheduler): "
+                                                    "'constant_with_warmup' (lr), 'cosine' or 'linear' (decay to 0 at "
+                                                    "max_steps)", choices=LR_SCHEDULERS)
     max_grad_norm: float = opt(1.0, "gradient-norm clipping")
     beta: float = opt(0.1, "S-DPO: temperature of the implicit rewards; GRPO: weight of the k3 KL to the reference")
     max_prompt_length: Optional[int] = opt(None, "prompt tokens kept (cut from the left); none: all")
@@ -102,6 +111,9 @@ class PostTrainConfig(StageConfig):
                 raise ValueError(f"{type(self).__name__}: '{name}' must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"{type(self).__name__}: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"{type(self).__name__}: lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, "
+                             f"got {self.lr_scheduler!r}")
         splits = tuple(self.eval_splits)
         self.eval_splits = () if splits == ("none",) else splits  # `--eval-splits none`: no evaluation
         if self.eval_splits and self.eval_beams < 10:
@@ -161,13 +173,13 @@ class Session:
             self.reference.model.to(self.accelerator.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(int(cfg.warmup_steps), 0)
         self._set_deepspeed_batch_size(cfg.batch_size)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # not prepared: accelerate steps a prepared scheduler once per PROCESS at each optimizer step (it assumes
         # per-process data-loader steps), so warm-up would end N times early; ours counts global optimizer steps.
         # It sets the lr of the param groups the prepared optimizer (and DeepSpeed's wrapper) steps with.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
+        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_steps),
+                                       num_training_steps=int(cfg.max_steps))
         self.train = list(self.data.train) + (list(self.data.valid) if cfg.train_on_valid else [])
         if not self.train:
             raise ValueError(f"{cfg.data}: the train split is empty")
@@ -360,6 +372,8 @@ class PostTrainer(StageTrainer):
             result["model_dir"] = str(session.save(self.out))
         result["seconds"] = round(time.perf_counter() - self.t0, 2)
         if self.is_main:
+            plot_panels(post_training_panels(result["log"], result.get("before"), result["after"], cfg.max_steps),
+                        self.out / "curves.png", self.stage)
             _write_json(self.out / "metrics.json", result)
         acc.wait_for_everyone()
         result["session"] = session

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import zlib
@@ -37,8 +36,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from accelerate import Accelerator
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from transformers import get_scheduler
 
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
@@ -48,6 +45,7 @@ from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, build_examples, check_prompt_style, check_tasks, tokenizer_corpus
+from genrec_fast.train.curves import plot_panels
 from genrec_fast.train.runtime import (
     ALIASES,
     StageConfig,
@@ -362,36 +360,12 @@ def _run_key(cfg: "SFTConfig", lengths: Sequence[int]) -> dict:
 
 
 def plot_curves(history: dict, path: Path, title: str = "SFT") -> Path:
-    """PNG of the training loss and the valid metrics over optimizer steps (a matplotlib figure drawn by Agg,
-    without pyplot or its global backend; written atomically): one 5 x 4 inch panel per kind that has data (a
-    run without valid evals gets the loss panel only)."""
-    valid = {name: [(s, m[name]) for s, m in history["valid"] if name in m] for name in ("NDCG@10", "HR@10")}
-    panels = [kind for kind, has in (("loss", history["loss"]), ("valid", any(valid.values()))) if has]
-    fig = Figure(figsize=(5 * max(1, len(panels)), 4))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)
-    for ax, kind in zip(axes[0], panels):
-        ax.set_xlabel("optimizer step")
-        if kind == "loss":
-            ax.plot(*zip(*history["loss"]), lw=1)
-            ax.set_ylabel("train loss (response tokens)")
-            ax.set_title(f"{title}: loss")
-        else:
-            for name, pts in valid.items():
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"valid {name}")
-            ax.set_title(f"{title}: valid metrics")
-            ax.legend()
-    if not panels:
-        axes[0][0].set_axis_off()
-        axes[0][0].text(0.5, 0.5, f"{title}: nothing logged yet", ha="center", va="center")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
+    """PNG of the training loss and the valid metrics over optimizer steps (``genrec_fast.train.curves``): one
+    5 x 4 inch panel per kind that has data (a run without valid evals gets the loss panel only)."""
+    valid = {f"valid {name}": [(s, m[name]) for s, m in history["valid"] if name in m]
+             for name in ("NDCG@10", "HR@10")}
+    return plot_panels([("loss", {"train loss (response tokens)": list(history["loss"])}), ("valid metrics", valid)],
+                       path, title)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
