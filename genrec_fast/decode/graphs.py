@@ -81,15 +81,7 @@ def check_supported(base) -> None:
     if impl not in _SUPPORTED_ATTENTION:
         raise ValueError(f"beam_search(cuda_graphs=True) needs attn_implementation in {_SUPPORTED_ATTENTION} "
                          f"(4-D attention masks), the model has {impl!r}")
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    # a sliding window: per layer (layer_types), switched (use_sliding_window), or always on where the
-    # config has no switch (Mistral, Phi-3: sliding_window set means it is used)
-    window = getattr(cfg, "use_sliding_window", getattr(cfg, "sliding_window", None) is not None)
-    if any(t != "full_attention" for t in layer_types) or window:
-        raise ValueError("beam_search(cuda_graphs=True) supports full-attention layers only "
-                         f"(layer_types={sorted(set(layer_types))}, sliding_window="
-                         f"{getattr(cfg, 'sliding_window', None)}, use_sliding_window="
-                         f"{getattr(cfg, 'use_sliding_window', None)})")
+    kv.check_full_attention(cfg, "beam_search(cuda_graphs=True)")
     for name in ("rope_parameters", "rope_scaling"):
         rope = getattr(cfg, name, None)
         kind = str(rope.get("rope_type", rope.get("type", ""))) if isinstance(rope, dict) else ""

@@ -338,12 +338,19 @@ def check_shared_prefix(config) -> None:
     if bad or not impls:
         raise ValueError(f"beam_search(shared_prefix=True) needs sdpa (or flash) attention in every config, the "
                          f"model has {sorted(str(i) for i in impls)}")
+    check_full_attention(config, "beam_search(shared_prefix=True)")
+
+
+def check_full_attention(config, who: str) -> None:
+    """Raise ValueError (naming ``who``) when a layer of ``config`` is not full attention: a sliding window per
+    layer (layer_types), switched on (use_sliding_window), or always on where the config has no switch
+    (Mistral, Phi-3: sliding_window set means it is used)."""
     layer_types = getattr(config, "layer_types", None) or ()
     window = getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
     if any(t != "full_attention" for t in layer_types) or window:
-        raise ValueError("beam_search(shared_prefix=True) supports full-attention layers only "
-                         f"(layer_types={sorted(set(layer_types))}, sliding_window="
-                         f"{getattr(config, 'sliding_window', None)})")
+        raise ValueError(f"{who} supports full-attention layers only (layer_types={sorted(set(layer_types))}, "
+                         f"sliding_window={getattr(config, 'sliding_window', None)}, use_sliding_window="
+                         f"{getattr(config, 'use_sliding_window', None)})")
 
 
 class shared_prefix_forward:  # noqa: N801 - a context manager used like a function
