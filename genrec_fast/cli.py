@@ -41,7 +41,7 @@ COMMANDS: Dict[str, tuple] = {
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"genrec-fast {command}", description=help_text,
+    parser = argparse.ArgumentParser(prog=f"genrec-fast {command}", description=help_text, allow_abbrev=False,
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config", help="JSON/YAML file of option values; flags override it (default: none)")
     module.add_arguments(parser)

