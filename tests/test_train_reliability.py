@@ -15,13 +15,7 @@ from genrec_fast.train.sft import train_sft
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_sft import SMALL, _cfg, _data, _tiny  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _snapshot(root: Path) -> dict:

@@ -9,7 +9,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import torch
 
 from genrec_fast.train.runtime import StageConfig, StageTrainer
 
@@ -19,12 +18,7 @@ from test_sft import _cfg, _data  # noqa: E402
 TRAIN = Path(__file__).resolve().parents[1] / "genrec_fast" / "train"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _stage_classes():
