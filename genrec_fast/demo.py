@@ -71,6 +71,7 @@ class DemoConfig:
     pack_length: int = option(512, "SFT tokens per packed row")
     model_overrides: Dict[str, int] = option(help='tiny-preset config fields, e.g. {"hidden_size": 64}',
                                              factory=dict)
+    dropout: float = option(0.1, "SFT train-time dropout (embeddings, attention / MLP outputs, attention weights)")
     valid_samples: Optional[int] = option(None, "valid users the checkpoints are ranked on: a number, or all "
                                                 "(default: all)", type=_int_or_all)
     valid_beams: int = option(20, "beams of the valid evaluations")
@@ -130,6 +131,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
                         whole_sequences=cfg.whole_sequences, eval_epochs=cfg.valid_every_epochs,
                         epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
                         max_length=min(cfg.pack_length, 512), model_overrides=dict(cfg.model_overrides),
+                        dropout=cfg.dropout,
                         eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
                         eval_beams=cfg.valid_beams,
                         eval_batch_size=cfg.batch_size, seed=cfg.seed, resume=False, progress=cfg.progress)

@@ -283,3 +283,38 @@ def lm_modules(model):
     if base is model:
         raise ValueError(f"{type(model).__name__} has no separate base transformer (model.base_model)")
     return base, model.get_output_embeddings()
+
+
+# modules whose outputs training dropout acts on: the token embeddings, and each block's attention and MLP
+# outputs before the residual add (names of the Llama / Qwen / Mistral family of HF causal LMs)
+DROPOUT_MODULES = ("embed_tokens", "o_proj", "down_proj")
+
+
+def add_train_dropout(model: torch.nn.Module, p: float) -> int:
+    """Train-mode dropout with rate ``p`` on the token embeddings, on every attention and MLP output before the
+    residual add (GPT-2's embd / resid dropout) and on the attention weights (the attention modules'
+    ``attention_dropout``), for an HF causal LM of the Llama / Qwen family (PEFT-wrapped or not).
+
+    Forward hooks, so nothing of it is saved with the model: a reloaded model has no dropout, and
+    ``model.config`` is not changed. In eval mode the hooks return their input. Returns how many module
+    outputs get dropout; p = 0 adds nothing. A model with none of ``DROPOUT_MODULES`` is refused.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    if p == 0.0:
+        return 0
+
+    def hook(module, inputs, output):
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    hooked = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in DROPOUT_MODULES:
+            module.register_forward_hook(hook)
+            hooked += 1
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+    if not hooked:
+        raise ValueError(f"dropout: {type(model).__name__} has no module named {' / '.join(DROPOUT_MODULES)} "
+                         "to add dropout to (Llama / Qwen-style names are supported)")
+    return hooked

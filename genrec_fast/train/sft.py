@@ -43,7 +43,7 @@ from genrec_fast.data import load_minionerec
 from genrec_fast.decode import graphs
 from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.io import atomic_write_text
-from genrec_fast.model import lm_modules
+from genrec_fast.model import add_train_dropout, lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, build_examples, check_prompt_style, check_tasks, tokenizer_corpus
 from genrec_fast.train.curves import plot_panels
 from genrec_fast.train.runtime import (
@@ -101,6 +101,8 @@ class SFTConfig(StageConfig):
     train_on_valid: bool = opt(False, "also train on the valid samples outside the early-stopping subset")
     save_every: int = opt(0, "optimizer steps between checkpoints; 0: at every eval")
     lora_alpha: int = opt(32, "LoRA alpha")
+    dropout: float = opt(0.0, "train-time dropout in [0, 1) on the token embeddings, every attention / MLP output "
+                              "and the attention weights (model.add_train_dropout; not saved with the model)")
     model_overrides: Dict[str, int] = opt(help="tiny-preset config fields, e.g. {\"hidden_size\": 256}", factory=dict)
     tokenizer_vocab_size: int = opt(3000, "BPE vocabulary of the tiny preset's tokenizer")
     test: bool = opt(False, "after training, evaluate the selected model on the test split (+ baselines)")
@@ -123,6 +125,8 @@ class SFTConfig(StageConfig):
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
             raise ValueError(f"max_length {self.max_length} exceeds pack_length {self.pack_length}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SFTConfig: dropout must be in [0, 1), got {self.dropout}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1 (evals without a better valid NDCG@10 before stopping), "
                              f"got {self.patience}")
@@ -429,6 +433,7 @@ class SFTTrainer(StageTrainer):
         # saved with the model: evaluation, S-DPO and RL prompt it in this style (prompts.model_prompt_style)
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         base.config.prompt_style = cfg.prompt_style
+        add_train_dropout(self.lm, cfg.dropout)
         if cfg.cuda_graphs:  # before training, not at the first valid eval
             graphs.check_supported(lm_modules(self.lm)[0])
 

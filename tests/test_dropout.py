@@ -1,0 +1,77 @@
+"""Train-time dropout (model.add_train_dropout, SFTConfig.dropout): where it acts, train vs eval mode, refusals,
+nothing of it saved, and exact resume of a run with dropout."""
+import copy
+import shutil
+
+import pytest
+import torch
+
+from genrec_fast.model import DROPOUT_MODULES, add_train_dropout, load_model_and_tokenizer
+from genrec_fast.train.sft import SFTConfig, train_sft
+from tests.test_sft import SMALL, _cfg, _data, _tiny
+
+
+def _ids(tok):
+    return torch.tensor([tok.convert_tokens_to_ids(["<a_0>", "<b_1>", "<a_2>", "<b_3>", "<a_1>", "<b_0>"])])
+
+
+def test_dropout_hooks_every_embedding_attention_and_mlp_output_and_only_in_train_mode():
+    data = _data()
+    model, tok, _ = _tiny(data)
+    plain = copy.deepcopy(model)
+    ids = _ids(tok)
+    n = add_train_dropout(model, 0.5)
+    layers = SMALL["num_hidden_layers"]
+    assert n == 1 + 2 * layers  # embed_tokens, and o_proj + down_proj per block
+    attn = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert len(attn) == layers and all(m.attention_dropout == 0.5 for m in attn)
+    assert model.config.attention_dropout == plain.config.attention_dropout == 0.0  # the saved config: no dropout
+
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+        model.train()
+        a, b = model(ids).logits, model(ids).logits
+        emb = model.get_input_embeddings()(ids)
+    assert not torch.equal(a, b)
+    dense = plain.get_input_embeddings()(ids).detach()
+    zero = emb == 0
+    assert 0.35 < zero.float().mean().item() < 0.65  # p = 0.5 of the embedding entries dropped ...
+    torch.testing.assert_close(emb[~zero], 2.0 * dense[~zero])  # ... the rest scaled by 1 / (1 - p)
+
+
+def test_no_dropout_adds_nothing_and_bad_rates_or_models_are_refused():
+    data = _data()
+    model, tok, _ = _tiny(data)
+    assert add_train_dropout(model, 0.0) == 0
+    model.train()
+    ids = _ids(tok)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            add_train_dropout(model, p)
+    with pytest.raises(ValueError, match="no module named " + " / ".join(DROPOUT_MODULES)):
+        add_train_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.1)
+    with pytest.raises(ValueError, match=r"SFTConfig: dropout must be in \[0, 1\), got 1.5"):
+        SFTConfig(dropout=1.5)
+
+
+def test_sft_with_dropout_resumes_exactly_and_saves_a_model_without_it(tmp_path):
+    data = _data()
+    cfg = _cfg(tmp_path, max_steps=12, eval_every=-1, save_every=6, keep_checkpoints=3, dropout=0.2)
+    res = train_sft(cfg, data=data)
+    out = res.output_dir
+    final = torch.load(out / "checkpoints" / "step-0000012" / "state.pt", weights_only=False)
+    shutil.rmtree(out / "checkpoints" / "step-0000012")
+    res2 = train_sft(cfg, data=data)  # resumes at step 6: the dropout masks after it come out the same
+    again = torch.load(out / "checkpoints" / "step-0000012" / "state.pt", weights_only=False)
+    for k, v in final["model"].items():
+        assert torch.equal(v, again["model"][k]), k
+    assert res2.history["loss"] == res.history["loss"]
+
+    # without dropout the same run trains differently (the option is applied), and the saved model has none
+    other = train_sft(_cfg(tmp_path / "nodrop", max_steps=12, eval_every=-1, save_every=6), data=data)
+    assert other.history["loss"][-1] != res.history["loss"][-1]
+    saved, _, _ = load_model_and_tokenizer(str(out / "model"))
+    assert saved.config.attention_dropout == 0.0 and not any(m._forward_hooks for m in saved.modules())
