@@ -65,7 +65,7 @@ class DemoConfig:
                                           "the MiniOneRec template (for LLMs)", choices=("minionerec", "compact"))
     sequence_loss: bool = option(True, "compact: the loss on every history item too")
     whole_sequences: bool = option(True, "with sequence_loss: one example per user sequence, not per window")
-    epochs: float = option(30.0, "SFT epochs")
+    epochs: float = option(40.0, "SFT epochs")
     lr: float = option(2e-3, "SFT peak learning rate")
     batch_tokens: int = option(4096, "SFT tokens per micro-batch")
     pack_length: int = option(512, "SFT tokens per packed row")
