@@ -48,6 +48,8 @@ class DemoConfig:
     max_interactions_per_user: int = option(20, "latest ratings kept per user")
     max_history: int = option(5, "history items per prompt")
     seed: int = option(0, "seed of the subset, the SIDs, the SFT and the evaluation")
+    sft_seed: Optional[int] = option(None, "another seed for the SFT alone (model init, data order, dropout), on "
+                                           "the same subset and SIDs (default: seed)")
     # Semantic IDs
     sid_levels: int = option(3, "SID levels (codes per item)")
     sid_codebook_size: int = option(32, "codes per SID level")
@@ -134,7 +136,8 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
                         dropout=cfg.dropout,
                         eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
                         eval_beams=cfg.valid_beams,
-                        eval_batch_size=cfg.batch_size, seed=cfg.seed, resume=False, progress=cfg.progress)
+                        eval_batch_size=cfg.batch_size, seed=cfg.seed if cfg.sft_seed is None else cfg.sft_seed,
+                        resume=False, progress=cfg.progress)
 
     with stage("eval"):
         result = evaluate_split(sft.model, sft.tokenizer, sft.sid_vocab, data, split="test",

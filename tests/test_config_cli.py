@@ -144,7 +144,7 @@ SAMPLES = {
                  sid_levels=2, sid_codebook_size=8, kmeans_iters=5, sid_embedding="text", cf_weight=0.3, cf_dim=8,
                  encoder="enc", embed_cache_dir="cache", tasks=("sid_seq", "title2sid"), prompt_style="minionerec",
                  sequence_loss=False, whole_sequences=False, epochs=2.0, lr=0.01, batch_tokens=512, pack_length=128,
-                 model_overrides={"hidden_size": 16}, dropout=0.3, valid_samples=7, valid_beams=10,
+                 model_overrides={"hidden_size": 16}, dropout=0.3, sft_seed=2, valid_samples=7, valid_beams=10,
                  valid_every_epochs=1.0, eval_samples=9, num_beams=12, batch_size=4, progress=False),
     "eval": dict(model="m", data="d", samples="s.csv", split="valid", num_beams=20, batch_size=4, max_samples=9,
                  seed=2, ks=(1, 5), score="sid", backend="torch", dtype="float32", cuda_graphs=True, sasrec=False,

@@ -18,7 +18,7 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
                    tasks=("sid_seq", "title2sid"), epochs=1.0, batch_tokens=1024, pack_length=256,
                    model_overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "num_key_value_heads": 1, "intermediate_size": 64},
-                   valid_samples=8, valid_beams=10, num_beams=10, batch_size=16, progress=False)
+                   valid_samples=8, valid_beams=10, num_beams=10, batch_size=16, progress=False, sft_seed=3)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(res))
     assert {"popularity", "transition"} <= set(saved["baselines"])  # (+ sasrec where genrec_fast.eval fits it)
@@ -35,6 +35,9 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     cfg = saved["config"]
     assert cfg["prompt_style"] == "compact" and cfg["sequence_loss"] and cfg["whole_sequences"]
     assert saved["sids"]["embedding"] == cfg["sid_embedding"] == "text+cf"
+    # the SFT ran with its own seed (the subset and SIDs with seed 0) and the demo's dropout
+    sft_cfg = json.loads((out / "sft" / "sft_config.json").read_text())
+    assert cfg["seed"] == 0 and cfg["sft_seed"] == sft_cfg["seed"] == 3 and sft_cfg["dropout"] == cfg["dropout"] == 0.1
     # the saved model carries its prompt style: evaluated from its folder (as `genrec-fast eval` does), it
     # is prompted in the compact style and scores what the demo reported
     from genrec_fast.data import load_minionerec as _load
