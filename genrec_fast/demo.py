@@ -73,7 +73,7 @@ class DemoConfig:
     pack_length: int = option(512, "SFT tokens per packed row")
     model_overrides: Dict[str, int] = option(help='tiny-preset config fields, e.g. {"hidden_size": 64}',
                                              factory=dict)
-    dropout: float = option(0.1, "SFT train-time dropout (embeddings, attention / MLP outputs, attention weights)")
+    dropout: float = option(0.1, "SFT train-time dropout (token embeddings, attention / MLP outputs)")
     valid_samples: Optional[int] = option(None, "valid users the checkpoints are ranked on: a number, or all "
                                                 "(default: all)", type=_int_or_all)
     valid_beams: int = option(20, "beams of the valid evaluations")

@@ -291,9 +291,10 @@ DROPOUT_MODULES = ("embed_tokens", "o_proj", "down_proj")
 
 
 def add_train_dropout(model: torch.nn.Module, p: float) -> int:
-    """Train-mode dropout with rate ``p`` on the token embeddings, on every attention and MLP output before the
-    residual add (GPT-2's embd / resid dropout) and on the attention weights (the attention modules'
-    ``attention_dropout``), for an HF causal LM of the Llama / Qwen family (PEFT-wrapped or not).
+    """Train-mode dropout with rate ``p`` on the token embeddings and on every attention and MLP output before
+    the residual add (GPT-2's embd / resid dropout), for an HF causal LM of the Llama / Qwen family
+    (PEFT-wrapped or not). Not on the attention weights: that takes sdpa off its fused kernel (on CPU
+    it tripled the tiny preset's training step, 0.37 -> 1.1 s for 8 x 512 tokens; these hooks add 15 %).
 
     Forward hooks, so nothing of it is saved with the model: a reloaded model has no dropout, and
     ``model.config`` is not changed. In eval mode the hooks return their input. Returns how many module
@@ -312,8 +313,6 @@ def add_train_dropout(model: torch.nn.Module, p: float) -> int:
         if name.rsplit(".", 1)[-1] in DROPOUT_MODULES:
             module.register_forward_hook(hook)
             hooked += 1
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = p
     if not hooked:
         raise ValueError(f"dropout: {type(model).__name__} has no module named {' / '.join(DROPOUT_MODULES)} "
                          "to add dropout to (Llama / Qwen-style names are supported)")

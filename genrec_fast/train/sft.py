@@ -101,8 +101,8 @@ class SFTConfig(StageConfig):
     train_on_valid: bool = opt(False, "also train on the valid samples outside the early-stopping subset")
     save_every: int = opt(0, "optimizer steps between checkpoints; 0: at every eval")
     lora_alpha: int = opt(32, "LoRA alpha")
-    dropout: float = opt(0.0, "train-time dropout in [0, 1) on the token embeddings, every attention / MLP output "
-                              "and the attention weights (model.add_train_dropout; not saved with the model)")
+    dropout: float = opt(0.0, "train-time dropout in [0, 1) on the token embeddings and every attention / MLP output "
+                              "(model.add_train_dropout; not saved with the model)")
     model_overrides: Dict[str, int] = opt(help="tiny-preset config fields, e.g. {\"hidden_size\": 256}", factory=dict)
     tokenizer_vocab_size: int = opt(3000, "BPE vocabulary of the tiny preset's tokenizer")
     test: bool = opt(False, "after training, evaluate the selected model on the test split (+ baselines)")
