@@ -74,6 +74,8 @@ class DemoConfig:
     model_overrides: Dict[str, int] = option(help='tiny-preset config fields, e.g. {"hidden_size": 64}',
                                              factory=dict)
     dropout: float = option(0.1, "SFT train-time dropout (token embeddings, attention / MLP outputs)")
+    attention_dropout: float = option(0.1, "SFT dropout on the attention weights (the tiny preset's config field; "
+                                           "slower on CPU: sdpa leaves its fused kernel)")
     valid_samples: Optional[int] = option(None, "valid users the checkpoints are ranked on: a number, or all "
                                                 "(default: all)", type=_int_or_all)
     valid_beams: int = option(20, "beams of the valid evaluations")
@@ -132,7 +134,8 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
                         prompt_style=cfg.prompt_style, sequence_loss=cfg.sequence_loss,
                         whole_sequences=cfg.whole_sequences, eval_epochs=cfg.valid_every_epochs,
                         epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
-                        max_length=min(cfg.pack_length, 512), model_overrides=dict(cfg.model_overrides),
+                        max_length=min(cfg.pack_length, 512),
+                        model_overrides={"attention_dropout": cfg.attention_dropout, **cfg.model_overrides},
                         dropout=cfg.dropout,
                         eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
                         eval_beams=cfg.valid_beams,

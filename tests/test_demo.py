@@ -38,6 +38,7 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     # the SFT ran with its own seed (the subset and SIDs with seed 0) and the demo's dropout
     sft_cfg = json.loads((out / "sft" / "sft_config.json").read_text())
     assert cfg["seed"] == 0 and cfg["sft_seed"] == sft_cfg["seed"] == 3 and sft_cfg["dropout"] == cfg["dropout"] == 0.1
+    assert sft_cfg["model_overrides"]["attention_dropout"] == cfg["attention_dropout"] == 0.1
     # the saved model carries its prompt style: evaluated from its folder (as `genrec-fast eval` does), it
     # is prompted in the compact style and scores what the demo reported
     from genrec_fast.data import load_minionerec as _load
