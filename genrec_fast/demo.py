@@ -76,6 +76,8 @@ class DemoConfig:
     dropout: float = option(0.1, "SFT train-time dropout (token embeddings, attention / MLP outputs)")
     attention_dropout: float = option(0.1, "SFT dropout on the attention weights (the tiny preset's config field; "
                                            "slower on CPU: sdpa leaves its fused kernel)")
+    key_dropout: float = option(0.0, "SFT DropKey: each attention key masked out before the softmax (sdpa keeps its "
+                                     "fused kernel)")
     valid_samples: Optional[int] = option(None, "valid users the checkpoints are ranked on: a number, or all "
                                                 "(default: all)", type=_int_or_all)
     valid_beams: int = option(20, "beams of the valid evaluations")
@@ -136,7 +138,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
                         epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
                         max_length=min(cfg.pack_length, 512),
                         model_overrides={"attention_dropout": cfg.attention_dropout, **cfg.model_overrides},
-                        dropout=cfg.dropout,
+                        dropout=cfg.dropout, key_dropout=cfg.key_dropout,
                         eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
                         eval_beams=cfg.valid_beams,
                         eval_batch_size=cfg.batch_size, seed=cfg.seed if cfg.sft_seed is None else cfg.sft_seed,

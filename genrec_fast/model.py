@@ -317,3 +317,67 @@ def add_train_dropout(model: torch.nn.Module, p: float) -> int:
         raise ValueError(f"dropout: {type(model).__name__} has no module named {' / '.join(DROPOUT_MODULES)} "
                          "to add dropout to (Llama / Qwen-style names are supported)")
     return hooked
+
+
+# attention modules whose keys DropKey masks (Llama / Qwen / Mistral family)
+ATTENTION_MODULES = ("self_attn",)
+
+
+def key_dropout_mask(mask: Optional[torch.Tensor], batch: int, heads: int, length: int, p: float,
+                     device) -> torch.Tensor:
+    """The attention mask with each (query, key) pair of each head masked out with probability ``p``.
+
+    mask: the layer's mask (bool, True = attend; or additive float, [B or 1, 1 or heads, T, T]), or None for
+    plain causal attention. A query always keeps its own key, so no row is masked out entirely.
+    """
+    keep = torch.rand(batch, heads, length, length, device=device) >= p
+    keep |= torch.eye(length, dtype=torch.bool, device=device)
+    if mask is None:
+        return keep & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    if mask.shape[-2:] != (length, length):
+        raise ValueError(f"key dropout: attention mask of shape {tuple(mask.shape)} for {length} tokens "
+                         "(training with a KV cache is not supported)")
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+def add_key_dropout(model: torch.nn.Module, p: float) -> int:
+    """DropKey in train mode: before the softmax, each attention key is masked out with probability ``p``,
+    independently per head and query (the softmax renormalises over the keys left; a query keeps its own
+    key). Regularises like dropout on the attention weights, but the mask goes to sdpa as an attention mask,
+    so sdpa keeps its fused kernel (dropout_p > 0 takes it to the math kernel on CPU).
+
+    Forward pre-hooks on the ``ATTENTION_MODULES`` (the layer's ``attention_mask`` keyword is replaced in
+    train mode; eval mode is untouched), so nothing is saved with the model. sdpa or eager attention only.
+    Returns the number of attention modules hooked; p = 0 adds nothing; a model without such modules is
+    refused.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"key dropout must be in [0, 1), got {p}")
+    if p == 0.0:
+        return 0
+
+    def hook(module, args, kwargs):
+        if not module.training:
+            return None
+        impl = getattr(module.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"key dropout needs sdpa or eager attention, the model runs {impl!r}")
+        if "attention_mask" not in kwargs:
+            raise ValueError(f"key dropout: {type(module).__name__} was called without an attention_mask keyword")
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        batch, length = hidden.shape[:2]
+        kwargs["attention_mask"] = key_dropout_mask(kwargs["attention_mask"], batch,
+                                                    module.config.num_attention_heads, length, p, hidden.device)
+        return args, kwargs
+
+    hooked = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ATTENTION_MODULES:
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            hooked += 1
+    if not hooked:
+        raise ValueError(f"key dropout: {type(model).__name__} has no module named {' / '.join(ATTENTION_MODULES)} "
+                         "(Llama / Qwen-style names are supported)")
+    return hooked

@@ -43,7 +43,7 @@ from genrec_fast.data import load_minionerec
 from genrec_fast.decode import graphs
 from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.io import atomic_write_text
-from genrec_fast.model import add_train_dropout, lm_modules
+from genrec_fast.model import add_key_dropout, add_train_dropout, lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, build_examples, check_prompt_style, check_tasks, tokenizer_corpus
 from genrec_fast.train.curves import plot_panels
 from genrec_fast.train.runtime import (
@@ -103,6 +103,8 @@ class SFTConfig(StageConfig):
     lora_alpha: int = opt(32, "LoRA alpha")
     dropout: float = opt(0.0, "train-time dropout in [0, 1) on the token embeddings and every attention / MLP output "
                               "(model.add_train_dropout; not saved with the model)")
+    key_dropout: float = opt(0.0, "train-time DropKey in [0, 1): each attention key masked out before the softmax, "
+                                  "per head and query (model.add_key_dropout; sdpa keeps its fused kernel)")
     model_overrides: Dict[str, int] = opt(help="tiny-preset config fields, e.g. {\"hidden_size\": 256}", factory=dict)
     tokenizer_vocab_size: int = opt(3000, "BPE vocabulary of the tiny preset's tokenizer")
     test: bool = opt(False, "after training, evaluate the selected model on the test split (+ baselines)")
@@ -125,8 +127,9 @@ class SFTConfig(StageConfig):
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
             raise ValueError(f"max_length {self.max_length} exceeds pack_length {self.pack_length}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SFTConfig: dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "key_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"SFTConfig: {name} must be in [0, 1), got {getattr(self, name)}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1 (evals without a better valid NDCG@10 before stopping), "
                              f"got {self.patience}")
@@ -434,6 +437,7 @@ class SFTTrainer(StageTrainer):
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         base.config.prompt_style = cfg.prompt_style
         add_train_dropout(self.lm, cfg.dropout)
+        add_key_dropout(self.lm, cfg.key_dropout)
         if cfg.cuda_graphs:  # before training, not at the first valid eval
             graphs.check_supported(lm_modules(self.lm)[0])
 
