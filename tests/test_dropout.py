@@ -6,8 +6,13 @@ import shutil
 import pytest
 import torch
 
-from genrec_fast.model import (DROPOUT_MODULES, add_key_dropout, add_train_dropout, key_dropout_mask,
-                               load_model_and_tokenizer)
+from genrec_fast.model import (
+    DROPOUT_MODULES,
+    add_key_dropout,
+    add_train_dropout,
+    key_dropout_mask,
+    load_model_and_tokenizer,
+)
 from genrec_fast.train.sft import SFTConfig, train_sft
 from tests.test_sft import SMALL, _cfg, _data, _tiny
 
