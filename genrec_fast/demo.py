@@ -67,6 +67,8 @@ class DemoConfig:
                                           "the MiniOneRec template (for LLMs)", choices=("minionerec", "compact"))
     sequence_loss: bool = option(True, "compact: the loss on every history item too")
     whole_sequences: bool = option(True, "with sequence_loss: one example per user sequence, not per window")
+    sequence_window: int = option(0, "with whole_sequences: windows of at most this many items per example "
+                                     "(as SASRec trains); 0: whole user sequences")
     epochs: float = option(40.0, "SFT epochs")
     lr: float = option(2e-3, "SFT peak learning rate")
     batch_tokens: int = option(4096, "SFT tokens per micro-batch")
@@ -134,7 +136,8 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     with stage("sft"):
         sft = train_sft(data=data, model="tiny", output_dir=str(out / "sft"), tasks=tuple(cfg.tasks),
                         prompt_style=cfg.prompt_style, sequence_loss=cfg.sequence_loss,
-                        whole_sequences=cfg.whole_sequences, eval_epochs=cfg.valid_every_epochs,
+                        whole_sequences=cfg.whole_sequences, sequence_window=cfg.sequence_window,
+                        eval_epochs=cfg.valid_every_epochs,
                         epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
                         max_length=min(cfg.pack_length, 512),
                         model_overrides={"attention_dropout": cfg.attention_dropout, **cfg.model_overrides},

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from genrec_fast.data.interactions import user_sequences
+from genrec_fast.data.interactions import sequence_windows, user_sequences
 from genrec_fast.data.types import Catalog, RecData, Sample
 from genrec_fast.sid_tokens import sid_string
 
@@ -127,7 +127,8 @@ def check_tasks(tasks: Iterable[str]) -> List[str]:
 
 def build_examples(data: RecData, tasks: Iterable[str] = DEFAULT_TASKS, split: str = "train",
                    samples: Optional[Sequence[Sample]] = None, style: Optional[str] = None,
-                   sequence_loss: bool = False, whole_sequences: bool = False) -> List[Example]:
+                   sequence_loss: bool = False, whole_sequences: bool = False,
+                   sequence_window: int = 0) -> List[Example]:
     """All examples of the enabled tasks: sample tasks over ``split`` (or ``samples``), item tasks over the catalogue.
 
     ``sequence_loss`` (compact style only): a ``sid_seq`` example's prompt is its first history item and
@@ -135,21 +136,29 @@ def build_examples(data: RecData, tasks: Iterable[str] = DEFAULT_TASKS, split: s
     as the next item of the items before it (as SASRec does); the rec prompt + target is the same token
     sequence either way. ``whole_sequences`` (with ``sequence_loss``): one ``sid_seq`` example per user
     sequence (:func:`genrec_fast.data.user_sequences`) instead of one per window: every transition once, each with its
-    whole past, in a fraction of the tokens of the overlapping windows.
+    whole past, in a fraction of the tokens of the overlapping windows. ``sequence_window`` N > 0 (with
+    ``whole_sequences``): each user sequence is cut into windows of <= N items, as SASRec trains
+    (:func:`genrec_fast.data.sequence_windows`: consecutive windows share one item, so every transition is
+    still trained once, with at most N - 1 items before it, as a prompt of N - 1 history items has).
     """
     style = check_prompt_style(style)
     if sequence_loss and style != "compact":
         raise ValueError("sequence_loss needs the compact prompt style (the history is then the item sequence)")
     if whole_sequences and not sequence_loss:
         raise ValueError("whole_sequences needs sequence_loss (a user sequence has a loss on every item)")
+    if sequence_window and (not whole_sequences or sequence_window < 2):
+        raise ValueError(f"sequence_window={sequence_window}: needs whole_sequences and at least 2 items per window")
     rows = list(getattr(data, split) if samples is None else samples)
     out: List[Example] = []
     for name in check_tasks(tasks):
         task = TASKS[name]
         if name == "sid_seq" and sequence_loss and whole_sequences:
             c = data.catalog
+            seqs = user_sequences(rows)
+            if sequence_window:
+                seqs = [w for q in seqs for w in reversed(sequence_windows(q, sequence_window))]
             out.extend(Example(name, _sid(c, q[0]), "".join(_sid(c, i) for i in q[1:]))
-                       for q in user_sequences(rows) if len(q) > 1)
+                       for q in seqs if len(q) > 1)
             continue
         if name == "sid_seq" and sequence_loss:
             c = data.catalog

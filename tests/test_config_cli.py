@@ -131,8 +131,9 @@ _POST_SAMPLE = dict(_STAGE_SAMPLE, model="m", data="d", batch_size=4, warmup_ste
                     cuda_graphs=True)
 SAMPLES = {
     "sft": dict(_STAGE_SAMPLE, data="d", model="m", tasks=("sid_seq", "title2sid"), prompt_style="compact",
-                sequence_loss=True, whole_sequences=True, epochs=2.5, warmup_ratio=0.1, batch_tokens=1024,
-                pack_length=256, grad_accum=2, max_length=128, packing=False, compile=False, cuda_graphs=True,
+                sequence_loss=True, whole_sequences=True, sequence_window=6, epochs=2.5, warmup_ratio=0.1,
+                batch_tokens=1024, pack_length=256, grad_accum=2, max_length=128, packing=False, compile=False,
+                cuda_graphs=True,
                 eval_every=4, eval_epochs=0.5, eval_samples=16, eval_beams=12, eval_batch_size=4, patience=2,
                 train_on_valid=True, model_overrides={"hidden_size": 32}, tokenizer_vocab_size=500, test=True,
                 test_beams=20, test_batch_size=8, dropout=0.3, key_dropout=0.25),
@@ -143,8 +144,9 @@ SAMPLES = {
                  seed=1,
                  sid_levels=2, sid_codebook_size=8, kmeans_iters=5, sid_embedding="text", cf_weight=0.3, cf_dim=8,
                  encoder="enc", embed_cache_dir="cache", tasks=("sid_seq", "title2sid"), prompt_style="minionerec",
-                 sequence_loss=False, whole_sequences=False, epochs=2.0, lr=0.01, batch_tokens=512, pack_length=128,
-                 model_overrides={"hidden_size": 16}, dropout=0.3, attention_dropout=0.2, key_dropout=0.25, sft_seed=2,
+                 sequence_loss=False, whole_sequences=False, sequence_window=4, epochs=2.0, lr=0.01, batch_tokens=512,
+                 pack_length=128, model_overrides={"hidden_size": 16}, dropout=0.3, attention_dropout=0.2,
+                 key_dropout=0.25, sft_seed=2,
                  valid_samples=7, valid_beams=10, valid_every_epochs=1.0, eval_samples=9, num_beams=12, batch_size=4,
                  progress=False),
     "eval": dict(model="m", data="d", samples="s.csv", split="valid", num_beams=20, batch_size=4, max_samples=9,

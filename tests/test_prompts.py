@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import genrec_fast.prompts as P
-from genrec_fast.data import Catalog, RecData, Sample, user_sequences
+from genrec_fast.data import Catalog, RecData, Sample, sequence_windows, user_sequences
 from genrec_fast.sid_tokens import parse_sid
 
 
@@ -96,6 +96,34 @@ def test_sequence_loss_examples_cover_every_history_item(data):
     assert len([e for e in ex if e.task == "title2sid"]) == 3  # other tasks unchanged
     with pytest.raises(ValueError, match="compact"):
         P.build_examples(data, ["sid_seq"], style="minionerec", sequence_loss=True)
+
+
+def test_sequence_windows_train_every_transition_once_with_a_bounded_past():
+    q = list(range(8))
+    assert sequence_windows(q, 3) == [[5, 6, 7], [3, 4, 5], [1, 2, 3], [0, 1]]
+    assert sequence_windows(q, 4, stride=1)[:2] == [[4, 5, 6, 7], [3, 4, 5, 6]]
+    assert sequence_windows([5], 3) == [] and sequence_windows([], 3) == []
+    for bad, match in (((q, 1), "max_len must be >= 2"), ((q, 3, 3), r"stride must be in 1..max_len - 1 = 2")):
+        with pytest.raises(ValueError, match=match):
+            sequence_windows(*bad)
+
+    cat = Catalog([str(i) for i in range(8)], [f"t{i}" for i in range(8)], [""] * 8,
+                  codes=np.array([[0, i] for i in range(8)]), codebook_sizes=(1, 8))
+    train = [Sample("u", list(range(max(0, t - 5), t)), t) for t in range(1, 8)]
+    data = RecData(cat, train, [], [])
+    whole = P.build_examples(data, ["sid_seq"], style="compact", sequence_loss=True, whole_sequences=True)
+    win = P.build_examples(data, ["sid_seq"], style="compact", sequence_loss=True, whole_sequences=True,
+                           sequence_window=3)
+    assert len(whole) == 1 and whole[0].prompt == "<a_0><b_0>"
+    # oldest window first; each one's first item is its prompt, so each transition 1..7 is a target once
+    assert [(e.prompt, e.response) for e in win] == [("<a_0><b_0>", "<a_0><b_1>"),
+                                                     ("<a_0><b_1>", "<a_0><b_2><a_0><b_3>"),
+                                                     ("<a_0><b_3>", "<a_0><b_4><a_0><b_5>"),
+                                                     ("<a_0><b_5>", "<a_0><b_6><a_0><b_7>")]
+    for kw, match in ((dict(whole_sequences=False, sequence_window=3), "needs whole_sequences"),
+                      (dict(whole_sequences=True, sequence_window=1), "at least 2 items")):
+        with pytest.raises(ValueError, match=match):
+            P.build_examples(data, ["sid_seq"], style="compact", sequence_loss=True, **kw)
 
 
 def test_user_sequences_and_model_prompt_style():

@@ -308,3 +308,22 @@ def user_sequences(samples: Sequence[Sample], max_history: Optional[int] = None)
         current[s.user_id] = len(seqs)
         seqs.append(h + [int(s.target)])
     return seqs
+
+
+def sequence_windows(seq: Sequence[int], max_len: int, stride: Optional[int] = None) -> List[List[int]]:
+    """Windows of <= ``max_len`` items of one sequence, newest first: one ending at its newest item and one
+    every ``stride`` items before (default ``max_len - 1``: consecutive windows share one item, so each item
+    after the first is a target in exactly one window, with at most ``max_len - 1`` items before it; 1: one
+    window per target, each target then also appears at shorter contexts in later windows). Windows of
+    fewer than 2 items (no target) are left out.
+    """
+    if max_len < 2:
+        raise ValueError(f"sequence_windows: max_len must be >= 2 (one input and one target), got {max_len}")
+    stride = max_len - 1 if stride is None else int(stride)
+    if not 1 <= stride <= max_len - 1:
+        raise ValueError(f"sequence_windows: stride must be in 1..max_len - 1 = {max_len - 1}, got {stride}")
+    out, end = [], len(seq)
+    while end >= 2:
+        out.append(list(seq[max(0, end - max_len):end]))
+        end -= stride
+    return out

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genrec_fast.data.interactions import user_sequences
+from genrec_fast.data.interactions import sequence_windows, user_sequences
 
 
 @dataclass
@@ -198,28 +198,18 @@ class SASRec(nn.Module):
 
 def training_windows(seqs: Sequence[Sequence[int]], max_len: int,
                      stride: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Windows of <= max_len items from each sequence, ending at its newest item and every ``stride``
-    items before (default ``max_len - 1``: no overlap, each target in exactly one window; 1: one
-    window per target, each target then also appears at shorter contexts in later windows).
-
-    Returns (inputs, targets), both int64 [W, max_len - 1], item ids + 1, left-padded with 0.
-    """
+    """The :func:`genrec_fast.data.sequence_windows` of each sequence as (inputs, targets), both int64
+    [W, max_len - 1], item ids + 1, left-padded with 0."""
     L = max_len - 1
-    stride = L if stride is None else int(stride)
-    if not 1 <= stride <= L:
-        raise ValueError(f"stride must be in 1..max_len - 1 = {L}, got {stride}")
     xs, ys = [], []
     for seq in seqs:
-        end = len(seq)
-        while end >= 2:
-            w = seq[max(0, end - max_len):end]
+        for w in sequence_windows(seq, max_len, stride):
             x = np.zeros(L, dtype=np.int64)
             y = np.zeros(L, dtype=np.int64)
             x[L - len(w) + 1:] = np.asarray(w[:-1]) + 1
             y[L - len(w) + 1:] = np.asarray(w[1:]) + 1
             xs.append(x)
             ys.append(y)
-            end -= stride
     if not xs:
         return np.zeros((0, L), np.int64), np.zeros((0, L), np.int64)
     return np.stack(xs), np.stack(ys)

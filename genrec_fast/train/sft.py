@@ -82,6 +82,8 @@ class SFTConfig(StageConfig):
                                           "SIDs alone); saved with the model")
     sequence_loss: bool = opt(False, "compact only: loss on every history item of sid_seq too")
     whole_sequences: bool = opt(False, "with sequence_loss: one sid_seq example per user sequence, not per window")
+    sequence_window: int = opt(0, "with whole_sequences: cut each user sequence into windows of at most this many "
+                                  "items (as SASRec trains; each transition still once); 0: whole sequences")
     epochs: float = opt(3.0, "epochs (> 0), counted in micro-batches / grad_accum")
     warmup_ratio: float = opt(0.03, "share of the steps with a linear warm-up, in [0, 1) (then cosine decay)")
     batch_tokens: int = opt(8192, "tokens per micro-batch (packed) / padded-token budget (bucketed)")
@@ -123,6 +125,8 @@ class SFTConfig(StageConfig):
             raise ValueError("sequence_loss needs prompt_style='compact'")
         if self.whole_sequences and not self.sequence_loss:
             raise ValueError("whole_sequences needs sequence_loss")
+        if self.sequence_window and (not self.whole_sequences or self.sequence_window < 2):
+            raise ValueError(f"sequence_window={self.sequence_window} needs whole_sequences and >= 2 items per window")
         if self.pack_length > self.batch_tokens:
             raise ValueError(f"pack_length {self.pack_length} exceeds batch_tokens {self.batch_tokens}")
         if self.max_length > self.pack_length and self.packing:
@@ -454,7 +458,8 @@ class SFTTrainer(StageTrainer):
             held_out = set(valid_pick.tolist()) if self.valid else set()
             train_samples += [s for i, s in enumerate(data.valid) if i not in held_out]
         self.examples = build_examples(data, cfg.tasks, samples=train_samples, style=cfg.prompt_style,
-                                       sequence_loss=cfg.sequence_loss, whole_sequences=cfg.whole_sequences)
+                                       sequence_loss=cfg.sequence_loss, whole_sequences=cfg.whole_sequences,
+                                       sequence_window=cfg.sequence_window)
         if not self.examples:
             raise ValueError(f"sft: no training examples: {len(train_samples)} training samples and tasks "
                              f"{list(cfg.tasks)}")
