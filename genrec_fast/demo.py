@@ -69,17 +69,21 @@ class DemoConfig:
     whole_sequences: bool = option(True, "with sequence_loss: one example per user sequence, not per window")
     sequence_window: int = option(0, "with whole_sequences: windows of at most this many items per example "
                                      "(as SASRec trains); 0: whole user sequences")
-    epochs: float = option(40.0, "SFT epochs")
+    epochs: float = option(20.0, "SFT epochs")
     lr: float = option(2e-3, "SFT peak learning rate")
     batch_tokens: int = option(4096, "SFT tokens per micro-batch")
     pack_length: int = option(512, "SFT tokens per packed row")
+    intermediate_size: int = option(1024, "the tiny preset's MLP width (its own default: 384)")
     model_overrides: Dict[str, int] = option(help='tiny-preset config fields, e.g. {"hidden_size": 64}',
                                              factory=dict)
     dropout: float = option(0.1, "SFT train-time dropout (token embeddings, attention / MLP outputs)")
-    attention_dropout: float = option(0.1, "SFT dropout on the attention weights (the tiny preset's config field; "
+    attention_dropout: float = option(0.0, "SFT dropout on the attention weights (the tiny preset's config field; "
                                            "slower on CPU: sdpa leaves its fused kernel)")
-    key_dropout: float = option(0.0, "SFT DropKey: each attention key masked out before the softmax (sdpa keeps its "
+    key_dropout: float = option(0.1, "SFT DropKey: each attention key masked out before the softmax (sdpa keeps its "
                                      "fused kernel)")
+    train_on_valid: bool = option(True, "SFT on train + valid, as the baselines are fit for the test split, with no "
+                                         "checkpoint selection: the final model is tested (the epochs were chosen on "
+                                         "valid with train-only runs; the valid_* options are then unused)")
     valid_samples: Optional[int] = option(None, "valid users the checkpoints are ranked on: a number, or all "
                                                 "(default: all)", type=_int_or_all)
     valid_beams: int = option(20, "beams of the valid evaluations")
@@ -137,10 +141,12 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
         sft = train_sft(data=data, model="tiny", output_dir=str(out / "sft"), tasks=tuple(cfg.tasks),
                         prompt_style=cfg.prompt_style, sequence_loss=cfg.sequence_loss,
                         whole_sequences=cfg.whole_sequences, sequence_window=cfg.sequence_window,
-                        eval_epochs=cfg.valid_every_epochs,
+                        eval_epochs=cfg.valid_every_epochs, train_on_valid=cfg.train_on_valid,
+                        eval_every=-1 if cfg.train_on_valid else 0,
                         epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
                         max_length=min(cfg.pack_length, 512),
-                        model_overrides={"attention_dropout": cfg.attention_dropout, **cfg.model_overrides},
+                        model_overrides={"attention_dropout": cfg.attention_dropout,
+                                         "intermediate_size": cfg.intermediate_size, **cfg.model_overrides},
                         dropout=cfg.dropout, key_dropout=cfg.key_dropout,
                         eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
                         eval_beams=cfg.valid_beams,

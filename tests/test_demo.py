@@ -38,7 +38,13 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     # the SFT ran with its own seed (the subset and SIDs with seed 0) and the demo's dropout
     sft_cfg = json.loads((out / "sft" / "sft_config.json").read_text())
     assert cfg["seed"] == 0 and cfg["sft_seed"] == sft_cfg["seed"] == 3 and sft_cfg["dropout"] == cfg["dropout"] == 0.1
-    assert sft_cfg["model_overrides"]["attention_dropout"] == cfg["attention_dropout"] == 0.1
+    assert sft_cfg["key_dropout"] == cfg["key_dropout"] == 0.1 and sft_cfg["model_overrides"]["attention_dropout"] == 0.0
+    # the tiny preset with the demo's MLP width (the test's own overrides win), trained on train + valid with no
+    # checkpoint selection, as the baselines are fit
+    assert cfg["intermediate_size"] == 1024 and sft_cfg["model_overrides"]["intermediate_size"] == 64
+    assert sft_cfg["train_on_valid"] and sft_cfg["eval_every"] == -1
+    sft_res = json.loads((out / "sft" / "sft_result.json").read_text())
+    assert sft_res["best_step"] is None and sft_res["valid_subset"] == 0 and not sft_res["stopped_early"]
     # the saved model carries its prompt style: evaluated from its folder (as `genrec-fast eval` does), it
     # is prompted in the compact style and scores what the demo reported
     from genrec_fast.data import load_minionerec as _load
