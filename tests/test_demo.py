@@ -38,7 +38,8 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     # the SFT ran with its own seed (the subset and SIDs with seed 0) and the demo's dropout
     sft_cfg = json.loads((out / "sft" / "sft_config.json").read_text())
     assert cfg["seed"] == 0 and cfg["sft_seed"] == sft_cfg["seed"] == 3 and sft_cfg["dropout"] == cfg["dropout"] == 0.1
-    assert sft_cfg["key_dropout"] == cfg["key_dropout"] == 0.1 and sft_cfg["model_overrides"]["attention_dropout"] == 0.0
+    assert sft_cfg["key_dropout"] == cfg["key_dropout"] == 0.1
+    assert sft_cfg["model_overrides"]["attention_dropout"] == 0.0
     # the tiny preset with the demo's MLP width (the test's own overrides win), trained on train + valid with no
     # checkpoint selection, as the baselines are fit
     assert cfg["intermediate_size"] == 1024 and sft_cfg["model_overrides"]["intermediate_size"] == 64
