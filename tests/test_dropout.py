@@ -1,5 +1,5 @@
-"""Train-time dropout (model.add_train_dropout, SFTConfig.dropout): where it acts, train vs eval mode, refusals,
-nothing of it saved, and exact resume of a run with dropout."""
+"""Train-time dropout (model.add_train_dropout, SFTConfig.dropout) and DropKey (model.add_key_dropout,
+SFTConfig.key_dropout): where they act, train vs eval mode, refusals, nothing of them saved, and exact resume."""
 import copy
 import shutil
 
@@ -63,18 +63,26 @@ def test_no_dropout_adds_nothing_and_bad_rates_or_models_are_refused():
         SFTConfig(dropout=1.5)
 
 
-def test_sft_with_dropout_resumes_exactly_and_saves_a_model_without_it(tmp_path):
-    data = _data()
-    cfg = _cfg(tmp_path, max_steps=12, eval_every=-1, save_every=6, keep_checkpoints=3, dropout=0.2)
+def _resumed_run_is_identical(tmp_path, data, steps: int, **options):
+    """Train ``steps`` steps (a checkpoint at half way), remove the last checkpoint and run again: the run
+    resumes half way, its masks after that come out the same, and so do its weights and losses."""
+    cfg = _cfg(tmp_path, max_steps=steps, eval_every=-1, save_every=steps // 2, keep_checkpoints=3, **options)
     res = train_sft(cfg, data=data)
-    out = res.output_dir
-    final = torch.load(out / "checkpoints" / "step-0000012" / "state.pt", weights_only=False)
-    shutil.rmtree(out / "checkpoints" / "step-0000012")
-    res2 = train_sft(cfg, data=data)  # resumes at step 6: the dropout masks after it come out the same
-    again = torch.load(out / "checkpoints" / "step-0000012" / "state.pt", weights_only=False)
+    last = res.output_dir / "checkpoints" / f"step-{steps:07d}"
+    final = torch.load(last / "state.pt", weights_only=False)
+    shutil.rmtree(last)
+    res2 = train_sft(cfg, data=data)
+    again = torch.load(last / "state.pt", weights_only=False)
     for k, v in final["model"].items():
         assert torch.equal(v, again["model"][k]), k
     assert res2.history["loss"] == res.history["loss"]
+    return res
+
+
+def test_sft_with_dropout_resumes_exactly_and_saves_a_model_without_it(tmp_path):
+    data = _data()
+    res = _resumed_run_is_identical(tmp_path, data, 12, dropout=0.2)
+    out = res.output_dir
 
     # without dropout the same run trains differently (the option is applied), and the saved model has none
     other = train_sft(_cfg(tmp_path / "nodrop", max_steps=12, eval_every=-1, save_every=6), data=data)
@@ -140,15 +148,6 @@ def test_key_dropout_acts_in_train_mode_only_and_is_the_same_under_sdpa_and_eage
 
 def test_sft_with_key_dropout_resumes_exactly(tmp_path):
     data = _data()
-    cfg = _cfg(tmp_path, max_steps=8, eval_every=-1, save_every=4, keep_checkpoints=3, key_dropout=0.2)
-    res = train_sft(cfg, data=data)
-    out = res.output_dir
-    final = torch.load(out / "checkpoints" / "step-0000008" / "state.pt", weights_only=False)
-    shutil.rmtree(out / "checkpoints" / "step-0000008")
-    res2 = train_sft(cfg, data=data)
-    again = torch.load(out / "checkpoints" / "step-0000008" / "state.pt", weights_only=False)
-    for k, v in final["model"].items():
-        assert torch.equal(v, again["model"][k]), k
-    assert res2.history["loss"] == res.history["loss"]
+    res = _resumed_run_is_identical(tmp_path, data, 8, key_dropout=0.2)
     other = train_sft(_cfg(tmp_path / "nokey", max_steps=8, eval_every=-1, save_every=4), data=data)
     assert other.history["loss"][-1] != res.history["loss"][-1]
