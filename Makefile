@@ -37,8 +37,8 @@ test: lint
 test-latest:
 	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
 
-# two torch threads: the README's demo table was measured so (one thread ran its SFT at 1.07 steps/s, two at 1.55),
-# and float sums (hence the numbers) may differ with another thread count
+# two torch threads: the README's demo table was measured so (SFT 329 s; one thread with another run on the machine:
+# 494 s, the same table), and float sums (hence the numbers) may differ with another thread count
 demo: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(VENV)/bin/genrec-fast demo --out runs/demo
 
