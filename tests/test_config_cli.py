@@ -146,7 +146,7 @@ SAMPLES = {
                  encoder="enc", embed_cache_dir="cache", tasks=("sid_seq", "title2sid"), prompt_style="minionerec",
                  sequence_loss=False, whole_sequences=False, sequence_window=4, epochs=2.0, lr=0.01, batch_tokens=512,
                  pack_length=128, model_overrides={"hidden_size": 16}, dropout=0.3, attention_dropout=0.2,
-                 key_dropout=0.25, sft_seed=2, train_on_valid=True, intermediate_size=96,
+                 key_dropout=0.25, sft_seed=2, train_on_valid=False, intermediate_size=96,
                  valid_samples=7, valid_beams=10, valid_every_epochs=1.0, eval_samples=9, num_beams=12, batch_size=4,
                  progress=False),
     "eval": dict(model="m", data="d", samples="s.csv", split="valid", num_beams=20, batch_size=4, max_samples=9,
