@@ -5,12 +5,13 @@ users, leave-one-out -> item texts (title, year, genres) embedded with MiniLM, m
 collaborative item vectors fitted on the train split (``sid_embedding="text+cf"``) -> residual
 k-means SIDs -> SFT of the ``tiny`` preset from scratch (compact prompts, the loss on every item of
 each user's train sequence; checkpoints ranked on all valid users) -> full-catalogue evaluation of
-the test split beside the popularity and last-item-transition baselines.
+the test split beside the popularity, last-item-transition and SASRec baselines, and the hybrid row (the
+model's beams re-ranked with transition counts, ``genrec_fast.eval.hybrid``).
 
 Writes, under ``--out``: ``data/`` (the dataset with its SIDs in the MiniOneRec format, so
 ``genrec-fast eval --data OUT/data --model OUT/sft/model`` re-evaluates), ``sft/`` (the run:
-model, checkpoints, curves.png) and ``metrics.json`` ({"model": {...}, "baselines":
-{"popularity": {...}, "transition": {...}}, "timings_s": {...}, "config": {...}}).
+model, checkpoints, curves.png) and ``metrics.json`` ({"model": {...}, "hybrid": {...}, "baselines":
+{"popularity": {...}, "transition": {...}, "sasrec": {...}}, "timings_s": {...}, "config": {...}}).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Dict, Optional, Tuple
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args, option
 from genrec_fast.data import load_movielens_1m, save_minionerec
 from genrec_fast.eval.evaluate import evaluate_split, results_table, write_json_atomic
+from genrec_fast.eval.hybrid import check_weight
 from genrec_fast.sid import build_sids
 from genrec_fast.train.runtime import cli_logging
 from genrec_fast.train.sft import train_sft
@@ -92,6 +94,9 @@ class DemoConfig:
     eval_samples: Optional[int] = option(None, "test users evaluated: a number, or all (default: all)",
                                          type=_int_or_all)
     num_beams: int = option(50, "beams of the test evaluation")
+    hybrid_weight: Optional[float] = option(4.0, "the table also shows the model's beams re-ranked with last-item "
+                                                 "transition counts at this weight (chosen on valid with a train-only "
+                                                 "model; genrec_fast.eval.hybrid) as its own row; none: no such row")
     batch_size: int = option(32, "prompts per beam search")
     progress: bool = option(True, "tqdm progress bars")
 
@@ -103,6 +108,8 @@ class DemoConfig:
                              "of them (out is another name for output_dir)")
         self.output_dir = self.out or self.output_dir
         self.out = self.output_dir
+        if self.hybrid_weight is not None:
+            check_weight(self.hybrid_weight, "DemoConfig: hybrid_weight")
 
 
 def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
@@ -157,7 +164,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
         result = evaluate_split(sft.model, sft.tokenizer, sft.sid_vocab, data, split="test",
                                 num_beams=cfg.num_beams, batch_size=cfg.batch_size,
                                 max_samples=cfg.eval_samples, seed=cfg.seed, print_table=False,
-                                progress=cfg.progress)
+                                progress=cfg.progress, hybrid_weight=cfg.hybrid_weight)
     wall["total"], cpu["total"] = time.perf_counter() - t_all, time.process_time() - c_all
     result["timings_s"] = {k: round(v, 1) for k, v in wall.items()}
     result["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}

@@ -213,6 +213,30 @@ def test_eval_checks_out_before_evaluating(tiny_run, tmp_path, monkeypatch):
         cli.main([*base, "--out", str(tmp_path / "a_file" / "deeper" / "res.json")])
 
 
+def test_eval_hybrid_options(tiny_run, tmp_path, monkeypatch, capsys):
+    data_dir, model_dir = tiny_run
+    base = ["eval", "--model", str(model_dir), "--data", str(data_dir), *FAST_EVAL]
+    out = tmp_path / "valid.json"
+    assert cli.main([*base, "--split", "valid", "--hybrid-grid", "0", "2", "30", "--out", str(out)]) == 0
+    h = json.loads(out.read_text())["hybrid"]
+    assert set(h["grid"]) == {"0.0", "2.0", "30.0"} and h["grid"][repr(h["weight"])] == max(h["grid"].values())
+    assert "hybrid weight chosen on this split by NDCG@4" in capsys.readouterr().out
+    out = tmp_path / "test.json"
+    assert cli.main([*base, "--hybrid-weight", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["hybrid"]["weight"] == 2.0 and res["hybrid"]["HR@4"] == res["model"]["HR@4"]
+    assert "model + transition (w 2)" in capsys.readouterr().out
+    _no_evaluation(monkeypatch)
+    with pytest.raises(ValueError, match="--hybrid-weight / --hybrid-grid: the hybrid weight is chosen on the valid "
+                                         "split, not on 'test'"):
+        cli.main([*base, "--hybrid-grid", "1", "2"])
+    with pytest.raises(ValueError, match="--hybrid-weight / --hybrid-grid: hybrid weight must be a finite number >= 0, "
+                                         "got -1.0"):
+        cli.main([*base, "--hybrid-weight", "-1"])
+    with pytest.raises(ValueError, match="not both"):
+        cli.main([*base, "--split", "valid", "--hybrid-weight", "1", "--hybrid-grid", "1"])
+
+
 def test_eval_num_beams_zero_is_a_num_beams_error(tiny_run, monkeypatch):
     data_dir, model_dir = tiny_run
     _no_evaluation(monkeypatch)

@@ -30,6 +30,10 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
         assert block["HR@1"] <= block["HR@5"] <= block["HR@10"]
     assert saved["model"]["invalid_rate"] == 0.0
     assert saved["model"]["num_beams"] == 10
+    # the hybrid row (beams re-ranked with transition counts, the demo's weight): the model's items re-ordered
+    assert saved["hybrid"]["weight"] == saved["config"]["hybrid_weight"] == 4.0
+    assert saved["hybrid"]["HR@10"] == saved["model"]["HR@10"]
+    assert set(saved["per_sample"]["ranks"]) == {"model", "hybrid", *saved["baselines"]}
     assert set(saved["timings_s"]) == {"data", "sids", "sft", "eval", "total"}
     # the demo recipe: compact prompts and the whole-sequence loss, SIDs from text + train-split CF vectors
     cfg = saved["config"]
@@ -66,4 +70,4 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     assert len(data.test) == 40 and data.catalog.codes.shape[1] == saved["sids"]["levels"]
     assert (out / "sft" / "model").is_dir() and (out / "sft" / "curves.png").is_file()
     table = capsys.readouterr().out
-    assert "transition baseline" in table and "HR@10" in table
+    assert "transition baseline" in table and "HR@10" in table and "model + transition (w 4)" in table

@@ -77,32 +77,6 @@ def test_catalog_trie_keeps_shared_sids_and_needs_codes():
 
 # ---- end to end with a tiny random Qwen2 -------------------------------------------------------
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
-
-
-@pytest.fixture(scope="module")
-def tiny_setup():
-    from genrec_fast.data.types import RecData, Sample
-    from genrec_fast.model import load_model_and_tokenizer
-
-    codes = np.array([[i % 4, (i // 4) % 4] for i in range(12)])
-    codes[11] = codes[10]  # items 10 and 11 share a SID
-    n = len(codes)
-    cat = Catalog([str(i) for i in range(n)], [f"item {i}" for i in range(n)], [f"item {i}" for i in range(n)],
-                  codes=codes, codebook_sizes=(4, 4))
-    rng = np.random.default_rng(0)
-
-    def samples(k):
-        return [Sample(f"u{j}", rng.integers(0, n, int(rng.integers(1, 5))).tolist(), int(rng.integers(0, n)))
-                for j in range(k)]
-
-    data = RecData(cat, train=samples(20), valid=samples(5), test=samples(9))
-    data.test[0].target = 11
-    model, tok, vocab = load_model_and_tokenizer("tiny", (4, 4), corpus=cat.titles + ["Recommend the next item."],
-                                                 tokenizer_vocab_size=300, model_overrides=TINY)
-    return data, model, tok, vocab
-
-
 def test_evaluate_matches_direct_beam_search(tiny_setup):
     from genrec_fast.decode import beam_search
     from genrec_fast.eval import evaluate

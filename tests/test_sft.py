@@ -316,6 +316,20 @@ def test_train_on_valid_keeps_the_early_stopping_subset_out(tmp_path):
     assert result["train_examples"] == 48 + 16 and result["valid_subset"] == 0
 
 
+def test_test_split_table_with_the_hybrid_row(tmp_path, capsys):
+    data = _data()
+    res = train_sft(_cfg(tmp_path, tasks=("sid_seq",), max_steps=2, eval_every=-1, test=True, test_beams=10,
+                         test_batch_size=8, test_hybrid_weight=3.0), data=data)
+    saved = json.loads((res.output_dir / "test_metrics.json").read_text())
+    assert saved == json.loads(json.dumps(res.test_metrics))
+    assert saved["split"] == "test" and saved["hybrid"]["weight"] == 3.0
+    assert saved["hybrid"]["HR@10"] == saved["model"]["HR@10"]  # the same items, re-ordered
+    assert set(saved["per_sample"]["ranks"]) == {"model", "hybrid", "popularity", "transition", "sasrec"}
+    assert "model + transition (w 3)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="SFTConfig: test_hybrid_weight must be a finite number >= 0, got -1"):
+        _cfg(tmp_path, test_hybrid_weight=-1.0)
+
+
 def test_train_with_lora_learns(tmp_path):
     data = _data()
     res = train_sft(_cfg(tmp_path, lora=True, lora_r=4, lr=3e-2, max_steps=20, eval_every=-1), data=data)

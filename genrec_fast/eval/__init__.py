@@ -19,14 +19,16 @@ from genrec_fast.eval.evaluate import (
     shard_range,
     write_json_atomic,
 )
+from genrec_fast.eval.hybrid import TransitionReranker, hybrid_ranks, select_weight
 from genrec_fast.eval.metrics import DEFAULT_KS, format_table, metrics_from_ranks, ranking_metrics
 from genrec_fast.eval.sasrec import SASRecConfig, fit_sasrec
 from genrec_fast.eval.stats import bootstrap_interval, compare_results, paired_interval
 
 __all__ = [
-    "DEFAULT_KS", "BeamRanker", "SASRecConfig", "baseline_metrics", "baseline_ranks", "bootstrap_interval",
+    "DEFAULT_KS", "BeamRanker", "SASRecConfig", "TransitionReranker", "baseline_metrics", "baseline_ranks",
+    "bootstrap_interval",
     "catalog_trie", "compare_results", "evaluate", "evaluate_split", "fit_samples", "fit_sasrec", "format_table",
-    "metrics_from_ranks", "paired_interval", "popularity_baseline", "popularity_ranking", "predict",
-    "ranking_metrics", "results_table", "shard_range", "transition_baseline", "transition_rankings",
+    "hybrid_ranks", "metrics_from_ranks", "paired_interval", "popularity_baseline", "popularity_ranking", "predict",
+    "ranking_metrics", "results_table", "select_weight", "shard_range", "transition_baseline", "transition_rankings",
     "write_json_atomic",
 ]

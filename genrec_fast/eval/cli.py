@@ -21,7 +21,7 @@ import torch
 from genrec_fast.bundle import check_model_matches
 from genrec_fast.config_cli import add_dataclass_arguments, option
 from genrec_fast.data.minionerec import load_minionerec, read_split
-from genrec_fast.eval.evaluate import dist_state, evaluate_split
+from genrec_fast.eval.evaluate import check_hybrid_args, dist_state, evaluate_split
 from genrec_fast.eval.metrics import DEFAULT_KS, ks_for_beams
 from genrec_fast.model import load_model_and_tokenizer
 from genrec_fast.prompts import PROMPT_STYLES
@@ -60,6 +60,12 @@ class EvalConfig:
     prompt_style: Optional[str] = option(None, "the prompts' style (default: the model's own, from its config; "
                                                "'minionerec' for a model without one, e.g. a MiniOneRec checkpoint)",
                                          choices=PROMPT_STYLES)
+    hybrid_weight: Optional[float] = option(None, "also show the hybrid row: the model's beams re-ranked by beam "
+                                                  "log-prob + W * log(1 + last-item transition count) "
+                                                  "(genrec_fast.eval.hybrid); choose W with --hybrid-grid on valid "
+                                                  "(default: no hybrid row)")
+    hybrid_grid: Optional[Tuple[float, ...]] = option(None, "--split valid only: choose the hybrid weight from "
+                                                             "these values by NDCG@10 and show that row")
     out: Optional[str] = option(None, "write the results here as JSON (default: not written)")
 
 
@@ -98,6 +104,10 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     ks_for_beams(args.ks, args.num_beams, "--ks")
+    try:
+        check_hybrid_args(args.split, args.hybrid_weight, args.hybrid_grid)
+    except ValueError as e:
+        raise ValueError(f"--hybrid-weight / --hybrid-grid: {e}") from None
     check_out_file(args.out)
 
 
@@ -117,5 +127,6 @@ def run(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
                    out=args.out, score=args.score, backend=args.backend, progress=True,
                    cuda_graphs=args.cuda_graphs, sasrec=args.sasrec, num_resamples=args.num_resamples,
-                   max_prompt_length=args.max_prompt_length, prompt_style=args.prompt_style)
+                   max_prompt_length=args.max_prompt_length, prompt_style=args.prompt_style,
+                   hybrid_weight=args.hybrid_weight, hybrid_grid=args.hybrid_grid)
     return 0

@@ -25,8 +25,17 @@ from tqdm.auto import tqdm
 
 from genrec_fast.decode import beam_search
 from genrec_fast.eval import stats
-from genrec_fast.eval.baselines import baseline_ranks, metrics_of
-from genrec_fast.eval.metrics import DEFAULT_KS, INVALID_SLOT, format_table, ks_for_beams, ranking_metrics, target_ranks
+from genrec_fast.eval.baselines import TransitionTable, baseline_ranks, fit_samples, metrics_of
+from genrec_fast.eval.hybrid import check_weight, hybrid_ranks, select_weight
+from genrec_fast.eval.metrics import (
+    DEFAULT_KS,
+    INVALID_SLOT,
+    format_table,
+    ks_for_beams,
+    metrics_from_ranks,
+    ranking_metrics,
+    target_ranks,
+)
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import encode_prompts, eval_mode, max_positions
 from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
@@ -219,14 +228,16 @@ def metrics_from_records(records: Sequence[dict], ks: Iterable[int] = DEFAULT_KS
 def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
              batch_size: int = 16, ks: Optional[Iterable[int]] = None, score: str = "full_vocab",
              backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
-             return_records: bool = False, cuda_graphs: bool = False, prompt_style: Optional[str] = None):
+             return_records: bool = False, cuda_graphs: bool = False, prompt_style: Optional[str] = None,
+             with_scores: bool = False):
     """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
 
     ks: cut-offs, at most ``num_beams`` (None: 1, 3, 5, 10, 20, 50 up to ``num_beams``).
     prompt_style: the prompts' style (``genrec_fast.prompts.PROMPT_STYLES``; None: the model's own).
 
     Sharded over processes under ``accelerate launch``; every process returns the full result.
-    With ``return_records`` also returns the per-sample records (ranked item lists).
+    With ``return_records`` also returns the per-sample records (ranked item lists; with ``with_scores``
+    each also holds its entries' beam scores, as :func:`predict`).
     """
     ks = ks_for_beams(ks, num_beams)
     if len(samples) == 0:
@@ -237,7 +248,7 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
     records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
                       batch_size=batch_size, top_n=max(ks), score=score, backend=backend,
                       max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard,
-                      cuda_graphs=cuda_graphs, prompt_style=prompt_style)
+                      cuda_graphs=cuda_graphs, prompt_style=prompt_style, with_scores=with_scores)
     if gather is not None:
         records = sorted(gather(records), key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(len(samples))):
@@ -262,10 +273,27 @@ def interval_metrics(ks: Iterable[int]) -> Tuple[str, str]:
     return f"NDCG@{k}", f"HR@{k}"
 
 
+def check_hybrid_args(split: str, weight: Optional[float], grid: Optional[Sequence[float]]) -> None:
+    """The hybrid options' checks: a weight >= 0, or a non-empty grid of them on the valid split, not both."""
+    if weight is not None and grid is not None:
+        raise ValueError("give a hybrid weight or a grid to choose it from on valid, not both")
+    if weight is not None:
+        check_weight(weight)
+    if grid is not None:
+        if split != "valid":
+            raise ValueError(f"the hybrid weight is chosen on the valid split, not on {split!r}: choose it on "
+                             f"valid (with a model not trained on valid), then give that one weight for test")
+        if len(grid) == 0:
+            raise ValueError("the hybrid grid is empty")
+        for w in grid:
+            check_weight(w, "hybrid grid weight")
+
+
 def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_beams: int = 50,
                    batch_size: int = 16, ks: Optional[Iterable[int]] = None, max_samples: Optional[int] = None,
                    seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
                    sasrec=True, num_resamples: int = stats.DEFAULT_RESAMPLES, prompt_style: Optional[str] = None,
+                   hybrid_weight: Optional[float] = None, hybrid_grid: Optional[Sequence[float]] = None,
                    **decode_kwargs) -> dict:
     """The model and the baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
 
@@ -278,11 +306,17 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     method's 0-based target ranks, -1 = not in its list), "intervals" (95 % bootstrap intervals over
     users of each method's NDCG@10 / HR@10, ``num_resamples`` draws seeded by ``seed``) and "paired"
     (model minus the best baseline per metric, paired over the same users); see ``genrec_fast.eval.stats``.
+    hybrid_weight: also score the hybrid row (``genrec_fast.eval.hybrid``: the model's beams re-ranked with
+    last-item transition counts at this weight) as "hybrid" {"weight", metrics, "paired" (vs the best baseline),
+    "vs_model" (paired, hybrid minus model)}. hybrid_grid (valid only): choose that weight on this split from
+    these values by NDCG@10, or NDCG at the largest cut-off when 10 is not one (``select_weight``; each value's
+    score under "hybrid" "grid", the metric under "grid_metric").
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), "
                          f"got {split!r}")
+    check_hybrid_args(split, hybrid_weight, hybrid_grid)
     ks = ks_for_beams(ks, num_beams, "evaluate_split")
     if prompt_style is not None:
         check_prompt_style(prompt_style)
@@ -293,6 +327,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     trie = catalog_trie(data.catalog) if trie is None else trie
     model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
                                       batch_size=batch_size, ks=ks, return_records=True, prompt_style=prompt_style,
+                                      with_scores=hybrid_weight is not None or hybrid_grid is not None,
                                       **decode_kwargs)
     ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
     b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
@@ -300,6 +335,10 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     baselines = metrics_of(b_ranks, b_info, ks)
     users = [str(s.user_id) for s in samples]
     metrics = interval_metrics(ks)
+    hybrid = None
+    if hybrid_weight is not None or hybrid_grid is not None:
+        hybrid = _hybrid_result(data, split, samples, records, ranks, list(b_ranks), ks, hybrid_weight, hybrid_grid,
+                                num_resamples, seed)
     result = {"split": split, "num_samples": len(samples), "model": model_metrics, "baselines": baselines,
               "intervals": stats.method_intervals(ranks, users, metrics, num_resamples, seed),
               "paired": stats.paired_vs_best(ranks, list(b_ranks), users, metrics, "model", num_resamples, seed),
@@ -308,6 +347,8 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
               "per_sample": {"user_id": users, "target": [int(s.target) for s in samples],
                              "samples_sha1": stats.samples_fingerprint(samples),
                              "ranks": {k: [int(x) for x in v] for k, v in ranks.items()}}}
+    if hybrid is not None:
+        result["hybrid"] = hybrid
     if is_main_process():
         if out is not None:
             write_json_atomic(out, result)
@@ -316,13 +357,58 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     return result
 
 
+def _hybrid_result(data, split: str, samples: Sequence, records: Sequence[dict], ranks: Dict[str, np.ndarray],
+                   baselines: Sequence[str], ks: Sequence[int], weight: Optional[float],
+                   grid: Optional[Sequence[float]], num_resamples: int, seed: int) -> dict:
+    """The "hybrid" block of ``evaluate_split`` (adds ``ranks["hybrid"]``): its weight (given, or chosen on
+    this split from ``grid``), metrics, paired intervals against the best baseline and against the model."""
+    metrics = interval_metrics(ks)
+    users = [str(s.user_id) for s in samples]
+    table = TransitionTable(fit_samples(data, split), len(data.catalog.item_ids))
+    chosen = {}
+    if grid is not None:
+        weight, values = select_weight(records, samples, table, grid, metrics[0])
+        chosen = {"grid": {repr(w): v for w, v in values.items()}, "grid_metric": metrics[0]}
+    ranks["hybrid"] = hybrid_ranks(records, samples, table, weight)
+    vs_model = {m: stats.paired_interval(stats.per_sample(ranks["hybrid"], m), stats.per_sample(ranks["model"], m),
+                                         users, num_resamples, seed) for m in metrics}
+    return {"weight": float(weight), **metrics_from_ranks(ranks["hybrid"], ks), **chosen,
+            "paired": stats.paired_vs_best(ranks, baselines, users, metrics, "hybrid", num_resamples, seed),
+            "vs_model": vs_model}
+
+
 def results_table(result: dict, ks: Optional[Iterable[int]] = None) -> str:
     """The printed table of an ``evaluate_split`` result (ks: default, the cut-offs the result holds)."""
     if ks is None:
         ks = sorted(int(k[3:]) for k in result["model"] if k.startswith("HR@")) or DEFAULT_KS
-    rows = {"model": result["model"], **{f"{k} baseline": v for k, v in result["baselines"].items()}}
+    rows = {"model": result["model"]}
+    if "hybrid" in result:
+        rows[hybrid_name(result)] = result["hybrid"]
+    rows.update({f"{k} baseline": v for k, v in result["baselines"].items()})
     text = f"{result.get('split', '')} ({result['model']['num_samples']} samples)\n" + format_table(rows, ks)
-    return text + intervals_table(result)
+    return text + intervals_table(result) + hybrid_lines(result)
+
+
+def hybrid_name(result: dict) -> str:
+    """The hybrid row's name in the tables: ``model + transition (w W)``."""
+    return f"model + transition (w {result['hybrid']['weight']:g})"
+
+
+def hybrid_lines(result: dict) -> str:
+    """The hybrid's paired intervals (and its valid grid), "" without a hybrid row."""
+    h = result.get("hybrid")
+    if h is None:
+        return ""
+    lines = []
+    for m, p in h["paired"].items():
+        lines.append(f"hybrid - best baseline ({p['baseline']}), paired, {m}: "
+                     f"{p['diff']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]")
+    for m, p in h["vs_model"].items():
+        lines.append(f"hybrid - model, paired, {m}: {p['diff']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]")
+    if "grid" in h:
+        lines.append(f"hybrid weight chosen on this split by {h['grid_metric']}: " +
+                     ", ".join(f"w {float(w):g}: {v:.4f}" for w, v in h["grid"].items()) + f" -> {h['weight']:g}")
+    return "\n" + "\n".join(lines)
 
 
 def intervals_table(result: dict) -> str:
@@ -332,12 +418,16 @@ def intervals_table(result: dict) -> str:
         return ""
     boot = result.get("bootstrap", {})
     metrics = list(next(iter(iv.values())))
-    names = {"model": "model", **{k: f"{k} baseline" for k in iv if k != "model"}}
+    names = {"model": "model", **{k: f"{k} baseline" for k in iv if k not in ("model", "hybrid")}}
+    points = {"model": result["model"], **result["baselines"]}
+    if "hybrid" in iv and "hybrid" in result:
+        names = {"model": "model", "hybrid": hybrid_name(result), **{k: v for k, v in names.items() if k != "model"}}
+        points["hybrid"] = result["hybrid"]
     w = max(len(n) for n in names.values())
 
     def cell(row, m):
         lo, hi = iv[row][m]
-        point = (result["model"] if row == "model" else result["baselines"][row])[m]
+        point = points[row][m]
         return f"{point:.4f} [{lo:.4f}, {hi:.4f}]"
 
     level = int(round(100 * boot.get("level", stats.DEFAULT_LEVEL)))

@@ -42,6 +42,7 @@ from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
 from genrec_fast.data import load_minionerec
 from genrec_fast.decode import graphs
 from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
+from genrec_fast.eval.hybrid import check_weight
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import add_key_dropout, add_train_dropout, lm_modules
 from genrec_fast.prompts import DEFAULT_TASKS, build_examples, check_prompt_style, check_tasks, tokenizer_corpus
@@ -112,6 +113,9 @@ class SFTConfig(StageConfig):
     test: bool = opt(False, "after training, evaluate the selected model on the test split (+ baselines)")
     test_beams: int = opt(50, "beams of the test evaluation")
     test_batch_size: int = opt(32, "prompts per test beam search")
+    test_hybrid_weight: Optional[float] = opt(None, "the test table also shows the hybrid row (the model's beams "
+                                                    "re-ranked with last-item transition counts at this weight, "
+                                                    "chosen on valid: genrec_fast.eval.hybrid); none: no such row")
 
     def __post_init__(self):
         super().__post_init__()
@@ -140,6 +144,8 @@ class SFTConfig(StageConfig):
         if self.eval_every >= 0 and self.eval_beams < 10:
             raise ValueError(f"eval_beams {self.eval_beams} < 10: early stopping ranks by valid NDCG@10, which needs "
                              f">= 10 beams (or set eval_every < 0 for no valid evals)")
+        if self.test_hybrid_weight is not None:
+            check_weight(self.test_hybrid_weight, "SFTConfig: test_hybrid_weight")
         if self.compile and not self.packing:
             raise ValueError("compile needs packing=True: only packed batches have one fixed shape "
                              "([batch_tokens // pack_length, pack_length])")
@@ -356,8 +362,8 @@ def adamw(params, **kw) -> torch.optim.AdamW:
 
 # SFTConfig fields a resumed run may change: where and how it runs, not what it trains on or how
 _RESUMABLE_CHANGES = ("data", "output_dir", "out", "compile", "cuda_graphs", "eval_batch_size", "save_every",
-                      "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size", "progress",
-                      "report_to")
+                      "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size",
+                      "test_hybrid_weight", "progress", "report_to")
 
 
 def _run_key(cfg: "SFTConfig", lengths: Sequence[int]) -> dict:
@@ -658,7 +664,8 @@ class SFTTrainer(StageTrainer):
         t0 = time.perf_counter()
         metrics = evaluate_split(model, tokenizer, vocab, self.data, "test", num_beams=self.cfg.test_beams,
                                  batch_size=self.cfg.test_batch_size, trie=self.trie,
-                                 out=str(self.out / "test_metrics.json"), cuda_graphs=self.cfg.cuda_graphs)
+                                 out=str(self.out / "test_metrics.json"), cuda_graphs=self.cfg.cuda_graphs,
+                                 hybrid_weight=self.cfg.test_hybrid_weight)
         result["test_seconds"] = time.perf_counter() - t0
         return metrics
 
