@@ -12,7 +12,9 @@ item ids, their SIDs and titles, and the prompt style the model was trained with
 as in evaluation (:func:`genrec_fast.prompts.rec_prompt`) and decoded by constrained beam search over the
 trie of the catalogue's SIDs (:func:`genrec_fast.eval.predict`); an item's score is its beam's
 log-probability (items that share a SID share its score). The items of the beams come in beam order, so a
-user gets ``k`` items when the beams hold that many (``num_beams`` defaults to ``k``).
+user gets ``k`` items when the beams hold that many (``num_beams`` defaults to ``k``). The hybrid of
+``genrec_fast.eval.hybrid`` is there too: ``rec.recommend(histories, k, transitions=rec.transitions(train_sequences),
+hybrid_weight=W)`` re-ranks the beams with last-item transition counts.
 
 CLI: ``genrec-fast recommend --model DIR --history ID [ID ...] [--k 10]`` prints a table.
 """
@@ -27,7 +29,9 @@ import torch
 
 from genrec_fast.bundle import BUNDLE_FILE, Bundle, read_bundle
 from genrec_fast.data.types import Catalog, Sample
+from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.eval.evaluate import catalog_trie, predict
+from genrec_fast.eval.hybrid import TransitionReranker, check_weight, sequence_transitions
 from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import load_model_and_tokenizer
 from genrec_fast.prompts import PROMPT_STYLES, check_prompt_style
@@ -37,7 +41,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class Recommendation:
-    """One user's recommended items, best first: ids, beam log-probabilities and titles."""
+    """One user's recommended items, best first: ids, beam log-probabilities (with the hybrid: its scores) and
+    titles."""
 
     item_ids: List[str]
     scores: List[float]
@@ -120,27 +125,49 @@ class Recommender:
         """Catalogue indices of each history (:func:`history_indices`)."""
         return history_indices(self.catalog, histories, self.bundle.directory / BUNDLE_FILE)
 
+    def transitions(self, sequences: Sequence[Sequence]) -> TransitionTable:
+        """The last-item transition counts of user sequences (item ids as in the catalogue, oldest first; e.g.
+        the interactions the model was trained on), for :meth:`recommend`'s hybrid."""
+        return sequence_transitions(self.history_indices(sequences), len(self.catalog))
+
     def recommend(self, histories: Sequence[Sequence], k: int = 10, num_beams: Optional[int] = None,
-                  batch_size: int = 16, max_prompt_length: Optional[int] = None) -> List[Recommendation]:
+                  batch_size: int = 16, max_prompt_length: Optional[int] = None,
+                  transitions: Optional[TransitionTable] = None,
+                  hybrid_weight: Optional[float] = None) -> List[Recommendation]:
         """The top ``k`` items for each history (item ids as in the catalogue, oldest first).
 
         ``num_beams`` (default ``k``, at least ``k``): beams of the constrained search. A prompt longer than
         the model's positions is an error naming the user, unless ``max_prompt_length`` keeps its last tokens.
+        ``transitions`` (:meth:`transitions`) with ``hybrid_weight``: the hybrid (``genrec_fast.eval.hybrid``):
+        every beam's items re-ranked by beam log-prob + hybrid_weight * log(1 + count(last history item ->
+        item)), the top ``k`` kept, each with that score; ``num_beams`` then defaults to max(k, 50), as the
+        hybrid was measured.
         """
         for name, value in (("k", k), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"recommend: {name} must be an integer >= 1, got {value!r}")
-        beams = k if num_beams is None else num_beams
+        if (transitions is None) != (hybrid_weight is None):
+            raise ValueError("recommend: the hybrid needs both transitions (Recommender.transitions) and "
+                             "hybrid_weight; give both or neither")
+        hybrid = transitions is not None
+        if hybrid:
+            check_weight(hybrid_weight, "recommend: hybrid_weight")
+        beams = (max(k, 50) if hybrid else k) if num_beams is None else num_beams
         if isinstance(beams, bool) or not isinstance(beams, int) or beams < k:
             raise ValueError(f"recommend: num_beams must be an integer >= k={k}, got {num_beams!r}")
         rows = self.history_indices(histories)
         samples = [Sample(user_id=str(u), history=row, target=-1) for u, row in enumerate(rows)]
         records = predict(self.model, self.tokenizer, self.sid_vocab, self.trie, samples, self.catalog,
-                          num_beams=beams, batch_size=batch_size, top_n=k, score=self.score, backend=self.backend,
-                          max_prompt_length=max_prompt_length, prompt_style=self.prompt_style, with_scores=True)
+                          num_beams=beams, batch_size=batch_size, top_n=beams if hybrid else k, score=self.score,
+                          backend=self.backend, max_prompt_length=max_prompt_length, prompt_style=self.prompt_style,
+                          with_scores=True)
+        if hybrid:
+            reranker = TransitionReranker(transitions)
+            for r, row in zip(records, rows):
+                r["ranked"], r["scores"] = reranker.rerank_scored(r["ranked"], r["scores"], row[-1], hybrid_weight)
         out = []
         for r in records:
-            kept = [(i, s) for i, s in zip(r["ranked"], r["scores"]) if i != INVALID_SLOT]
+            kept = [(i, s) for i, s in zip(r["ranked"], r["scores"]) if i != INVALID_SLOT][:k]
             out.append(Recommendation(item_ids=[self.catalog.item_ids[i] for i, _ in kept],
                                       scores=[float(s) for _, s in kept],
                                       titles=[self.catalog.titles[i] for i, _ in kept]))

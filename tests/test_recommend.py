@@ -62,6 +62,35 @@ def test_recommend_learned_and_equals_evaluation_ranking(trained):
     assert all(len(r.item_ids) == 2 for r in wide)
 
 
+def test_recommend_hybrid_reranks_the_beams_with_transition_counts(trained):
+    import math
+
+    _, model_dir = trained
+    rec = Recommender.from_pretrained(model_dir)
+    # counts that contradict the learned "next = last + 1": after 3 comes 7 (five times) and 0 (once)
+    table = rec.transitions([["3", "7"]] * 5 + [["2", "3", "0"]])
+    assert table.successors(rec.catalog.index("3")).tolist() == [rec.catalog.index("7"), rec.catalog.index("0")]
+    base = rec.recommend([["2", "3"], ["5", "6"]], k=12)  # every item: the model's own scores
+    out = rec.recommend([["2", "3"], ["5", "6"]], k=4, transitions=table, hybrid_weight=2.0)
+    model_score = dict(zip(base[0].item_ids, base[0].scores))
+    want = sorted(model_score, key=lambda i: -(model_score[i] + 2.0 * math.log1p({"7": 5, "0": 1}.get(i, 0))))[:4]
+    assert out[0].item_ids == want and {"0", "7"} <= set(want) and want != base[0].item_ids[:4]
+    assert out[0].scores == pytest.approx([model_score[i] + 2.0 * math.log1p({"7": 5, "0": 1}.get(i, 0))
+                                           for i in want], abs=1e-4)
+    assert out[1].item_ids == base[1].item_ids[:4]  # last item 6 has no counted successor: the model's order
+    assert out[0].scores == sorted(out[0].scores, reverse=True)
+    # weight 0 is the model's own list
+    assert rec.recommend([["2", "3"]], k=4, transitions=table, hybrid_weight=0.0)[0].item_ids == base[0].item_ids[:4]
+    with pytest.raises(ValueError, match="give both or neither"):
+        rec.recommend([["1"]], k=2, transitions=table)
+    with pytest.raises(ValueError, match="recommend: hybrid_weight must be a finite number >= 0, got -1"):
+        rec.recommend([["1"]], k=2, transitions=table, hybrid_weight=-1.0)
+    with pytest.raises(ValueError, match="user 1: item id 'nope'"):
+        rec.transitions([["1", "2"], ["nope", "2"]])
+    with pytest.raises(ValueError, match="no sequence holds two items"):
+        rec.transitions([["1"], ["2"]])
+
+
 def test_unknown_items_and_bad_arguments_name_the_user(trained):
     _, model_dir = trained
     rec = Recommender.from_pretrained(model_dir)

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
+from genrec_fast.data.types import Sample
 from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.eval.metrics import INVALID_SLOT, target_ranks
 from genrec_fast.eval.stats import per_sample
@@ -58,11 +59,26 @@ class TransitionReranker:
     def rerank(self, items: Sequence[int], scores: Sequence[float], last: int, weight: float) -> List[int]:
         """``items`` (best first, with their beam ``scores``) in the hybrid's order for a user whose last
         history item is ``last`` (-1: no history, the model's order)."""
+        return self.rerank_scored(items, scores, last, weight)[0]
+
+    def rerank_scored(self, items: Sequence[int], scores: Sequence[float], last: int,
+                      weight: float) -> Tuple[List[int], List[float]]:
+        """As :meth:`rerank`, with each item's hybrid score (beam score + weight * log1p(count)) beside it."""
         if len(items) != len(scores):
             raise ValueError(f"rerank: {len(items)} items but {len(scores)} scores")
         new = np.asarray(scores, dtype=np.float64) + weight * np.log1p(self.counts(last, items))
         order = np.lexsort((np.arange(len(items)), -new))  # higher score first, then the beam order
-        return [int(items[j]) for j in order]
+        return [int(items[j]) for j in order], [float(new[j]) for j in order]
+
+
+def sequence_transitions(sequences: Sequence[Sequence[int]], num_items: int) -> TransitionTable:
+    """A ``TransitionTable`` of the consecutive pairs of user sequences (catalogue indices, oldest first), e.g.
+    the interactions a served model was trained on."""
+    pairs = [Sample(str(u), [int(seq[j])], int(seq[j + 1])) for u, seq in enumerate(sequences)
+             for j in range(len(seq) - 1)]
+    if not pairs:
+        raise ValueError("sequence_transitions: no sequence holds two items, so there is no transition to count")
+    return TransitionTable(pairs, num_items)
 
 
 def _last_item(sample) -> int:
