@@ -131,7 +131,8 @@ _POST_SAMPLE = dict(_STAGE_SAMPLE, model="m", data="d", batch_size=4, warmup_ste
                     cuda_graphs=True)
 SAMPLES = {
     "sft": dict(_STAGE_SAMPLE, data="d", model="m", tasks=("sid_seq", "title2sid"), prompt_style="compact",
-                sequence_loss=True, whole_sequences=True, sequence_window=6, epochs=2.5, warmup_ratio=0.1,
+                sequence_loss=True, whole_sequences=True, sequence_window=6, history_suffixes=(1, 2), epochs=2.5,
+                warmup_ratio=0.1,
                 batch_tokens=1024, pack_length=256, grad_accum=2, max_length=128, packing=False, compile=False,
                 cuda_graphs=True,
                 eval_every=4, eval_epochs=0.5, eval_samples=16, eval_beams=12, eval_batch_size=4, patience=2,

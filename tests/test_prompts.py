@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import genrec_fast.prompts as P
-from genrec_fast.data import Catalog, RecData, Sample, sequence_windows, user_sequences
+from genrec_fast.data import Catalog, RecData, Sample, history_suffixes, sequence_windows, user_sequences
 from genrec_fast.sid_tokens import parse_sid
 
 
@@ -149,3 +149,16 @@ def test_user_sequences_and_model_prompt_style():
     _Cfg.prompt_style = "chat"
     with pytest.raises(ValueError, match="unknown prompt style 'chat'"):
         P.model_prompt_style(_Model())
+
+
+def test_history_suffixes_copy_each_sample_with_its_last_k_items():
+    rows = [Sample("u", [1, 2, 3], 4), Sample("v", [7], 8), Sample("w", [5, 6], 9)]
+    got = history_suffixes(rows, [1, 2])
+    # K = 1 first, then K = 2, each in the samples' order; a history of <= K items is not copied
+    assert [(s.user_id, s.history, s.target) for s in got] == [("u", [3], 4), ("w", [6], 9), ("u", [2, 3], 4)]
+    assert history_suffixes(rows, []) == []
+    assert rows[0].history == [1, 2, 3]  # the originals are left as they are
+    for bad in ([0], [2, 2], [-1]):
+        with pytest.raises(ValueError, match="distinct integers >= 1"):
+            history_suffixes(rows, bad)
+

@@ -330,6 +330,28 @@ def test_test_split_table_with_the_hybrid_row(tmp_path, capsys):
         _cfg(tmp_path, test_hybrid_weight=-1.0)
 
 
+def test_history_suffixes_add_sid_seq_examples_of_their_own(tmp_path):
+    from genrec_fast.data import history_suffixes
+
+    data = _data()  # 16 users: 48 train samples
+    n_copies = len(history_suffixes(data.train, [1]))
+    assert 0 < n_copies < len(data.train)
+    res = train_sft(_cfg(tmp_path, tasks=("sid_seq",), max_steps=1, eval_every=-1, history_suffixes=(1,)), data=data)
+    assert json.loads((res.output_dir / "sft_result.json").read_text())["train_examples"] == 48 + n_copies
+    # with whole user sequences the copies stay examples of their own (last item -> target), not chained in
+    res = train_sft(_cfg(tmp_path, output_dir=str(tmp_path / "seq"), tasks=("sid_seq",), max_steps=1, eval_every=-1,
+                         prompt_style="compact", sequence_loss=True, whole_sequences=True, history_suffixes=(1,)),
+                    data=data)
+    assert json.loads((res.output_dir / "sft_result.json").read_text())["train_examples"] == 16 + n_copies
+    assert _cfg(tmp_path, history_suffixes=(0,)).history_suffixes == ()  # `--history-suffixes 0`: none
+    with pytest.raises(ValueError, match="history_suffixes must be distinct integers >= 1"):
+        _cfg(tmp_path, history_suffixes=(1, 1))
+    with pytest.raises(ValueError, match="history_suffixes must be distinct integers >= 1"):
+        _cfg(tmp_path, history_suffixes=(0, 1))
+    with pytest.raises(ValueError, match="enable the sid_seq task"):
+        _cfg(tmp_path, tasks=("title2sid",), history_suffixes=(1,))
+
+
 def test_train_with_lora_learns(tmp_path):
     data = _data()
     res = train_sft(_cfg(tmp_path, lora=True, lora_r=4, lr=3e-2, max_steps=20, eval_every=-1), data=data)

@@ -327,3 +327,17 @@ def sequence_windows(seq: Sequence[int], max_len: int, stride: Optional[int] = N
         out.append(list(seq[max(0, end - max_len):end]))
         end -= stride
     return out
+
+
+def history_suffixes(samples: Sequence[Sample], lengths: Sequence[int]) -> List[Sample]:
+    """Extra training samples: for each K in ``lengths``, every sample whose history is longer than K again,
+    with its history cut to its last K items (same user and target), in the samples' order, K by K.
+
+    With K = 1 each (last item -> target) pair is also trained with nothing before the last item, so the model
+    learns the item-level successors that a transition table counts, besides the same pairs in long contexts.
+    A sample with at most K history items is not copied (it is already there as it would be).
+    """
+    ks = [int(k) for k in lengths]
+    if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(f"history_suffixes: lengths must be distinct integers >= 1, got {list(lengths)}")
+    return [Sample(s.user_id, list(s.history[-k:]), s.target) for k in ks for s in samples if len(s.history) > k]

@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
-from genrec_fast.data import load_minionerec
+from genrec_fast.data import history_suffixes, load_minionerec
 from genrec_fast.decode import graphs
 from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.eval.hybrid import check_weight
@@ -85,6 +85,10 @@ class SFTConfig(StageConfig):
     whole_sequences: bool = opt(False, "with sequence_loss: one sid_seq example per user sequence, not per window")
     sequence_window: int = opt(0, "with whole_sequences: cut each user sequence into windows of at most this many "
                                   "items (as SASRec trains; each transition still once); 0: whole sequences")
+    history_suffixes: Tuple[int, ...] = opt((), "extra sid_seq examples: each training sample with its history cut "
+                                                "to its last K items, for each K given (genrec_fast.data."
+                                                "history_suffixes; 1: every last-item -> target pair alone too; "
+                                                "with whole_sequences, each copy is an example of its own; 0: none)")
     epochs: float = opt(3.0, "epochs (> 0), counted in micro-batches / grad_accum")
     warmup_ratio: float = opt(0.03, "share of the steps with a linear warm-up, in [0, 1) (then cosine decay)")
     batch_tokens: int = opt(8192, "tokens per micro-batch (packed) / padded-token budget (bucketed)")
@@ -129,6 +133,14 @@ class SFTConfig(StageConfig):
             raise ValueError("sequence_loss needs prompt_style='compact'")
         if self.whole_sequences and not self.sequence_loss:
             raise ValueError("whole_sequences needs sequence_loss")
+        self.history_suffixes = tuple(int(k) for k in self.history_suffixes)
+        if self.history_suffixes == (0,):  # the command line's way to say none
+            self.history_suffixes = ()
+        if any(k < 1 for k in self.history_suffixes) or len(set(self.history_suffixes)) != len(self.history_suffixes):
+            raise ValueError(f"SFTConfig: history_suffixes must be distinct integers >= 1, got "
+                             f"{list(self.history_suffixes)}")
+        if self.history_suffixes and "sid_seq" not in self.tasks:
+            raise ValueError("SFTConfig: history_suffixes adds sid_seq examples; enable the sid_seq task")
         if self.sequence_window and (not self.whole_sequences or self.sequence_window < 2):
             raise ValueError(f"sequence_window={self.sequence_window} needs whole_sequences and >= 2 items per window")
         if self.pack_length > self.batch_tokens:
@@ -466,6 +478,10 @@ class SFTTrainer(StageTrainer):
         self.examples = build_examples(data, cfg.tasks, samples=train_samples, style=cfg.prompt_style,
                                        sequence_loss=cfg.sequence_loss, whole_sequences=cfg.whole_sequences,
                                        sequence_window=cfg.sequence_window)
+        suffixes = history_suffixes(train_samples, cfg.history_suffixes)
+        if suffixes:  # never chained into the user sequences: examples of their own
+            self.examples += build_examples(data, ("sid_seq",), samples=suffixes, style=cfg.prompt_style,
+                                            sequence_loss=cfg.sequence_loss)
         if not self.examples:
             raise ValueError(f"sft: no training examples: {len(train_samples)} training samples and tasks "
                              f"{list(cfg.tasks)}")
