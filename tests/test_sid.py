@@ -46,6 +46,25 @@ def test_kmeans_recovers_separated_clusters():
         ResidualKMeans(levels=2, codebook_size=6, iters=0)
 
 
+def test_kmeans_is_the_same_run_to_run_with_several_threads():
+    from genrec_fast.sid.kmeans import _cluster_sums
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3011, 448, generator=g)  # the demo's shape: MiniLM 384 + 64 collaborative dims
+    assign = torch.randint(0, 32, (3011,), generator=g)
+    want = torch.zeros(32, 448, dtype=torch.float64).index_put_((assign,), x.double(), accumulate=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # index_put_(accumulate=True) summed in a varying order with 2 threads
+    try:
+        sums = [_cluster_sums(x, assign, 32) for _ in range(8)]
+        assert all(torch.equal(sums[0], s) for s in sums[1:])
+        assert torch.allclose(sums[0].double(), want, atol=1e-4)
+        fits = [ResidualKMeans(2, 32, iters=5, seed=0, balanced=True).fit(x[:600]) for _ in range(4)]
+        assert all(torch.equal(fits[0], f) for f in fits[1:])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_kmeans_balanced_caps_cluster_sizes():
     x, _ = _blobs(40, 2, 4, 0.5, seed=2)  # two big blobs, 8 clusters wanted
     x = torch.cat([x, torch.randn(7, 4) * 20])  # plus outliers: N = 87
