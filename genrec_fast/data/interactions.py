@@ -329,6 +329,14 @@ def sequence_windows(seq: Sequence[int], max_len: int, stride: Optional[int] = N
     return out
 
 
+def check_suffix_lengths(lengths: Sequence[int], what: str = "history suffix lengths") -> tuple:
+    """``lengths`` as a tuple of ints if they are distinct and >= 1; ValueError naming ``what`` otherwise."""
+    ks = tuple(int(k) for k in lengths)
+    if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(f"{what} must be distinct integers >= 1, got {list(lengths)}")
+    return ks
+
+
 def history_suffixes(samples: Sequence[Sample], lengths: Sequence[int]) -> List[Sample]:
     """Extra training samples: for each K in ``lengths``, every sample whose history is longer than K again,
     with its history cut to its last K items (same user and target), in the samples' order, K by K.
@@ -337,7 +345,5 @@ def history_suffixes(samples: Sequence[Sample], lengths: Sequence[int]) -> List[
     learns the item-level successors that a transition table counts, besides the same pairs in long contexts.
     A sample with at most K history items is not copied (it is already there as it would be).
     """
-    ks = [int(k) for k in lengths]
-    if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
-        raise ValueError(f"history_suffixes: lengths must be distinct integers >= 1, got {list(lengths)}")
+    ks = check_suffix_lengths(lengths, "history_suffixes: lengths")
     return [Sample(s.user_id, list(s.history[-k:]), s.target) for k in ks for s in samples if len(s.history) > k]

@@ -317,6 +317,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
         raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), "
                          f"got {split!r}")
     check_hybrid_args(split, hybrid_weight, hybrid_grid)
+    want_hybrid = hybrid_weight is not None or hybrid_grid is not None
     ks = ks_for_beams(ks, num_beams, "evaluate_split")
     if prompt_style is not None:
         check_prompt_style(prompt_style)
@@ -327,7 +328,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     trie = catalog_trie(data.catalog) if trie is None else trie
     model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
                                       batch_size=batch_size, ks=ks, return_records=True, prompt_style=prompt_style,
-                                      with_scores=hybrid_weight is not None or hybrid_grid is not None,
+                                      with_scores=want_hybrid,
                                       **decode_kwargs)
     ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
     b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
@@ -336,7 +337,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     users = [str(s.user_id) for s in samples]
     metrics = interval_metrics(ks)
     hybrid = None
-    if hybrid_weight is not None or hybrid_grid is not None:
+    if want_hybrid:
         hybrid = _hybrid_result(data, split, samples, records, ranks, list(b_ranks), ks, hybrid_weight, hybrid_grid,
                                 num_resamples, seed)
     result = {"split": split, "num_samples": len(samples), "model": model_metrics, "baselines": baselines,

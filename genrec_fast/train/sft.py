@@ -40,6 +40,7 @@ from transformers import get_scheduler
 
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
 from genrec_fast.data import history_suffixes, load_minionerec
+from genrec_fast.data.interactions import check_suffix_lengths
 from genrec_fast.decode import graphs
 from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.eval.hybrid import check_weight
@@ -133,12 +134,9 @@ class SFTConfig(StageConfig):
             raise ValueError("sequence_loss needs prompt_style='compact'")
         if self.whole_sequences and not self.sequence_loss:
             raise ValueError("whole_sequences needs sequence_loss")
-        self.history_suffixes = tuple(int(k) for k in self.history_suffixes)
-        if self.history_suffixes == (0,):  # the command line's way to say none
+        if tuple(int(k) for k in self.history_suffixes) == (0,):  # the command line's way to say none
             self.history_suffixes = ()
-        if any(k < 1 for k in self.history_suffixes) or len(set(self.history_suffixes)) != len(self.history_suffixes):
-            raise ValueError(f"SFTConfig: history_suffixes must be distinct integers >= 1, got "
-                             f"{list(self.history_suffixes)}")
+        self.history_suffixes = check_suffix_lengths(self.history_suffixes, "SFTConfig: history_suffixes")
         if self.history_suffixes and "sid_seq" not in self.tasks:
             raise ValueError("SFTConfig: history_suffixes adds sid_seq examples; enable the sid_seq task")
         if self.sequence_window and (not self.whole_sequences or self.sequence_window < 2):
