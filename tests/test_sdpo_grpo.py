@@ -352,6 +352,25 @@ def test_post_training_on_train_and_valid(tiny_run, tmp_path):
     assert len(Session(GRPOConfig(**{**args, "eval_splits": ("test",)})).train) == len(s.data.train)
 
 
+def test_post_training_on_the_valid_prompts(tiny_run, tmp_path):
+    """prompt_split 'valid': the training prompts are the valid samples alone (prompts a train-only SFT model has
+    not fitted), valid cannot be evaluated, and it does not combine with train_on_valid."""
+    from genrec_fast.train import GRPOConfig, SDPOConfig
+    from genrec_fast.train.post_training import Session
+
+    data_dir, model_dir = tiny_run
+    args = dict(model=str(model_dir), data=str(data_dir), out=str(tmp_path / "o"), **COMMON)
+    with pytest.raises(ValueError, match="prompt_split 'valid' trains on the valid samples"):
+        GRPOConfig(prompt_split="valid", **{**args, "eval_splits": ("valid", "test")})
+    with pytest.raises(ValueError, match="train_on_valid adds the valid samples"):
+        SDPOConfig(prompt_split="valid", train_on_valid=True, **{**args, "eval_splits": ("test",)})
+    with pytest.raises(ValueError, match="prompt_split must be 'train' or 'valid'"):
+        SDPOConfig(prompt_split="test", **{**args, "eval_splits": ("none",)})
+    s = Session(GRPOConfig(prompt_split="valid", **{**args, "eval_splits": ("test",)}))
+    assert [(x.user_id, x.target) for x in s.train] == [(x.user_id, x.target) for x in s.data.valid]
+    assert len(s.train) != len(s.data.train)
+
+
 def test_post_training_panels_are_the_logged_statistics_and_the_evals():
     from genrec_fast.train.curves import post_training_panels
 

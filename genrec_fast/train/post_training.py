@@ -86,6 +86,9 @@ class PostTrainConfig(StageConfig):
     train_samples: Optional[int] = opt(None, "train on a fixed random subset of the train split of this size")
     train_on_valid: bool = opt(False, "train on the train and valid samples (for a test-only evaluation of a model "
                                       "whose SFT saw valid too); valid can then not be an eval split")
+    prompt_split: str = opt("train", "the split whose samples are the training prompts: 'train', or 'valid' (prompts "
+                                     "a train-only SFT model has not fitted; valid can then not be an eval split)",
+                            choices=("train", "valid"))
     eval_splits: Tuple[str, ...] = opt(("valid", "test"), "splits evaluated before/after ('none': no evaluation)")
     eval_samples: Optional[int] = opt(500, "fixed random subset per eval split (none: all)")
     eval_beams: int = opt(20, "beams of the evaluations (>= 10)")
@@ -125,6 +128,16 @@ class PostTrainConfig(StageConfig):
         if self.train_on_valid and "valid" in self.eval_splits:
             raise ValueError(f"{type(self).__name__}: train_on_valid trains on the valid samples, so 'valid' cannot "
                              f"be an eval split (got eval_splits {list(self.eval_splits)}; use --eval-splits test)")
+        if self.prompt_split not in ("train", "valid"):
+            raise ValueError(f"{type(self).__name__}: prompt_split must be 'train' or 'valid', got {self.prompt_split!r}")
+        if self.prompt_split == "valid":
+            if self.train_on_valid:
+                raise ValueError(f"{type(self).__name__}: train_on_valid adds the valid samples to the train prompts; "
+                                 f"with prompt_split 'valid' the prompts are the valid samples alone: set one of them")
+            if "valid" in self.eval_splits:
+                raise ValueError(f"{type(self).__name__}: prompt_split 'valid' trains on the valid samples, so 'valid' "
+                                 f"cannot be an eval split (got eval_splits {list(self.eval_splits)}; use --eval-splits "
+                                 f"test)")
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -180,9 +193,12 @@ class Session:
         # It sets the lr of the param groups the prepared optimizer (and DeepSpeed's wrapper) steps with.
         self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_steps),
                                        num_training_steps=int(cfg.max_steps))
-        self.train = list(self.data.train) + (list(self.data.valid) if cfg.train_on_valid else [])
+        if cfg.prompt_split == "valid":
+            self.train = list(self.data.valid)
+        else:
+            self.train = list(self.data.train) + (list(self.data.valid) if cfg.train_on_valid else [])
         if not self.train:
-            raise ValueError(f"{cfg.data}: the train split is empty")
+            raise ValueError(f"{cfg.data}: the {cfg.prompt_split} split is empty")
         if cfg.train_samples is not None and cfg.train_samples < len(self.train):
             keep = np.sort(np.random.default_rng(cfg.seed).choice(len(self.train), cfg.train_samples, replace=False))
             self.train = [self.train[i] for i in keep]
