@@ -177,6 +177,33 @@ def test_grpo_rollout_injection_and_no_signal(tiny_run, tmp_path):
     torch.testing.assert_close(lp.view(8, 4), res.scores.float(), atol=1e-4, rtol=1e-4)
 
 
+def test_grpo_sft_weight_adds_the_target_nll(tiny_run, tmp_path):
+    """At the first update the policy is the rollout policy and the reference: ratios 1, KL 0, and the
+    advantages sum to zero in every group, so the GRPO loss is 0 and the step's loss is sft_weight x the
+    targets' NLL per SID token under the start model."""
+    from genrec_fast.train import sequence_logprobs
+    from genrec_fast.train.grpo import GRPOConfig, grpo_step
+    from genrec_fast.train.post_training import Session
+    from genrec_fast.train.rewards import make_reward
+
+    data_dir, model_dir = tiny_run
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), sft_weight=-1.0, **COMMON)
+    cfg = GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), group_size=4, sft_weight=0.5,
+                     inject_target=True, **COMMON)
+    s = Session(cfg)
+    samples = s.train[:4]
+    ids, mask = s.prompts(samples)
+    codes = torch.as_tensor(s.data.catalog.codes[[x.target for x in samples]])
+    with torch.no_grad():
+        nll = -sequence_logprobs(s.unwrapped, ids, mask, s.response_tokens(codes)).mean() / codes.shape[1]
+    stats = grpo_step(s, make_reward("ranking"), samples)
+    assert stats["target_nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert stats["loss"] == pytest.approx(0.5 * float(nll), rel=1e-4, abs=1e-6)
+    assert "target_nll" not in grpo_step(Session(GRPOConfig(**{**cfg.__dict__, "sft_weight": 0.0})),
+                                         make_reward("ranking"), samples)
+
+
 def test_cli_config_parsing(tiny_run, tmp_path):
     from genrec_fast.cli import build_parser
     from genrec_fast.config_cli import apply_config

@@ -6,7 +6,8 @@ Each step: one beam search of the current policy per prompt with B = ``group_siz
 each with the recomputed log-probs, PPO-style ratio clipping against the log-probs of the first
 update, and β·k3 KL to the frozen reference; per SID token and averaged over the tokens (as TRL's
 GRPOTrainer and MiniOneRec; ``loss_level="token"``) or on the summed sequence log-prob
-(``loss_level="sequence"``). With ``inject_target`` a group
+(``loss_level="sequence"``); ``sft_weight`` adds that weight times the NLL per SID token of each prompt's
+target SID. With ``inject_target`` a group
 whose beams miss the target gets the target's SID in place of its last beam, so it has a
 learning signal. The share of groups with no signal (all-equal rewards) is logged.
 """
@@ -41,6 +42,8 @@ class GRPOConfig(PostTrainConfig):
     inject_target: bool = opt(False, "put the target's SID in place of the last beam of a group that missed it")
     loss_level: str = opt("token", "'token': ratio, clip and KL per SID token, averaged (TRL, MiniOneRec); "
                                    "'sequence': on the summed sequence log-prob")
+    sft_weight: float = opt(0.0, "+ this weight x the NLL per SID token of each prompt's target SID (the SFT loss "
+                                 "on the same prompts, beside the GRPO loss)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +53,8 @@ class GRPOConfig(PostTrainConfig):
             raise ValueError(f"num_updates must be >= 1, got {self.num_updates}")
         if self.loss_level not in GRPO_LOSS_LEVELS:
             raise ValueError(f"loss_level must be one of {GRPO_LOSS_LEVELS}, got {self.loss_level!r}")
+        if not self.sft_weight >= 0.0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
 
 class Rollouts(NamedTuple):
@@ -87,6 +92,10 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
     per_token = cfg.loss_level == "token"
     logprobs = token_logprobs if per_token else sequence_logprobs
     ref = session.reference_logprobs(rep_ids, rep_mask, responses, per_token=per_token)
+    targets = None
+    if cfg.sft_weight:
+        catalog_codes = torch.as_tensor(session.data.catalog.codes, dtype=torch.long)
+        targets = session.response_tokens(catalog_codes[[s.target for s in samples]])  # [G, L]
     old = None
     stats: Dict[str, float] = {}
     for it in range(cfg.num_updates):
@@ -94,11 +103,17 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
         if old is None:
             old = logps.detach()  # the rollout's log-probs: ratio 1 on the first update
         loss, kl, clipped = grpo_loss(logps, old, ref, adv, cfg.beta, cfg.clip_eps, cfg.loss_level)
+        nll = None
+        if targets is not None:
+            nll = -sequence_logprobs(session.model, ids, mask, targets).mean() / targets.shape[1]
+            loss = loss + cfg.sft_weight * nll
         check_finite("GRPO loss", loss)
         grad_norm = session.backward_and_step(loss)
         if it == cfg.num_updates - 1:
             stats = {"loss": float(loss.detach()), "kl": float(kl.detach().mean()),
                      "clip_frac": float(clipped.float().mean()), "grad_norm": grad_norm}
+            if nll is not None:
+                stats["target_nll"] = float(nll.detach())
     stats.update({
         "reward": float(rewards.mean()),
         "hit_rate": float(np.mean([h is not None for h in ro.hits])),  # target among the beams (before injection)
