@@ -83,7 +83,7 @@ class PostTrainConfig(StageConfig):
     max_grad_norm: float = opt(1.0, "gradient-norm clipping")
     beta: float = opt(0.1, "S-DPO: temperature of the implicit rewards; GRPO: weight of the k3 KL to the reference")
     max_prompt_length: Optional[int] = opt(None, "prompt tokens kept (cut from the left); none: all")
-    train_samples: Optional[int] = opt(None, "train on a fixed random subset of the train split of this size")
+    train_samples: Optional[int] = opt(None, "train on a fixed random subset of this size of the training prompts")
     train_on_valid: bool = opt(False, "train on the train and valid samples (for a test-only evaluation of a model "
                                       "whose SFT saw valid too); valid can then not be an eval split")
     prompt_split: str = opt("train", "the split whose samples are the training prompts: 'train', or 'valid' (prompts "
