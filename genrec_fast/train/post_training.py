@@ -128,16 +128,16 @@ class PostTrainConfig(StageConfig):
         if self.train_on_valid and "valid" in self.eval_splits:
             raise ValueError(f"{type(self).__name__}: train_on_valid trains on the valid samples, so 'valid' cannot "
                              f"be an eval split (got eval_splits {list(self.eval_splits)}; use --eval-splits test)")
+        name = type(self).__name__
         if self.prompt_split not in ("train", "valid"):
-            raise ValueError(f"{type(self).__name__}: prompt_split must be 'train' or 'valid', got {self.prompt_split!r}")
+            raise ValueError(f"{name}: prompt_split must be 'train' or 'valid', got {self.prompt_split!r}")
         if self.prompt_split == "valid":
             if self.train_on_valid:
-                raise ValueError(f"{type(self).__name__}: train_on_valid adds the valid samples to the train prompts; "
-                                 f"with prompt_split 'valid' the prompts are the valid samples alone: set one of them")
+                raise ValueError(f"{name}: train_on_valid adds the valid samples to the train prompts; with "
+                                 f"prompt_split 'valid' the prompts are the valid samples alone: set one of them")
             if "valid" in self.eval_splits:
-                raise ValueError(f"{type(self).__name__}: prompt_split 'valid' trains on the valid samples, so 'valid' "
-                                 f"cannot be an eval split (got eval_splits {list(self.eval_splits)}; use --eval-splits "
-                                 f"test)")
+                raise ValueError(f"{name}: prompt_split 'valid' trains on the valid samples, so 'valid' cannot be an "
+                                 f"eval split (got eval_splits {list(self.eval_splits)}; use --eval-splits test)")
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
