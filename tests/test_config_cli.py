@@ -128,7 +128,7 @@ _POST_SAMPLE = dict(_STAGE_SAMPLE, model="m", data="d", batch_size=4, warmup_ste
                     max_grad_norm=0.5, beta=0.3,
                     max_prompt_length=64, train_samples=10, train_on_valid=True, eval_splits=("test",),
                     eval_samples=None, eval_beams=12, eval_batch_size=4, eval_before=False, save=False,
-                    cuda_graphs=True)
+                    cuda_graphs=True, prompt_split="train")  # 'valid' excludes train_on_valid=True (its own test)
 SAMPLES = {
     "sft": dict(_STAGE_SAMPLE, data="d", model="m", tasks=("sid_seq", "title2sid"), prompt_style="compact",
                 sequence_loss=True, whole_sequences=True, sequence_window=6, history_suffixes=(1, 2), epochs=2.5,
@@ -140,7 +140,7 @@ SAMPLES = {
                 test_beams=20, test_batch_size=8, test_hybrid_weight=2.0, dropout=0.3, key_dropout=0.25),
     "sdpo": dict(_POST_SAMPLE, num_negatives=2, negatives="mined", sft_weight=0.5),
     "rl": dict(_POST_SAMPLE, group_size=4, reward="semantic", item_embeddings="e.npy", num_updates=2, clip_eps=0.1,
-               inject_target=True, loss_level="sequence"),
+               inject_target=True, loss_level="sequence", sft_weight=0.5),
     "demo": dict(output_dir="o", out="o", ml1m_path="ml", max_users=10, max_interactions_per_user=5, max_history=3,
                  seed=1,
                  sid_levels=2, sid_codebook_size=8, kmeans_iters=5, sid_embedding="text", cf_weight=0.3, cf_dim=8,
@@ -188,7 +188,8 @@ def test_a_yaml_file_of_every_field_gives_the_config_the_flags_give(command, tmp
     given = {"model": "m0", "data": "d0"} if command == "eval" else {"out": "o0"} if command == "sids" else given
     default = config_from_args(cls, apply_config(cli.build_parser(command), _argv(given)))
     same = [k for k in sample if sample[k] == getattr(default, k)]
-    assert same == (["compile"] if command == "sft" else []), f"sample values equal to the default: {same}"
+    left = {"sft": ["compile"], "sdpo": ["prompt_split"], "rl": ["prompt_split"]}.get(command, [])
+    assert same == left, f"sample values equal to the default: {same}"
     path = tmp_path / f"{command}.yaml"
     path.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in sample.items()}))
     from_file = config_from_args(cls, apply_config(cli.build_parser(command), ["--config", str(path)]))

@@ -396,6 +396,11 @@ def test_post_training_on_the_valid_prompts(tiny_run, tmp_path):
     s = Session(GRPOConfig(prompt_split="valid", **{**args, "eval_splits": ("test",)}))
     assert [(x.user_id, x.target) for x in s.train] == [(x.user_id, x.target) for x in s.data.valid]
     assert len(s.train) != len(s.data.train)
+    from genrec_fast import cli
+    from genrec_fast.config_cli import apply_config, config_from_args
+
+    argv = ["--model", "m", "--data", "d", "--out", "o", "--prompt-split", "valid", "--eval-splits", "test"]
+    assert config_from_args(GRPOConfig, apply_config(cli.build_parser("rl"), argv)).prompt_split == "valid"
 
 
 def test_post_training_panels_are_the_logged_statistics_and_the_evals():
