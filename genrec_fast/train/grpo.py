@@ -94,8 +94,7 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
     ref = session.reference_logprobs(rep_ids, rep_mask, responses, per_token=per_token)
     targets = None
     if cfg.sft_weight:
-        catalog_codes = torch.as_tensor(session.data.catalog.codes, dtype=torch.long)
-        targets = session.response_tokens(catalog_codes[[s.target for s in samples]])  # [G, L]
+        targets = session.response_tokens(session.item_codes[[s.target for s in samples]])  # [G, L]
     old = None
     stats: Dict[str, float] = {}
     for it in range(cfg.num_updates):

@@ -173,6 +173,7 @@ class Session:
             raise ValueError(f"{cfg.data}: the catalogue has no SIDs (index.json)")
         self.trie = catalog_trie(catalog)
         self.item_leaf = self.trie.lookup(catalog.codes)  # [N] leaf (= SID) of every item
+        self.item_codes = torch.as_tensor(catalog.codes, dtype=torch.long)  # [N, L] SID codes of every item
         model, self.tokenizer, self.sid_vocab = load_model_dir(
             cfg.model, catalog.codebook_sizes, lora=cfg.lora_r > 0, lora_r=max(cfg.lora_r, 1),
             lora_alpha=cfg.lora_alpha, lora_dropout=0.0, device=self.accelerator.device,

@@ -81,7 +81,7 @@ def mined_negative_codes(session: Session, ids: torch.Tensor, mask: torch.Tensor
 def sdpo_step(session: Session, samples: List) -> Dict[str, float]:
     cfg: SDPOConfig = session.cfg
     n = cfg.num_negatives
-    catalog_codes = torch.as_tensor(session.data.catalog.codes, dtype=torch.long)
+    catalog_codes = session.item_codes
     ids, mask = session.prompts(samples)
     chosen = catalog_codes[[s.target for s in samples]]  # [G, L]
     if cfg.negatives == "random":
