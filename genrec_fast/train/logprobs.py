@@ -8,34 +8,10 @@ module recomputes for it. Shared by S-DPO and GRPO.
 from __future__ import annotations
 
 import copy
-from typing import Tuple
 
 import torch
 
-
-def join_prompt_response(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append ``response_ids`` [R, L] to left-padded prompts [R, P].
-
-    Returns (input_ids, attention_mask, position_ids) [R, P+L]; positions count real tokens
-    only (as HF generate does for left padding), so a prompt's logits do not depend on its padding.
-    """
-    if prompt_ids.dim() != 2 or response_ids.dim() != 2:
-        raise ValueError(
-            f"prompt_ids and response_ids must be 2-D, got {tuple(prompt_ids.shape)} and {tuple(response_ids.shape)}"
-        )
-    if prompt_ids.shape != prompt_mask.shape:
-        raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}")
-    if prompt_ids.shape[0] != response_ids.shape[0]:
-        raise ValueError(f"{prompt_ids.shape[0]} prompts but {response_ids.shape[0]} responses")
-    if bool((prompt_mask[:, -1] == 0).any()):
-        rows = torch.nonzero(prompt_mask[:, -1] == 0).flatten().tolist()
-        raise ValueError(f"prompts must be LEFT padded; rows {rows[:10]} end in padding")
-    input_ids = torch.cat([prompt_ids, response_ids.to(prompt_ids)], dim=1)
-    attention_mask = torch.cat([prompt_mask, torch.ones_like(response_ids, dtype=prompt_mask.dtype)], dim=1)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
+from genrec_fast.model import join_prompt_response
 
 
 def sequence_logprobs(
