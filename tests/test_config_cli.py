@@ -153,7 +153,7 @@ SAMPLES = {
     "eval": dict(model="m", data="d", samples="s.csv", split="valid", num_beams=20, batch_size=4, max_samples=9,
                  seed=2, ks=(1, 5), score="sid", backend="torch", dtype="float32", cuda_graphs=True, sasrec=False,
                  num_resamples=100, max_prompt_length=64, prompt_style="compact", hybrid_weight=2.0,
-                 hybrid_grid=(1.0, 2.5), out="r.json"),
+                 hybrid_grid=(1.0, 2.5), levels=True, out="r.json"),
     "sids": dict(items="i.json", data="d", out="o", log="l.csv", meta="m.csv", sep=";", user_col="u", item_col="i",
                  time_col="t", title_col="name", split="temporal", max_history=4, max_users=10,
                  max_interactions_per_user=6, method="rqvae", embedding="text+cf", cf_fit="train+valid",

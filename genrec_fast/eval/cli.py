@@ -66,6 +66,9 @@ class EvalConfig:
                                                   "(default: no hybrid row)")
     hybrid_grid: Optional[Tuple[float, ...]] = option(None, "--split valid only: choose the hybrid weight from "
                                                              "these values by NDCG@10 and show that row")
+    levels: bool = option(False, "also show, per SID level, the target code's log-probability and rank among its "
+                                 "prefix's children under the model, SASRec and popularity: which level loses the "
+                                 "target (genrec_fast.eval.levels; one teacher-forced pass over the samples)")
     out: Optional[str] = option(None, "write the results here as JSON (default: not written)")
 
 
@@ -128,5 +131,5 @@ def run(args: argparse.Namespace) -> int:
                    out=args.out, score=args.score, backend=args.backend, progress=True,
                    cuda_graphs=args.cuda_graphs, sasrec=args.sasrec, num_resamples=args.num_resamples,
                    max_prompt_length=args.max_prompt_length, prompt_style=args.prompt_style,
-                   hybrid_weight=args.hybrid_weight, hybrid_grid=args.hybrid_grid)
+                   hybrid_weight=args.hybrid_weight, hybrid_grid=args.hybrid_grid, levels=args.levels)
     return 0

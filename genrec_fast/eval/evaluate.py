@@ -27,6 +27,7 @@ from genrec_fast.decode import beam_search
 from genrec_fast.eval import stats
 from genrec_fast.eval.baselines import TransitionTable, baseline_ranks, fit_samples, metrics_of
 from genrec_fast.eval.hybrid import check_weight, hybrid_ranks, select_weight
+from genrec_fast.eval.levels import level_report, level_table
 from genrec_fast.eval.metrics import (
     DEFAULT_KS,
     INVALID_SLOT,
@@ -294,7 +295,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
                    seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
                    sasrec=True, num_resamples: int = stats.DEFAULT_RESAMPLES, prompt_style: Optional[str] = None,
                    hybrid_weight: Optional[float] = None, hybrid_grid: Optional[Sequence[float]] = None,
-                   **decode_kwargs) -> dict:
+                   levels: bool = False, **decode_kwargs) -> dict:
     """The model and the baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
 
     ``max_samples`` evaluates a fixed random subset (seeded) — the baselines use the same subset.
@@ -311,6 +312,8 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     "vs_model" (paired, hybrid minus model)}. hybrid_grid (valid only): choose that weight on this split from
     these values by NDCG@10, or NDCG at the largest cut-off when 10 is not one (``select_weight``; each value's
     score under "hybrid" "grid", the metric under "grid_metric").
+    levels: also the level-by-level view of the same samples as "levels" (``genrec_fast.eval.levels.level_report``:
+    per SID level, the target code's log-probability and rank under the model, SASRec and popularity).
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
     if split not in ("valid", "test"):
@@ -350,11 +353,17 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
                              "ranks": {k: [int(x) for x in v] for k, v in ranks.items()}}}
     if hybrid is not None:
         result["hybrid"] = hybrid
+    if levels and is_main_process():
+        result["levels"] = level_report(model, tokenizer, sid_vocab, data, split, samples, sasrec=sasrec,
+                                        batch_size=batch_size, prompt_style=prompt_style,
+                                        max_prompt_length=decode_kwargs.get("max_prompt_length"))
     if is_main_process():
         if out is not None:
             write_json_atomic(out, result)
         if print_table:
             print(results_table(result, ks))
+            if "levels" in result:
+                print(level_table(result["levels"]))
     return result
 
 
