@@ -88,6 +88,18 @@ def test_model_levels_sum_to_the_sid_beam_scores(tiny_setup):
             assert np.logaddexp.reduce(list(child_lp.values())) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_model_levels_refuse_codes_past_the_vocabulary(tiny_setup):
+    from genrec_fast.data.types import Catalog, Sample
+    from genrec_fast.eval.levels import model_level_logprobs
+
+    data, model, tok, vocab = tiny_setup
+    codes = np.asarray(data.catalog.codes).copy()
+    codes[3, 1] = 4  # the model has 4 codes per level
+    cat = Catalog(data.catalog.item_ids, data.catalog.titles, data.catalog.texts, codes=codes, codebook_sizes=(4, 8))
+    with pytest.raises(ValueError, match="level 1 of the catalogue has code 4, the model's SID vocabulary 4 codes"):
+        model_level_logprobs(model, tok, vocab, cat, [Sample("u", [0], 3)])
+
+
 def test_evaluate_split_levels(tiny_setup, tmp_path, capsys):
     """evaluate_split(levels=True): the report for the same samples, in the JSON and printed."""
     import json

@@ -129,6 +129,10 @@ def model_level_logprobs(model, tokenizer, sid_vocab, catalog, samples: Sequence
     # allowed[l][parent prefix] -> [K_l] children mask
     allowed = []
     for level, k in enumerate(sizes):
+        top = int(pre.code[level].max())
+        if top >= k:
+            raise ValueError(f"model_level_logprobs: level {level} of the catalogue has code {top}, "
+                             f"the model's SID vocabulary {k} codes there")
         m = torch.zeros(int(pre.parent[level].max()) + 1, k, dtype=torch.bool)
         m[torch.from_numpy(pre.parent[level]), torch.from_numpy(pre.code[level])] = True
         allowed.append(m)
