@@ -140,7 +140,7 @@ SAMPLES = {
                 test_beams=20, test_batch_size=8, test_hybrid_weight=2.0, dropout=0.3, key_dropout=0.25),
     "sdpo": dict(_POST_SAMPLE, num_negatives=2, negatives="mined", sft_weight=0.5),
     "rl": dict(_POST_SAMPLE, group_size=4, reward="semantic", item_embeddings="e.npy", num_updates=2, clip_eps=0.1,
-               inject_target=True, loss_level="sequence", sft_weight=0.5),
+               inject_target=True, loss_level="sequence", sft_weight=0.5, transition_weight=2.0),
     "demo": dict(output_dir="o", out="o", ml1m_path="ml", max_users=10, max_interactions_per_user=5, max_history=3,
                  seed=1,
                  sid_levels=2, sid_codebook_size=8, kmeans_iters=5, sid_embedding="text", cf_weight=0.3, cf_dim=8,

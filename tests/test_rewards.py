@@ -7,6 +7,7 @@ import torch
 
 from genrec_fast.train.rewards import (
     SemanticReward,
+    TransitionBonusReward,
     group_advantages,
     group_rewards,
     hit_rank,
@@ -51,6 +52,31 @@ def test_group_rewards_by_name():
         make_reward("nope")
     with pytest.raises(ValueError, match="2 groups of beams but 1 targets"):
         group_rewards(rule_reward, beams, [1])
+
+
+def test_transition_bonus_reward_hand_computed():
+    from genrec_fast.data.types import Sample
+    from genrec_fast.eval.baselines import TransitionTable
+
+    # last item 0 was followed by 2 three times and by 3 once; item 1 by 4 once
+    fit = [Sample("a", [0], 2)] * 3 + [Sample("b", [5, 0], 3), Sample("c", [1], 4)]
+    fn = make_reward("ranking+transition", transitions=TransitionTable(fit, 6), transition_weight=0.5)
+    assert isinstance(fn, TransitionBonusReward) and fn.needs_history
+    beams = _beams([3], [1, 2], [4])  # beam 1's SID is shared by items 1 and 2: the larger count (3) counts
+    got = fn(beams, 4, [5, 0])  # the target 4 at rank 2
+    torch.testing.assert_close(got, ranking_reward(2, 3) + 0.5 * torch.log1p(torch.tensor([1.0, 3.0, 0.0])))
+    # a miss: no ranking signal, the counts still tell the beams apart
+    torch.testing.assert_close(fn(beams, 5, [0]), 0.5 * torch.log1p(torch.tensor([1.0, 3.0, 0.0])))
+    assert fn(beams, 5, []).tolist() == [0.0, 0.0, 0.0]  # no history: no counts
+    # through group_rewards, which passes each group's history, and refuses to run without them
+    r = group_rewards(fn, [beams, beams], [4, 5], [[0], [1]])
+    torch.testing.assert_close(r[1], 0.5 * torch.log1p(torch.tensor([0.0, 0.0, 1.0])))
+    with pytest.raises(ValueError, match="needs each group's history: got none for 2 groups"):
+        group_rewards(fn, [beams, beams], [4, 5])
+    with pytest.raises(ValueError, match="needs a transition table"):
+        make_reward("ranking+transition")
+    with pytest.raises(ValueError, match="transition reward weight must be a finite number >= 0"):
+        make_reward("ranking+transition", transitions=TransitionTable(fit, 6), transition_weight=-1.0)
 
 
 def test_semantic_reward():

@@ -289,6 +289,35 @@ def test_grpo_semantic_reward_from_embedding_file(tiny_run, tmp_path):
         train_grpo(cfg)
 
 
+def test_grpo_transition_reward_counts_the_learnable_samples(tiny_run, tmp_path, monkeypatch):
+    """reward 'ranking+transition' trains, with its table counted on train (+ valid only when the run learns from
+    valid). (Here the only successor of an item is the target itself; the bonus on misses: test_rewards.py.)"""
+    from genrec_fast.train import GRPOConfig, train_grpo
+    from genrec_fast.train import grpo as grpo_mod
+
+    data_dir, model_dir = tiny_run
+    seen = []
+    real = grpo_mod.TransitionTable
+
+    def spy(samples, n):
+        seen.append(len(samples))
+        return real(samples, n)
+
+    monkeypatch.setattr(grpo_mod, "TransitionTable", spy)
+    base = dict(model=str(model_dir), data=str(data_dir), steps=3, group_size=8, reward="ranking+transition",
+                transition_weight=1.0, **{**COMMON, "eval_before": False, "save": False, "log_every": 1})
+    log = train_grpo(GRPOConfig(out=str(tmp_path / "a"), **base))["log"]
+    from genrec_fast.data import load_minionerec
+
+    data = load_minionerec(data_dir)
+    assert seen == [len(data.train)]
+    assert len(log) == 3 and all(np.isfinite(row["loss"]) and row["reward"] >= -1.0 for row in log)
+    train_grpo(GRPOConfig(out=str(tmp_path / "b"), **{**base, "prompt_split": "valid", "eval_splits": ("test",)}))
+    assert seen[-1] == len(data.train) + len(data.valid)
+    with pytest.raises(ValueError, match="transition_weight must be a finite number >= 0"):
+        GRPOConfig(out=str(tmp_path / "c"), **{**base, "transition_weight": float("nan")})
+
+
 def test_sdpo_first_step_loss_is_log1pN_plus_sft_term(tiny_run, tmp_path):
     """At step 1 the policy IS the reference: every S-DPO logit is 0, so the loss is log(1 + N);
     sft_weight adds weight x the chosen NLL per SID token."""

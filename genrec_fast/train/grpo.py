@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -22,6 +23,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 import torch
 
+from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.sid import embed_items
 from genrec_fast.train.logprobs import sequence_logprobs, token_logprobs
 from genrec_fast.train.losses import GRPO_LOSS_LEVELS, grpo_loss
@@ -33,7 +35,10 @@ from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lo
 @dataclass
 class GRPOConfig(PostTrainConfig):
     group_size: int = opt(16, "beams per prompt = rollouts per group (>= 2)")
-    reward: str = opt("ranking", "'rule', 'ranking' (ReRe) or 'semantic'")
+    reward: str = opt("ranking", "'rule', 'ranking' (ReRe), 'semantic', or 'ranking+transition' (ReRe's + "
+                                 "--transition-weight x log1p(count of last history item -> the beam's item) in the "
+                                 "training samples)")
+    transition_weight: float = opt(0.5, "'ranking+transition': the weight of the transition-count bonus")
     item_embeddings: Optional[str] = opt(None, ".npy [N, D] for the semantic reward (default: embed the catalogue "
                                                "texts)")
     num_updates: int = opt(1, "optimizer steps per rollout (> 1: PPO ratio clipping matters)")
@@ -53,6 +58,8 @@ class GRPOConfig(PostTrainConfig):
             raise ValueError(f"num_updates must be >= 1, got {self.num_updates}")
         if self.loss_level not in GRPO_LOSS_LEVELS:
             raise ValueError(f"loss_level must be one of {GRPO_LOSS_LEVELS}, got {self.loss_level!r}")
+        if not (self.transition_weight >= 0.0 and math.isfinite(self.transition_weight)):
+            raise ValueError(f"transition_weight must be a finite number >= 0, got {self.transition_weight}")
         if not self.sft_weight >= 0.0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
@@ -84,7 +91,8 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
     cfg: GRPOConfig = session.cfg
     ids, mask = session.prompts(samples)
     ro = rollout(session, ids, mask, samples, cfg.inject_target)
-    rewards = group_rewards(reward_fn, ro.beam_items, [s.target for s in samples])  # [G, B]
+    rewards = group_rewards(reward_fn, ro.beam_items, [s.target for s in samples],
+                            [s.history for s in samples])  # [G, B]
     adv = group_advantages(rewards).flatten().to(session.device)
     B = cfg.group_size
     responses = session.response_tokens(ro.codes)  # [G*B, L]
@@ -142,7 +150,10 @@ class GRPOTrainer(PostTrainer):
     def _make_step(session: Session):
         cfg = session.cfg
         emb = _item_embeddings(session) if cfg.reward == "semantic" else None
-        return functools.partial(grpo_step, session, make_reward(cfg.reward, emb))
+        table = None
+        if cfg.reward == "ranking+transition":  # counted on the samples the model may learn from
+            table = TransitionTable(session.learnable_samples(), len(session.data.catalog))
+        return functools.partial(grpo_step, session, make_reward(cfg.reward, emb, table, cfg.transition_weight))
 
 
 def train_grpo(cfg: GRPOConfig) -> Dict[str, Any]:

@@ -205,6 +205,13 @@ class Session:
             self.train = [self.train[i] for i in keep]
         self.rng = np.random.default_rng(cfg.seed + 1000 * self.accelerator.process_index)
 
+    def learnable_samples(self) -> list:
+        """Every sample this run may learn from: train, + valid when it trains on valid (``train_on_valid``, or valid
+        prompts), whatever ``train_samples`` keeps of them as prompts."""
+        cfg = self.cfg
+        with_valid = cfg.train_on_valid or cfg.prompt_split == "valid"
+        return list(self.data.train) + (list(self.data.valid) if with_valid else [])
+
     def _set_deepspeed_batch_size(self, batch_size: int) -> None:
         # no DataLoader goes through prepare(), so DeepSpeed's "auto" micro batch is filled here
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)

@@ -4,7 +4,7 @@ A *group* is the B beams of one constrained beam search for one prompt, best fir
 beam given as the array of item ids its SID maps to (``BeamSearchResult.item_ids[i]``).
 Every reward function here has the form ``fn(beam_items, target) -> FloatTensor [B]``, so
 new rewards plug in through :data:`REWARDS` (or by passing a callable to
-:func:`group_rewards`).
+:func:`group_rewards`); one with ``needs_history = True`` is called as ``fn(beam_items, target, history)``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from genrec_fast.eval.baselines import TransitionTable
+from genrec_fast.eval.hybrid import TransitionReranker, check_weight
 
 RewardFn = Callable[[Sequence[np.ndarray], int], torch.Tensor]
 
@@ -86,27 +89,61 @@ class SemanticReward:
         return torch.stack(out)
 
 
+class TransitionBonusReward:
+    """ReRe's ranking reward + ``weight`` * log1p(count(last history item -> the beam's item)).
+
+    The counts come from a :class:`~genrec_fast.eval.baselines.TransitionTable` of the training samples. A beam whose
+    SID maps to several items takes the largest count. Unlike the ranking reward alone, a group whose beams miss the
+    target still carries signal when the user's last item has seen successors among them: the policy is pushed toward
+    the successors the hybrid row re-ranks by (``genrec_fast.eval.hybrid``), and at inference it decodes alone.
+    """
+
+    needs_history = True
+
+    def __init__(self, table: TransitionTable, weight: float):
+        self.counts = TransitionReranker(table).counts
+        self.weight = check_weight(weight, "transition reward weight")
+
+    def __call__(self, beam_items: Sequence[np.ndarray], target: int, history: Sequence[int]) -> torch.Tensor:
+        last = int(history[-1]) if len(history) else -1
+        counts = [self.counts(last, np.asarray(items).tolist()).max(initial=0.0) for items in beam_items]
+        return ranking_group_reward(beam_items, target) + self.weight * torch.log1p(torch.tensor(counts)).float()
+
+
 REWARDS: Dict[str, RewardFn] = {"rule": rule_reward, "ranking": ranking_group_reward}
 """Rewards by name; "semantic" needs item embeddings, see :func:`make_reward`."""
 
 
-def make_reward(name: str, item_embeddings: Optional[np.ndarray] = None) -> RewardFn:
-    """Reward function by name: "rule", "ranking" or "semantic" (needs ``item_embeddings``)."""
+def make_reward(name: str, item_embeddings: Optional[np.ndarray] = None,
+                transitions: Optional[TransitionTable] = None, transition_weight: float = 0.5) -> RewardFn:
+    """Reward function by name: "rule", "ranking", "semantic" (needs ``item_embeddings``) or "ranking+transition"
+    (needs ``transitions``: :class:`TransitionBonusReward` with ``transition_weight``)."""
+    if name == "ranking+transition":
+        if transitions is None:
+            raise ValueError("reward 'ranking+transition' needs a transition table of the training samples")
+        return TransitionBonusReward(transitions, transition_weight)
     if name == "semantic":
         if item_embeddings is None:
             raise ValueError("reward 'semantic' needs item_embeddings [N, D]")
         return SemanticReward(item_embeddings)
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS) + ['semantic']}")
+        raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS) + ['ranking+transition', 'semantic']}")
     return REWARDS[name]
 
 
 def group_rewards(
-    reward_fn: RewardFn, beam_item_ids: Sequence[Sequence[np.ndarray]], targets: Sequence[int]
+    reward_fn: RewardFn, beam_item_ids: Sequence[Sequence[np.ndarray]], targets: Sequence[int],
+    histories: Optional[Sequence[Sequence[int]]] = None,
 ) -> torch.Tensor:
-    """Rewards [G, B] of G groups (one per prompt)."""
+    """Rewards [G, B] of G groups (one per prompt); ``histories`` (one per group) for a reward that needs them."""
     if len(beam_item_ids) != len(targets):
         raise ValueError(f"{len(beam_item_ids)} groups of beams but {len(targets)} targets")
+    if getattr(reward_fn, "needs_history", False):
+        if histories is None or len(histories) != len(targets):
+            raise ValueError(f"this reward needs each group's history: got "
+                             f"{'none' if histories is None else len(histories)} for {len(targets)} groups")
+        return torch.stack([reward_fn(beams, int(t), h).float()
+                            for beams, t, h in zip(beam_item_ids, targets, histories)])
     return torch.stack([reward_fn(beams, int(t)).float() for beams, t in zip(beam_item_ids, targets)])
 
 
