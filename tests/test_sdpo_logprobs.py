@@ -3,7 +3,8 @@ import pytest
 import torch
 import transformers
 
-from genrec_fast.train.logprobs import ReferenceModel, join_prompt_response, sequence_logprobs, token_logprobs
+from genrec_fast.model import join_prompt_response
+from genrec_fast.train.logprobs import ReferenceModel, sequence_logprobs, token_logprobs
 
 
 def _tiny(seed=0, vocab=40):
