@@ -1,0 +1,96 @@
+"""Product-of-experts ensembles of generative recommenders, each member with its own Semantic IDs.
+
+Members are (model, tokenizer, sid_vocab, catalog) of the same items (``catalog.item_ids`` equal) whose SIDs may
+differ, e.g. two residual k-means runs with other seeds, each with its own SFT. For each sample:
+1. every member's constrained beam search (:func:`genrec_fast.eval.evaluate.predict`) gives its ranked items;
+2. the union of those lists is the candidate set;
+3. each member scores every candidate exactly: the full-vocabulary log-probability of the candidate's SID in that
+   member's catalogue, given the member's prompt (teacher forced; the quantity its ``score="full_vocab"`` beam
+   search ranks by);
+4. candidates are ranked by the mean of the members' log-probabilities (ties: lower item index first).
+A one-member "ensemble" reproduces that member's beam ranking over its own list. Items no member's beams reach
+are not ranked; with B beams per member the list holds at least B items (when the catalogue has them).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from genrec_fast.eval.evaluate import catalog_trie, predict
+from genrec_fast.model import encode_prompts, eval_mode, sequence_logprobs
+from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
+
+
+class Member(NamedTuple):
+    """One generative recommender of an ensemble, with the catalogue whose SIDs it was trained on."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    sid_vocab: object
+    catalog: object
+    prompt_style: Optional[str] = None  # None: the model's own
+
+
+def _check_members(members: Sequence[Member]) -> None:
+    if not members:
+        raise ValueError("ensemble: no members")
+    ids = list(members[0].catalog.item_ids)
+    for k, m in enumerate(members[1:], start=1):
+        if list(m.catalog.item_ids) != ids:
+            raise ValueError(f"ensemble: member {k}'s catalogue lists other items (or another order) than member "
+                             f"0's; every member must rank the same items")
+        if m.catalog.codes is None:
+            raise ValueError(f"ensemble: member {k}'s catalogue has no SIDs")
+
+
+@torch.no_grad()
+def member_scores(member: Member, samples: Sequence, candidates: Sequence[Sequence[int]],
+                  max_prompt_length: Optional[int] = None) -> List[np.ndarray]:
+    """Per sample, the member's full-vocabulary log-probability of each candidate item's SID (float64 arrays)."""
+    model, tok, vocab, catalog = member.model, member.tokenizer, member.sid_vocab, member.catalog
+    style = model_prompt_style(model) if member.prompt_style is None else check_prompt_style(member.prompt_style)
+    codes = np.asarray(catalog.codes)
+    device = next(model.parameters()).device
+    out = []
+    with eval_mode(model):
+        for s, cand in zip(samples, candidates):
+            if not len(cand):
+                out.append(np.zeros(0))
+                continue
+            ids, mask = encode_prompts(tok, [rec_prompt(s.history, catalog, style)], max_length=max_prompt_length)
+            resp = vocab.token_ids(torch.from_numpy(codes[np.asarray(cand, dtype=np.int64)]))
+            lp = sequence_logprobs(model, ids.expand(len(cand), -1).to(device), mask.expand(len(cand), -1).to(device),
+                                   resp.to(device))
+            out.append(lp.double().cpu().numpy())
+    return out
+
+
+def ensemble_predict(members: Sequence[Member], samples: Sequence, num_beams: int = 50, top_n: int = 50,
+                     batch_size: int = 16, max_prompt_length: Optional[int] = None) -> List[dict]:
+    """Rank items for each sample by the members' mean log-probability (see the module doc).
+
+    Returns one record per sample, in order: {"index", "target", "ranked" (<= top_n item indices), "scores" (their
+    mean log-probabilities), "num_candidates" (the union's size)}.
+    """
+    _check_members(members)
+    if num_beams < 1 or top_n < 1:
+        raise ValueError(f"ensemble: num_beams and top_n must be >= 1, got {num_beams} and {top_n}")
+    lists = []
+    for m in members:
+        recs = predict(m.model, m.tokenizer, m.sid_vocab, catalog_trie(m.catalog), samples, m.catalog,
+                       num_beams=num_beams, batch_size=batch_size, top_n=len(m.catalog.item_ids),  # every beam's items
+                       prompt_style=m.prompt_style,
+                       max_prompt_length=max_prompt_length)
+        lists.append([r["ranked"] for r in recs])
+    candidates = [sorted(set().union(*(set(lst[i]) for lst in lists)) - {-1}) for i in range(len(samples))]
+    scores = [member_scores(m, samples, candidates, max_prompt_length) for m in members]
+    records = []
+    for i, s in enumerate(samples):
+        cand = np.asarray(candidates[i], dtype=np.int64)
+        mean = np.mean([sc[i] for sc in scores], axis=0) if len(cand) else np.zeros(0)
+        order = np.lexsort((cand, -mean))[:top_n]  # higher mean first, then the lower item index
+        records.append({"index": i, "target": int(s.target), "ranked": cand[order].tolist(),
+                        "scores": mean[order].tolist(), "num_candidates": int(len(cand))})
+    return records

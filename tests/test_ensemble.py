@@ -1,0 +1,79 @@
+"""Product-of-experts ensembles over members with their own SIDs (genrec_fast.eval.ensemble)."""
+import numpy as np
+import pytest
+import torch
+
+
+def _other_sids(catalog, seed=1):
+    """The same items with their SIDs permuted among them: another tokenization of the catalogue."""
+    from genrec_fast.data.types import Catalog
+
+    codes = np.asarray(catalog.codes)
+    perm = np.random.default_rng(seed).permutation(len(codes))
+    return Catalog(catalog.item_ids, catalog.titles, catalog.texts, codes=codes[perm],
+                   codebook_sizes=catalog.codebook_sizes)
+
+
+def test_one_member_reproduces_its_beam_ranking(tiny_setup):
+    from genrec_fast.eval import catalog_trie, predict
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+
+    data, model, tok, vocab = tiny_setup
+    samples = data.test
+    # 11 beams: every SID, so items 10 and 11 (one SID, equal scores) are ranked too: lower index first, as predict
+    recs = ensemble_predict([Member(model, tok, vocab, data.catalog)], samples, num_beams=11, top_n=12)
+    beams = predict(model, tok, vocab, catalog_trie(data.catalog), samples, data.catalog, num_beams=11, top_n=12,
+                    with_scores=True)
+    for r, b in zip(recs, beams):
+        assert len(r["ranked"]) == 12
+        assert r["ranked"] == b["ranked"] and r["target"] == b["target"]
+        assert r["scores"] == pytest.approx(b["scores"], abs=1e-4)  # the beam scores, recomputed
+
+
+def test_two_members_rank_the_union_by_the_mean_log_prob(tiny_setup):
+    from genrec_fast.eval import catalog_trie, predict
+    from genrec_fast.eval.ensemble import Member, ensemble_predict, member_scores
+    from genrec_fast.model import encode_prompts, sequence_logprobs
+    from genrec_fast.prompts import model_prompt_style, rec_prompt
+
+    data, model, tok, vocab = tiny_setup
+    other = _other_sids(data.catalog)
+    members = [Member(model, tok, vocab, data.catalog), Member(model, tok, vocab, other)]
+    samples = data.test[:4]
+    recs = ensemble_predict(members, samples, num_beams=3, top_n=20)
+    style = model_prompt_style(model)
+    for r, s in zip(recs, samples):
+        lists = [predict(model, tok, vocab, catalog_trie(c), [s], c, num_beams=3, top_n=3)[0]["ranked"]
+                 for c in (data.catalog, other)]
+        union = sorted(set(lists[0]) | set(lists[1]))
+        assert sorted(r["ranked"]) == union and r["num_candidates"] == len(union)
+        # each candidate's score: the mean over the members of its SID's log-prob in that member's catalogue
+        want = []
+        for item in r["ranked"]:
+            lps = []
+            for c in (data.catalog, other):
+                ids, mask = encode_prompts(tok, [rec_prompt(s.history, c, style)])
+                resp = vocab.token_ids(torch.as_tensor(np.asarray(c.codes)[[item]]))
+                with torch.no_grad():
+                    lps.append(float(sequence_logprobs(model, ids, mask, resp)[0]))
+            want.append(np.mean(lps))
+        assert r["scores"] == pytest.approx(want, abs=1e-5)
+        assert all(a >= b for a, b in zip(r["scores"], r["scores"][1:]))
+    direct = member_scores(members[1], samples[:1], [[0, 5]])
+    assert direct[0].shape == (2,)
+
+
+def test_ensemble_refuses_members_of_other_items(tiny_setup):
+    from genrec_fast.data.types import Catalog
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+
+    data, model, tok, vocab = tiny_setup
+    cat = data.catalog
+    fewer = Catalog(cat.item_ids[:-1], cat.titles[:-1], cat.texts[:-1], codes=np.asarray(cat.codes)[:-1],
+                    codebook_sizes=cat.codebook_sizes)
+    with pytest.raises(ValueError, match="member 1's catalogue lists other items"):
+        ensemble_predict([Member(model, tok, vocab, cat), Member(model, tok, vocab, fewer)], data.test[:1])
+    with pytest.raises(ValueError, match="ensemble: no members"):
+        ensemble_predict([], data.test[:1])
+    with pytest.raises(ValueError, match="num_beams and top_n must be >= 1"):
+        ensemble_predict([Member(model, tok, vocab, cat)], data.test[:1], num_beams=0)
