@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from genrec_fast.eval.baselines import TransitionTable
+from genrec_fast.eval.hybrid import check_weight
 from genrec_fast.sid import embed_items
 from genrec_fast.train.logprobs import sequence_logprobs, token_logprobs
 from genrec_fast.train.losses import GRPO_LOSS_LEVELS, grpo_loss
@@ -58,8 +58,7 @@ class GRPOConfig(PostTrainConfig):
             raise ValueError(f"num_updates must be >= 1, got {self.num_updates}")
         if self.loss_level not in GRPO_LOSS_LEVELS:
             raise ValueError(f"loss_level must be one of {GRPO_LOSS_LEVELS}, got {self.loss_level!r}")
-        if not (self.transition_weight >= 0.0 and math.isfinite(self.transition_weight)):
-            raise ValueError(f"transition_weight must be a finite number >= 0, got {self.transition_weight}")
+        check_weight(self.transition_weight, "transition_weight")
         if not self.sft_weight >= 0.0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 

@@ -106,7 +106,10 @@ class TransitionBonusReward:
 
     def __call__(self, beam_items: Sequence[np.ndarray], target: int, history: Sequence[int]) -> torch.Tensor:
         last = int(history[-1]) if len(history) else -1
-        counts = [self.counts(last, np.asarray(items).tolist()).max(initial=0.0) for items in beam_items]
+        sizes = [len(items) for items in beam_items]
+        flat = self.counts(last, np.concatenate([np.asarray(it, dtype=np.int64) for it in beam_items]).tolist())
+        ends = np.cumsum(sizes)  # one lookup per group, then the largest count of each beam's items
+        counts = [flat[e - n:e].max(initial=0.0) for n, e in zip(sizes, ends)]
         return ranking_group_reward(beam_items, target) + self.weight * torch.log1p(torch.tensor(counts)).float()
 
 
