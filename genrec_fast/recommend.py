@@ -30,7 +30,7 @@ import torch
 from genrec_fast.bundle import BUNDLE_FILE, Bundle, read_bundle
 from genrec_fast.data.types import Catalog, Sample
 from genrec_fast.eval.baselines import TransitionTable
-from genrec_fast.eval.evaluate import catalog_trie, predict
+from genrec_fast.eval.beams import catalog_trie, predict
 from genrec_fast.eval.hybrid import TransitionReranker, check_weight, sequence_transitions
 from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import load_model_and_tokenizer

@@ -295,7 +295,7 @@ def test_eval_prompt_style_reaches_the_prompts(tiny_run, monkeypatch, capsys):
 
     data_dir, model_dir = tiny_run
     data = load_minionerec(data_dir)
-    module = sys.modules["genrec_fast.eval.evaluate"]  # evaluate_mod is the function the package re-exports
+    module = sys.modules["genrec_fast.eval.beams"]  # predict encodes the prompts there
     encode, seen = module.encode_prompts, []
 
     def recording(tokenizer, texts, *a, **k):
@@ -331,3 +331,43 @@ def test_eval_bad_prompt_style_is_a_clear_error(tiny_run, tmp_path, monkeypatch,
     with pytest.raises(ValueError, match="unknown prompt style 'chat'; known: \\['minionerec', 'compact'\\]"):
         sys.modules["genrec_fast.eval.evaluate"].evaluate_split(None, None, None, load_minionerec(data_dir), "test",
                                                                 num_beams=4, prompt_style="chat")
+
+
+def test_eval_ensemble_members_from_the_command_line(tiny_run, tmp_path):
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+    from genrec_fast.eval.metrics import target_ranks
+    from genrec_fast.model import load_model_and_tokenizer
+
+    data_dir, model_dir = tiny_run
+    other = _resid(data_dir, tmp_path / "resid")
+    member = tmp_path / "member"
+    shutil.copytree(model_dir, member)
+    write_bundle(member, load_minionerec(other).catalog, "minionerec")
+    out = tmp_path / "res.json"
+    base = ["eval", "--model", str(model_dir), "--data", str(data_dir), *FAST_EVAL]
+    assert cli.main([*base, "--ensemble-models", str(member), "--ensemble-data", str(other), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    data = load_minionerec(data_dir)
+    model, tok, vocab = load_model_and_tokenizer(str(model_dir), data.catalog.codebook_sizes)
+    cats = (data.catalog, load_minionerec(other).catalog)
+    want = ensemble_predict([Member(model, tok, vocab, c) for c in cats], data.test, num_beams=4, top_n=4)
+    assert res["ensemble"]["members"] == 2
+    assert res["per_sample"]["ranks"]["ensemble"] == target_ranks([r["ranked"] for r in want],
+                                                                  [s.target for s in data.test]).tolist()
+    # the member's SIDs are checked against its own model, before anything is decoded
+    with pytest.raises(ValueError, match=rf"the model {member} was trained on other Semantic IDs than those of "
+                                         rf"{data_dir}"):
+        cli.main([*base, "--ensemble-models", str(member), "--ensemble-data", str(data_dir)])
+
+
+def test_eval_ensemble_options_are_checked_first(tiny_run, tmp_path, monkeypatch):
+    data_dir, model_dir = tiny_run
+    base = ["eval", "--model", str(model_dir), "--data", str(data_dir), *FAST_EVAL]
+    renamed = load_minionerec(data_dir)  # one item under another id: another catalogue of as many items
+    renamed.catalog.item_ids[0] = "not-" + str(renamed.catalog.item_ids[0])
+    _no_evaluation(monkeypatch)
+    with pytest.raises(ValueError, match=r"--ensemble-models names 1 model\(s\) and --ensemble-data 2 dataset"):
+        cli.main([*base, "--ensemble-models", str(model_dir), "--ensemble-data", str(data_dir), str(data_dir)])
+    with pytest.raises(ValueError, match=r"--ensemble-data .*: its catalogue lists other items"):
+        eval_cli.load_member(str(model_dir), str(save_minionerec(renamed, tmp_path / "renamed")),
+                             load_minionerec(data_dir).catalog, torch.float32, "cpu", None)

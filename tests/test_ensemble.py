@@ -77,3 +77,49 @@ def test_ensemble_refuses_members_of_other_items(tiny_setup):
         ensemble_predict([], data.test[:1])
     with pytest.raises(ValueError, match="num_beams and top_n must be >= 1"):
         ensemble_predict([Member(model, tok, vocab, cat)], data.test[:1], num_beams=0)
+
+
+def test_evaluate_split_adds_the_ensemble_row(tiny_setup):
+    from genrec_fast.eval import evaluate_split, results_table
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+    from genrec_fast.eval.metrics import target_ranks
+
+    data, model, tok, vocab = tiny_setup
+    other = Member(model, tok, vocab, _other_sids(data.catalog))
+    kw = dict(split="test", num_beams=3, ks=(1, 3), sasrec=False, num_resamples=50, print_table=False)
+    alone = evaluate_split(model, tok, vocab, data, **kw)
+    both = evaluate_split(model, tok, vocab, data, ensemble=[other], **kw)
+    # the model's own row is untouched by the ensemble (its lists are cut back to the largest cut-off)
+    assert both["model"] == {**alone["model"], "seconds": both["model"]["seconds"]}
+    assert both["per_sample"]["ranks"]["model"] == alone["per_sample"]["ranks"]["model"]
+    want = ensemble_predict([Member(model, tok, vocab, data.catalog), other], data.test, num_beams=3, top_n=3)
+    ranks = target_ranks([r["ranked"] for r in want], [s.target for s in data.test]).tolist()
+    assert both["per_sample"]["ranks"]["ensemble"] == ranks
+    ens = both["ensemble"]
+    assert ens["members"] == 2 and ens["num_samples"] == len(data.test)
+    assert ens["HR@3"] == pytest.approx(np.mean([0 <= r < 3 for r in ranks]))
+    assert ens["num_candidates"] == pytest.approx(np.mean([r["num_candidates"] for r in want]))
+    assert set(ens["vs_model"]) == {"NDCG@3", "HR@3"} and ens["paired"]["HR@3"]["baseline"] in both["baselines"]
+    assert set(both["intervals"]) == {"model", "ensemble", *both["baselines"]}
+    text = results_table(both)
+    assert "ensemble of 2 SID sets" in text and "ensemble - model, paired, HR@3" in text
+    assert "ensemble" not in results_table(alone)
+
+
+def test_ensemble_predict_takes_decoded_beam_lists(tiny_setup):
+    from genrec_fast.eval import catalog_trie, predict
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+
+    data, model, tok, vocab = tiny_setup
+    members = [Member(model, tok, vocab, data.catalog), Member(model, tok, vocab, _other_sids(data.catalog))]
+    lists = [r["ranked"] for r in predict(model, tok, vocab, catalog_trie(data.catalog), data.test, data.catalog,
+                                          num_beams=3, top_n=12)]
+    decoded = ensemble_predict(members, data.test, num_beams=3, top_n=5)
+    given = ensemble_predict(members, data.test, num_beams=3, top_n=5, beam_lists=[lists, None], max_rows=1)
+    assert [r["ranked"] for r in given] == [r["ranked"] for r in decoded]
+    for a, b in zip(given, decoded):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)  # other batches: the last bits may differ
+    with pytest.raises(ValueError, match=r"beam_lists has 1 entries for 2 members"):
+        ensemble_predict(members, data.test, beam_lists=[lists])
+    with pytest.raises(ValueError, match=r"beam_lists\[0\] has 2 lists for"):
+        ensemble_predict(members, data.test, beam_lists=[lists[:2], None])

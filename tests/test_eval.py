@@ -3,7 +3,8 @@ import pytest
 
 from genrec_fast import SIDTrie
 from genrec_fast.data.types import Catalog, Sample
-from genrec_fast.eval.evaluate import BeamRanker, catalog_trie, metrics_from_records, predict, shard_range
+from genrec_fast.eval.beams import BeamRanker, catalog_trie, predict
+from genrec_fast.eval.evaluate import metrics_from_records, shard_range
 from genrec_fast.prompts import rec_prompt
 
 NEG = -np.inf

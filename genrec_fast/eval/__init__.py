@@ -9,16 +9,8 @@ from genrec_fast.eval.baselines import (
     transition_baseline,
     transition_rankings,
 )
-from genrec_fast.eval.evaluate import (
-    BeamRanker,
-    catalog_trie,
-    evaluate,
-    evaluate_split,
-    predict,
-    results_table,
-    shard_range,
-    write_json_atomic,
-)
+from genrec_fast.eval.beams import BeamRanker, catalog_trie, predict
+from genrec_fast.eval.evaluate import evaluate, evaluate_split, results_table, shard_range, write_json_atomic
 from genrec_fast.eval.hybrid import TransitionReranker, hybrid_ranks, select_weight
 from genrec_fast.eval.metrics import DEFAULT_KS, format_table, metrics_from_ranks, ranking_metrics
 from genrec_fast.eval.sasrec import SASRecConfig, fit_sasrec

@@ -21,6 +21,7 @@ import torch
 from genrec_fast.bundle import check_model_matches
 from genrec_fast.config_cli import add_dataclass_arguments, option
 from genrec_fast.data.minionerec import load_minionerec, read_split
+from genrec_fast.eval.ensemble import Member
 from genrec_fast.eval.evaluate import check_hybrid_args, dist_state, evaluate_split
 from genrec_fast.eval.metrics import DEFAULT_KS, ks_for_beams
 from genrec_fast.model import load_model_and_tokenizer
@@ -69,6 +70,12 @@ class EvalConfig:
     levels: bool = option(False, "also show, per SID level, the target code's log-probability and rank among its "
                                  "prefix's children under the model, SASRec and popularity: which level loses the "
                                  "target (genrec_fast.eval.levels; one teacher-forced pass over the samples)")
+    ensemble_models: Tuple[str, ...] = option((), "also show the ensemble row: the model with these models, each "
+                                                  "trained on its own SIDs of the same items (its dataset in "
+                                                  "--ensemble-data, in the same order), as a product of experts "
+                                                  "(genrec_fast.eval.ensemble; one process)")
+    ensemble_data: Tuple[str, ...] = option((), "the datasets of --ensemble-models, one each: --data's items and "
+                                                "samples with other SIDs (e.g. genrec-fast sids --seed 1)")
     out: Optional[str] = option(None, "write the results here as JSON (default: not written)")
 
 
@@ -111,6 +118,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_hybrid_args(args.split, args.hybrid_weight, args.hybrid_grid)
     except ValueError as e:
         raise ValueError(f"--hybrid-weight / --hybrid-grid: {e}") from None
+    if len(args.ensemble_models) != len(args.ensemble_data):
+        raise ValueError(f"--ensemble-models names {len(args.ensemble_models)} model(s) and --ensemble-data "
+                         f"{len(args.ensemble_data)} dataset(s); give one dataset per model, in the same order")
     check_out_file(args.out)
 
 
@@ -126,10 +136,27 @@ def run(args: argparse.Namespace) -> int:
         dtype = "bfloat16" if state.device.type == "cuda" else "float32"
     model, tokenizer, sid_vocab = load_model_and_tokenizer(args.model, data.catalog.codebook_sizes,
                                                            torch_dtype=getattr(torch, dtype), device=state.device)
+    members = [load_member(m, d, data.catalog, getattr(torch, dtype), state.device, args.prompt_style)
+               for m, d in zip(args.ensemble_models, args.ensemble_data)]
     evaluate_split(model, tokenizer, sid_vocab, data, split=args.split, num_beams=args.num_beams,
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
                    out=args.out, score=args.score, backend=args.backend, progress=True,
                    cuda_graphs=args.cuda_graphs, sasrec=args.sasrec, num_resamples=args.num_resamples,
                    max_prompt_length=args.max_prompt_length, prompt_style=args.prompt_style,
-                   hybrid_weight=args.hybrid_weight, hybrid_grid=args.hybrid_grid, levels=args.levels)
+                   hybrid_weight=args.hybrid_weight, hybrid_grid=args.hybrid_grid, levels=args.levels,
+                   ensemble=members)
     return 0
+
+
+def load_member(model_dir: str, data_dir: str, catalog, torch_dtype, device, prompt_style: Optional[str]) -> Member:
+    """An ensemble member: the model at ``model_dir`` with the catalogue (SIDs) of the dataset at ``data_dir``,
+    whose items must be ``catalog``'s, in the same order (ValueError naming both paths otherwise); the model's bundle
+    is checked against that dataset's SIDs."""
+    other = load_minionerec(data_dir).catalog
+    if list(other.item_ids) != list(catalog.item_ids):
+        raise ValueError(f"--ensemble-data {data_dir}: its catalogue lists other items (or another order) than "
+                         f"--data's; an ensemble member ranks the same items on its own SIDs")
+    check_model_matches(model_dir, other, data_dir)
+    model, tokenizer, sid_vocab = load_model_and_tokenizer(model_dir, other.codebook_sizes, torch_dtype=torch_dtype,
+                                                           device=device)
+    return Member(model, tokenizer, sid_vocab, other, prompt_style)

@@ -18,7 +18,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from genrec_fast.eval.evaluate import catalog_trie, predict
+from genrec_fast.eval.beams import catalog_trie, predict
+from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import encode_prompts, eval_mode, sequence_logprobs
 from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
 
@@ -47,45 +48,79 @@ def _check_members(members: Sequence[Member]) -> None:
 
 @torch.no_grad()
 def member_scores(member: Member, samples: Sequence, candidates: Sequence[Sequence[int]],
-                  max_prompt_length: Optional[int] = None) -> List[np.ndarray]:
-    """Per sample, the member's full-vocabulary log-probability of each candidate item's SID (float64 arrays)."""
+                  max_prompt_length: Optional[int] = None, max_rows: int = 1024) -> List[np.ndarray]:
+    """Per sample, the member's full-vocabulary log-probability of each candidate item's SID (float64 arrays).
+
+    Consecutive samples' (prompt, candidate) rows go through the model together, about ``max_rows`` at a time (one
+    sample's candidates are never split)."""
+    if max_rows < 1:
+        raise ValueError(f"member_scores: max_rows must be >= 1, got {max_rows}")
     model, tok, vocab, catalog = member.model, member.tokenizer, member.sid_vocab, member.catalog
     style = model_prompt_style(model) if member.prompt_style is None else check_prompt_style(member.prompt_style)
     codes = np.asarray(catalog.codes)
     device = next(model.parameters()).device
-    out = []
+    out: List[np.ndarray] = [np.zeros(0)] * len(samples)
+    todo = [i for i, cand in enumerate(candidates) if len(cand)]
     with eval_mode(model):
-        for s, cand in zip(samples, candidates):
-            if not len(cand):
-                out.append(np.zeros(0))
-                continue
-            ids, mask = encode_prompts(tok, [rec_prompt(s.history, catalog, style)], max_length=max_prompt_length)
-            resp = vocab.token_ids(torch.from_numpy(codes[np.asarray(cand, dtype=np.int64)]))
-            lp = sequence_logprobs(model, ids.expand(len(cand), -1).to(device), mask.expand(len(cand), -1).to(device),
-                                   resp.to(device))
-            out.append(lp.double().cpu().numpy())
+        for chunk in _chunks(todo, [len(candidates[i]) for i in todo], max_rows):
+            ids, mask = encode_prompts(tok, [rec_prompt(samples[i].history, catalog, style) for i in chunk],
+                                       max_length=max_prompt_length)
+            rows = torch.cat([torch.full((len(candidates[i]),), j, dtype=torch.long) for j, i in enumerate(chunk)])
+            items = np.concatenate([np.asarray(candidates[i], dtype=np.int64) for i in chunk])
+            resp = vocab.token_ids(torch.from_numpy(codes[items]))
+            lp = sequence_logprobs(model, ids[rows].to(device), mask[rows].to(device), resp.to(device))
+            lp = lp.double().cpu().numpy()
+            start = 0
+            for i in chunk:
+                out[i] = lp[start:start + len(candidates[i])]
+                start += len(candidates[i])
     return out
 
 
+def _chunks(indices: Sequence[int], sizes: Sequence[int], max_rows: int) -> List[List[int]]:
+    """``indices`` cut into consecutive runs of at most ``max_rows`` rows (a larger single index is its own run)."""
+    runs: List[List[int]] = []
+    rows = 0
+    for i, n in zip(indices, sizes):
+        if runs and rows + n <= max_rows:
+            runs[-1].append(i)
+            rows += n
+        else:
+            runs.append([i])
+            rows = n
+    return runs
+
+
 def ensemble_predict(members: Sequence[Member], samples: Sequence, num_beams: int = 50, top_n: int = 50,
-                     batch_size: int = 16, max_prompt_length: Optional[int] = None) -> List[dict]:
+                     batch_size: int = 16, max_prompt_length: Optional[int] = None,
+                     beam_lists: Optional[Sequence[Optional[Sequence[Sequence[int]]]]] = None,
+                     max_rows: int = 1024) -> List[dict]:
     """Rank items for each sample by the members' mean log-probability (see the module doc).
 
+    beam_lists: per member, its beams' item lists for ``samples`` when already decoded (e.g. member 0's, from the
+    evaluation of that model alone: :func:`genrec_fast.eval.beams.predict` with ``top_n`` = the catalogue's size),
+    or None to decode them here; ``INVALID_SLOT`` entries are ignored.
     Returns one record per sample, in order: {"index", "target", "ranked" (<= top_n item indices), "scores" (their
     mean log-probabilities), "num_candidates" (the union's size)}.
     """
     _check_members(members)
     if num_beams < 1 or top_n < 1:
         raise ValueError(f"ensemble: num_beams and top_n must be >= 1, got {num_beams} and {top_n}")
+    given = [None] * len(members) if beam_lists is None else list(beam_lists)
+    if len(given) != len(members):
+        raise ValueError(f"ensemble: beam_lists has {len(given)} entries for {len(members)} members")
     lists = []
-    for m in members:
-        recs = predict(m.model, m.tokenizer, m.sid_vocab, catalog_trie(m.catalog), samples, m.catalog,
-                       num_beams=num_beams, batch_size=batch_size, top_n=len(m.catalog.item_ids),  # every beam's items
-                       prompt_style=m.prompt_style,
-                       max_prompt_length=max_prompt_length)
-        lists.append([r["ranked"] for r in recs])
-    candidates = [sorted(set().union(*(set(lst[i]) for lst in lists)) - {-1}) for i in range(len(samples))]
-    scores = [member_scores(m, samples, candidates, max_prompt_length) for m in members]
+    for k, (m, lst) in enumerate(zip(members, given)):
+        if lst is None:
+            recs = predict(m.model, m.tokenizer, m.sid_vocab, catalog_trie(m.catalog), samples, m.catalog,
+                           num_beams=num_beams, batch_size=batch_size, top_n=len(m.catalog.item_ids),  # all beams
+                           prompt_style=m.prompt_style, max_prompt_length=max_prompt_length)
+            lst = [r["ranked"] for r in recs]
+        elif len(lst) != len(samples):
+            raise ValueError(f"ensemble: beam_lists[{k}] has {len(lst)} lists for {len(samples)} samples")
+        lists.append(lst)
+    candidates = [sorted(set().union(*(set(lst[i]) for lst in lists)) - {INVALID_SLOT}) for i in range(len(samples))]
+    scores = [member_scores(m, samples, candidates, max_prompt_length, max_rows) for m in members]
     records = []
     for i, s in enumerate(samples):
         cand = np.asarray(candidates[i], dtype=np.int64)

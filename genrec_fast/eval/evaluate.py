@@ -1,10 +1,8 @@
-"""Full-catalogue evaluation of a generative recommender by constrained beam search.
+"""Full-catalogue evaluation of a generative recommender by constrained beam search
+(``genrec_fast.eval.beams`` decodes and ranks), beside the baselines, with bootstrap intervals.
 
-Each sample's prompt (``genrec_fast.prompts.rec_prompt``, in the model's own prompt style) is decoded into
-``num_beams`` SIDs, best first. The ranked item list walks the beams in order; a beam whose SID several items share
-contributes all of them in ascending item index; repeats are dropped. A hit counts on the target
-ITEM, not on a shared SID string. The invalid rate is the share of returned beams whose SID is not
-an item of the trie, checked from the generated codes (0 when the search is constrained).
+The invalid rate is the share of returned beams whose SID is not an item of the trie, checked from the generated
+codes (0 when the search is constrained).
 
 Under ``accelerate launch`` the samples are split over the processes (contiguous shards), each
 process decodes its shard, the per-sample results are gathered and every process computes the
@@ -15,22 +13,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
-from genrec_fast.decode import beam_search
 from genrec_fast.eval import stats
 from genrec_fast.eval.baselines import TransitionTable, baseline_ranks, fit_samples, metrics_of
+from genrec_fast.eval.beams import catalog_trie, predict
+from genrec_fast.eval.ensemble import Member, ensemble_predict
 from genrec_fast.eval.hybrid import check_weight, hybrid_ranks, select_weight
 from genrec_fast.eval.levels import level_report, level_table
 from genrec_fast.eval.metrics import (
     DEFAULT_KS,
-    INVALID_SLOT,
     format_table,
     ks_for_beams,
     metrics_from_ranks,
@@ -38,82 +35,7 @@ from genrec_fast.eval.metrics import (
     target_ranks,
 )
 from genrec_fast.io import atomic_write_text
-from genrec_fast.model import encode_prompts, eval_mode, max_positions
-from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
-from genrec_fast.trie import SIDTrie
-
-# ---- trie over a catalogue -------------------------------------------------------------------
-
-def catalog_trie(catalog):
-    """The SIDTrie of a catalogue's codes; item ids are catalogue indices; shared SIDs are kept."""
-    if catalog.codes is None:
-        raise ValueError("the catalogue has no Semantic IDs (catalog.codes is None); build them first")
-    return SIDTrie(catalog.codes, codebook_sizes=catalog.codebook_sizes, allow_duplicates=True)
-
-
-# ---- beams -> ranked items -------------------------------------------------------------------
-
-class BeamRanker:
-    """Turns beam codes into ranked, deduplicated item lists using the trie (host side)."""
-
-    def __init__(self, trie):
-        self.trie = trie
-        self.sizes = np.asarray(trie.codebook_sizes, dtype=np.int64)
-        self._leaf_cache: Dict[int, List[int]] = {}
-
-    def _items_of_leaf(self, leaf: int) -> List[int]:
-        items = self._leaf_cache.get(leaf)
-        if items is None:
-            items = sorted(int(x) for x in self.trie.leaf_items(leaf))
-            self._leaf_cache[leaf] = items
-        return items
-
-    def rank(self, codes: np.ndarray, scores: np.ndarray, top_n: int) -> Tuple[List[List[int]], np.ndarray, np.ndarray]:
-        """codes [P, B, L], scores [P, B] (best first; -inf marks padding beams).
-
-        Returns (ranked item lists truncated to ``top_n``, returned beams per row [P],
-        invalid beams per row [P]). An invalid beam (codes that are no SID) holds its place in the
-        list as ``INVALID_SLOT`` (-1), which is never a hit.
-        """
-        lists, _, n_ret, n_bad = self.rank_scored(codes, scores, top_n)
-        return lists, n_ret, n_bad
-
-    def rank_scored(self, codes: np.ndarray, scores: np.ndarray,
-                    top_n: int) -> Tuple[List[List[int]], List[List[float]], np.ndarray, np.ndarray]:
-        """As :meth:`rank`, with each list entry's score beside it: (ranked item lists, their beam scores,
-        returned beams [P], invalid beams [P]); the items of one shared SID share its beam's score."""
-        codes = np.asarray(codes, dtype=np.int64)
-        scores = np.asarray(scores, dtype=np.float64)
-        P, B, L = codes.shape
-        if L != len(self.sizes):
-            raise ValueError(f"beam codes have {L} levels, the trie {len(self.sizes)}")
-        returned = ~np.isneginf(scores)
-        in_range = ((codes >= 0) & (codes < self.sizes[None, None, :])).all(-1)
-        leaf = np.full((P, B), -1, dtype=np.int64)
-        ask = returned & in_range
-        if ask.any():
-            leaf[ask] = self.trie.lookup(codes[ask].astype(np.int32))
-        valid = leaf >= 0
-        lists, list_scores = [], []
-        for p in range(P):
-            ranked: List[int] = []
-            ranked_scores: List[float] = []
-            seen = set()
-            for b in np.nonzero(returned[p])[0]:
-                if not valid[p, b]:
-                    ranked.append(INVALID_SLOT)  # an invalid beam keeps its rank: later hits are not moved up
-                    ranked_scores.append(float(scores[p, b]))
-                for item in self._items_of_leaf(int(leaf[p, b])) if valid[p, b] else ():
-                    if item not in seen:
-                        seen.add(item)
-                        ranked.append(item)
-                        ranked_scores.append(float(scores[p, b]))
-                if len(ranked) >= top_n:
-                    break
-            lists.append(ranked[:top_n])
-            list_scores.append(ranked_scores[:top_n])
-        return lists, list_scores, returned.sum(1), (returned & ~valid).sum(1)
-
+from genrec_fast.prompts import check_prompt_style
 
 # ---- sharding --------------------------------------------------------------------------------
 
@@ -145,78 +67,6 @@ def is_main_process() -> bool:
 
 # ---- evaluation ------------------------------------------------------------------------------
 
-def check_prompt_lengths(model, sid_vocab, samples: Sequence, lengths: Dict[int, int],
-                        max_prompt_length: Optional[int] = None) -> None:
-    """Refuse prompts the model cannot read whole: a prompt (its last ``max_prompt_length`` tokens when that
-    is given, as :func:`genrec_fast.model.encode_prompts` keeps them) plus the SID's tokens must fit the
-    model's positions (:func:`genrec_fast.model.max_positions`). ValueError naming the sample (index and
-    user), its prompt length and the model's limit; prompts are never cut silently."""
-    limit = max_positions(model)
-    if limit is None:
-        return
-    levels = sid_vocab.num_levels
-    over = [(i, n) for i, n in lengths.items()
-            if (n if max_prompt_length is None else min(n, max_prompt_length)) + levels > limit]
-    if over:
-        i, n = max(over, key=lambda x: x[1])
-        kept = n if max_prompt_length is None else min(n, max_prompt_length)
-        user = getattr(samples[i], "user_id", "?")
-        raise ValueError(
-            f"sample {i} (user {user}): its prompt is {kept} tokens, + {levels} SID tokens > the model's "
-            f"{limit} positions (max_position_embeddings); {len(over)} sample(s) are over: shorten their "
-            f"histories or pass max_prompt_length (at most {limit - levels}) to keep each prompt's last tokens")
-
-
-@torch.inference_mode()
-def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_beams: int = 50,
-            batch_size: int = 16, top_n: int = 50, score: str = "full_vocab", backend: str = "auto",
-            max_prompt_length: Optional[int] = None, progress: bool = False,
-            indices: Optional[Iterable[int]] = None, cuda_graphs: bool = False, prompt_style: Optional[str] = None,
-            with_scores: bool = False) -> List[dict]:
-    """Decode ``samples`` (those at ``indices``, default all) and rank items for each.
-
-    cuda_graphs: run the searches' forwards from CUDA graphs (``beam_search(cuda_graphs=True)``);
-    prompts are batched by length, so consecutive batches share a graph set.
-
-    Returns one record per decoded sample: {"index", "target", "ranked" (<= top_n item indices; an
-    invalid beam's place holds ``INVALID_SLOT``, -1), "num_beams" (returned), "num_invalid"}, in index
-    order; with ``with_scores`` also "scores" (the beam score, a log-probability, of each "ranked" entry:
-    float sums that can differ in the last bits with the batch a prompt is decoded in). Prompts are
-    batched by length, in the style ``prompt_style`` (None: the model's, :func:`model_prompt_style`).
-    A prompt that does not fit the model's positions is an error (:func:`check_prompt_lengths`).
-    """
-    if num_beams < 1 or batch_size < 1 or top_n < 1:
-        raise ValueError(f"num_beams, batch_size and top_n must be >= 1 (got {num_beams}, {batch_size}, {top_n})")
-    idx = list(range(len(samples))) if indices is None else [int(i) for i in indices]
-    if not idx:
-        return []
-    style = model_prompt_style(model) if prompt_style is None else check_prompt_style(prompt_style)
-    prompts = {i: rec_prompt(samples[i].history, catalog, style) for i in idx}
-    lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in idx}
-    check_prompt_lengths(model, sid_vocab, samples, lengths, max_prompt_length)
-    order = sorted(idx, key=lambda i: (lengths[i], i))
-    ranker = BeamRanker(trie)
-    device = next(model.parameters()).device
-    records = []
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if progress:
-        batches = tqdm(batches, desc="eval", unit="batch")
-    with eval_mode(model):
-        for batch in batches:
-            ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch], max_length=max_prompt_length)
-            res = beam_search(model, ids.to(device), mask.to(device), trie, sid_vocab, num_beams,
-                              score=score, backend=backend, cuda_graphs=cuda_graphs)
-            lists, list_scores, n_ret, n_bad = ranker.rank_scored(res.codes.cpu().numpy(),
-                                                                  res.scores.float().cpu().numpy(), top_n)
-            for j, i in enumerate(batch):
-                records.append({"index": i, "target": int(samples[i].target), "ranked": lists[j],
-                                "num_beams": int(n_ret[j]), "num_invalid": int(n_bad[j])})
-                if with_scores:
-                    records[-1]["scores"] = list_scores[j]
-    records.sort(key=lambda r: r["index"])
-    return records
-
-
 def metrics_from_records(records: Sequence[dict], ks: Iterable[int] = DEFAULT_KS) -> Dict[str, float]:
     """HR@K, NDCG@K, invalid_rate and num_samples of per-sample prediction records."""
     out = ranking_metrics([r["ranked"] for r in records], [r["target"] for r in records], ks)
@@ -230,7 +80,7 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
              batch_size: int = 16, ks: Optional[Iterable[int]] = None, score: str = "full_vocab",
              backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
              return_records: bool = False, cuda_graphs: bool = False, prompt_style: Optional[str] = None,
-             with_scores: bool = False):
+             with_scores: bool = False, list_length: Optional[int] = None):
     """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
 
     ks: cut-offs, at most ``num_beams`` (None: 1, 3, 5, 10, 20, 50 up to ``num_beams``).
@@ -238,16 +88,19 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
 
     Sharded over processes under ``accelerate launch``; every process returns the full result.
     With ``return_records`` also returns the per-sample records (ranked item lists; with ``with_scores``
-    each also holds its entries' beam scores, as :func:`predict`).
+    each also holds its entries' beam scores, as :func:`predict`), each list at most ``list_length`` long (default:
+    the largest cut-off; the metrics are the same for any longer length).
     """
     ks = ks_for_beams(ks, num_beams)
     if len(samples) == 0:
         raise ValueError("evaluate: no samples")
+    if list_length is not None and list_length < max(ks):
+        raise ValueError(f"evaluate: list_length {list_length} is below the largest cut-off {max(ks)}")
     world, rank, gather = _shard_info()
     shard = shard_range(len(samples), world, rank)
     t0 = time.perf_counter()
     records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
-                      batch_size=batch_size, top_n=max(ks), score=score, backend=backend,
+                      batch_size=batch_size, top_n=list_length or max(ks), score=score, backend=backend,
                       max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard,
                       cuda_graphs=cuda_graphs, prompt_style=prompt_style, with_scores=with_scores)
     if gather is not None:
@@ -295,7 +148,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
                    seed: int = 0, out: Optional[str] = None, trie=None, print_table: bool = True,
                    sasrec=True, num_resamples: int = stats.DEFAULT_RESAMPLES, prompt_style: Optional[str] = None,
                    hybrid_weight: Optional[float] = None, hybrid_grid: Optional[Sequence[float]] = None,
-                   levels: bool = False, **decode_kwargs) -> dict:
+                   levels: bool = False, ensemble: Sequence[Member] = (), **decode_kwargs) -> dict:
     """The model and the baselines on one split of a RecData, as {"model", "baselines", "split", ...}.
 
     ``max_samples`` evaluates a fixed random subset (seeded) — the baselines use the same subset.
@@ -312,6 +165,11 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     "vs_model" (paired, hybrid minus model)}. hybrid_grid (valid only): choose that weight on this split from
     these values by NDCG@10, or NDCG at the largest cut-off when 10 is not one (``select_weight``; each value's
     score under "hybrid" "grid", the metric under "grid_metric").
+    ensemble: other generative recommenders of the same items, each on its own SIDs
+    (:class:`genrec_fast.eval.ensemble.Member`); with them the result also holds "ensemble": the product of experts
+    of the model and these members (``genrec_fast.eval.ensemble.ensemble_predict``; the model's own beams are
+    reused) as {"members", metrics, "num_candidates" (mean union size), "paired" (vs the best baseline),
+    "vs_model" (paired, ensemble minus model)}. One process only.
     levels: also the level-by-level view of the same samples as "levels" (``genrec_fast.eval.levels.level_report``:
     per SID level, the target code's log-probability and rank under the model, SASRec and popularity).
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
@@ -328,18 +186,33 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     if max_samples is not None and max_samples < len(samples):
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
         samples = [samples[i] for i in keep]
+    ensemble = list(ensemble)
+    if ensemble and dist_state().num_processes > 1:
+        raise ValueError("evaluate_split: the ensemble row is computed in one process; run without accelerate launch")
     trie = catalog_trie(data.catalog) if trie is None else trie
     model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
                                       batch_size=batch_size, ks=ks, return_records=True, prompt_style=prompt_style,
-                                      with_scores=want_hybrid,
+                                      with_scores=want_hybrid, list_length=len(data.catalog) if ensemble else None,
                                       **decode_kwargs)
+    ens_records = None
+    if ensemble:
+        members = [Member(model, tokenizer, sid_vocab, data.catalog, prompt_style), *ensemble]
+        ens_records = ensemble_predict(members, samples, num_beams=num_beams, top_n=max(ks), batch_size=batch_size,
+                                       max_prompt_length=decode_kwargs.get("max_prompt_length"),
+                                       beam_lists=[[r["ranked"] for r in records]] + [None] * len(ensemble))
+        records = [{k: (v[:max(ks)] if k in ("ranked", "scores") else v) for k, v in r.items()} for r in records]
     ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
     b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
     ranks.update(b_ranks)
     baselines = metrics_of(b_ranks, b_info, ks)
     users = [str(s.user_id) for s in samples]
     metrics = interval_metrics(ks)
-    hybrid = None
+    hybrid = ens = None
+    if ens_records is not None:
+        ranks["ensemble"] = target_ranks([r["ranked"] for r in ens_records], [r["target"] for r in ens_records])
+        ens = {"members": len(ensemble) + 1, **metrics_from_ranks(ranks["ensemble"], ks),
+               "num_candidates": float(np.mean([r["num_candidates"] for r in ens_records])),
+               **_paired_blocks(ranks, "ensemble", list(b_ranks), users, metrics, num_resamples, seed)}
     if want_hybrid:
         hybrid = _hybrid_result(data, split, samples, records, ranks, list(b_ranks), ks, hybrid_weight, hybrid_grid,
                                 num_resamples, seed)
@@ -353,6 +226,8 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
                              "ranks": {k: [int(x) for x in v] for k, v in ranks.items()}}}
     if hybrid is not None:
         result["hybrid"] = hybrid
+    if ens is not None:
+        result["ensemble"] = ens
     if levels and is_main_process():
         result["levels"] = level_report(model, tokenizer, sid_vocab, data, split, samples, sasrec=sasrec,
                                         batch_size=batch_size, prompt_style=prompt_style,
@@ -380,10 +255,16 @@ def _hybrid_result(data, split: str, samples: Sequence, records: Sequence[dict],
         weight, values = select_weight(records, samples, table, grid, metrics[0])
         chosen = {"grid": {repr(w): v for w, v in values.items()}, "grid_metric": metrics[0]}
     ranks["hybrid"] = hybrid_ranks(records, samples, table, weight)
-    vs_model = {m: stats.paired_interval(stats.per_sample(ranks["hybrid"], m), stats.per_sample(ranks["model"], m),
-                                         users, num_resamples, seed) for m in metrics}
     return {"weight": float(weight), **metrics_from_ranks(ranks["hybrid"], ks), **chosen,
-            "paired": stats.paired_vs_best(ranks, baselines, users, metrics, "hybrid", num_resamples, seed),
+            **_paired_blocks(ranks, "hybrid", baselines, users, metrics, num_resamples, seed)}
+
+
+def _paired_blocks(ranks: Dict[str, np.ndarray], row: str, baselines: Sequence[str], users: Sequence[str],
+                   metrics: Sequence[str], num_resamples: int, seed: int) -> dict:
+    """{"paired": ``row`` minus the best baseline, "vs_model": ``row`` minus the model}, paired over the users."""
+    vs_model = {m: stats.paired_interval(stats.per_sample(ranks[row], m), stats.per_sample(ranks["model"], m),
+                                         users, num_resamples, seed) for m in metrics}
+    return {"paired": stats.paired_vs_best(ranks, baselines, users, metrics, row, num_resamples, seed),
             "vs_model": vs_model}
 
 
@@ -392,11 +273,13 @@ def results_table(result: dict, ks: Optional[Iterable[int]] = None) -> str:
     if ks is None:
         ks = sorted(int(k[3:]) for k in result["model"] if k.startswith("HR@")) or DEFAULT_KS
     rows = {"model": result["model"]}
+    if "ensemble" in result:
+        rows[ensemble_name(result)] = result["ensemble"]
     if "hybrid" in result:
         rows[hybrid_name(result)] = result["hybrid"]
     rows.update({f"{k} baseline": v for k, v in result["baselines"].items()})
     text = f"{result.get('split', '')} ({result['model']['num_samples']} samples)\n" + format_table(rows, ks)
-    return text + intervals_table(result) + hybrid_lines(result)
+    return text + intervals_table(result) + row_lines(result, "ensemble") + row_lines(result, "hybrid")
 
 
 def hybrid_name(result: dict) -> str:
@@ -404,17 +287,22 @@ def hybrid_name(result: dict) -> str:
     return f"model + transition (w {result['hybrid']['weight']:g})"
 
 
-def hybrid_lines(result: dict) -> str:
-    """The hybrid's paired intervals (and its valid grid), "" without a hybrid row."""
-    h = result.get("hybrid")
+def ensemble_name(result: dict) -> str:
+    """The ensemble row's name in the tables: ``ensemble of N SID sets``."""
+    return f"ensemble of {result['ensemble']['members']} SID sets"
+
+
+def row_lines(result: dict, row: str) -> str:
+    """The paired intervals of the "hybrid" or "ensemble" row (and the hybrid's valid grid), "" without it."""
+    h = result.get(row)
     if h is None:
         return ""
     lines = []
     for m, p in h["paired"].items():
-        lines.append(f"hybrid - best baseline ({p['baseline']}), paired, {m}: "
+        lines.append(f"{row} - best baseline ({p['baseline']}), paired, {m}: "
                      f"{p['diff']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]")
     for m, p in h["vs_model"].items():
-        lines.append(f"hybrid - model, paired, {m}: {p['diff']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]")
+        lines.append(f"{row} - model, paired, {m}: {p['diff']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]")
     if "grid" in h:
         lines.append(f"hybrid weight chosen on this split by {h['grid_metric']}: " +
                      ", ".join(f"w {float(w):g}: {v:.4f}" for w, v in h["grid"].items()) + f" -> {h['weight']:g}")
@@ -428,11 +316,11 @@ def intervals_table(result: dict) -> str:
         return ""
     boot = result.get("bootstrap", {})
     metrics = list(next(iter(iv.values())))
-    names = {"model": "model", **{k: f"{k} baseline" for k in iv if k not in ("model", "hybrid")}}
-    points = {"model": result["model"], **result["baselines"]}
-    if "hybrid" in iv and "hybrid" in result:
-        names = {"model": "model", "hybrid": hybrid_name(result), **{k: v for k, v in names.items() if k != "model"}}
-        points["hybrid"] = result["hybrid"]
+    rows = {"ensemble": ensemble_name, "hybrid": hybrid_name}  # the model's own rows, named as in the table
+    names = {"model": "model", **{k: f(result) for k, f in rows.items() if k in iv and k in result},
+             **{k: f"{k} baseline" for k in iv if k != "model" and k not in rows}}
+    points = {"model": result["model"], **{k: result[k] for k in rows if k in iv and k in result},
+              **result["baselines"]}
     w = max(len(n) for n in names.values())
 
     def cell(row, m):
