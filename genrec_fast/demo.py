@@ -6,28 +6,38 @@ collaborative item vectors fitted on the train split (``sid_embedding="text+cf"`
 k-means SIDs -> SFT of the ``tiny`` preset from scratch (compact prompts, the loss on every item of
 each user's train sequence; checkpoints ranked on all valid users) -> full-catalogue evaluation of
 the test split beside the popularity, last-item-transition and SASRec baselines, and the hybrid row (the
-model's beams re-ranked with transition counts, ``genrec_fast.eval.hybrid``).
+model's beams re-ranked with transition counts, ``genrec_fast.eval.hybrid``). With ``sid_sets`` N > 1 the SIDs
+are built N times (k-means seeds seed, seed+1, ...), the same SFT runs on each set (in parallel processes by
+default) and the table adds the ensemble row: the models' product of experts (``genrec_fast.eval.ensemble``).
 
 Writes, under ``--out``: ``data/`` (the dataset with its SIDs in the MiniOneRec format, so
 ``genrec-fast eval --data OUT/data --model OUT/sft/model`` re-evaluates), ``sft/`` (the run:
-model, checkpoints, curves.png) and ``metrics.json`` ({"model": {...}, "hybrid": {...}, "baselines":
+model, checkpoints, curves.png), for each further SID set k ``data_sid{k}/`` and ``sft_sid{k}/``, and
+``metrics.json`` ({"model": {...}, "hybrid": {...}, "ensemble": {...} (sid_sets > 1), "baselines":
 {"popularity": {...}, "transition": {...}, "sasrec": {...}}, "timings_s": {...}, "config": {...}}).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args, option
 from genrec_fast.data import load_movielens_1m, save_minionerec
+from genrec_fast.eval.ensemble import Member
 from genrec_fast.eval.evaluate import evaluate_split, results_table, write_json_atomic
 from genrec_fast.eval.hybrid import check_weight
 from genrec_fast.sid import build_sids
-from genrec_fast.train.runtime import cli_logging
+from genrec_fast.train.runtime import cli_logging, load_model_dir
 from genrec_fast.train.sft import train_sft
 
 
@@ -63,6 +73,11 @@ class DemoConfig:
     cf_dim: int = option(64, "text+cf: collaborative vector size")
     encoder: Optional[str] = option(None, "sentence encoder path or hub name (none: the bundled all-MiniLM-L6-v2)")
     embed_cache_dir: Optional[str] = option(None, "embedding cache (none: ~/.cache/genrec_fast/embeddings)")
+    sid_sets: int = option(1, "SID sets: N > 1 also builds N-1 more (k-means seeds seed+1, ...), trains the same "
+                              "SFT on each and adds the ensemble row, the models' product of experts "
+                              "(genrec_fast.eval.ensemble); the model row stays the first set's")
+    parallel_sft: bool = option(True, "with sid_sets > 1: train the sets' models at once, one process each, the "
+                                      "torch threads split between them (else one after another)")
     # SFT of the tiny preset
     tasks: Tuple[str, ...] = option(("sid_seq",), "SFT tasks (genrec_fast.prompts)")
     prompt_style: str = option("compact", "'compact': the history SIDs alone, no instruction text; 'minionerec': "
@@ -110,6 +125,8 @@ class DemoConfig:
         self.out = self.output_dir
         if self.hybrid_weight is not None:
             check_weight(self.hybrid_weight, "DemoConfig: hybrid_weight")
+        if self.sid_sets < 1:
+            raise ValueError(f"DemoConfig: sid_sets must be >= 1, got {self.sid_sets}")
 
 
 def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
@@ -122,11 +139,11 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
 
     @contextmanager
     def stage(name: str):
-        t, c = time.perf_counter(), time.process_time()
+        t, c = time.perf_counter(), _cpu_seconds()
         yield
-        wall[name], cpu[name] = time.perf_counter() - t, time.process_time() - c
+        wall[name], cpu[name] = time.perf_counter() - t, _cpu_seconds() - c
 
-    t_all, c_all = time.perf_counter(), time.process_time()
+    t_all, c_all = time.perf_counter(), _cpu_seconds()
     with stage("data"):
         data = load_movielens_1m(cfg.ml1m_path, max_history=cfg.max_history, max_users=cfg.max_users,
                                  max_interactions_per_user=cfg.max_interactions_per_user, seed=cfg.seed)
@@ -134,38 +151,23 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
           f"valid / {len(data.test)} test samples ({wall['data']:.1f}s)", flush=True)
 
     with stage("sids"):
-        sids = build_sids(data.catalog.texts, method="rqkmeans", levels=cfg.sid_levels,
-                          codebook_size=cfg.sid_codebook_size, seed=cfg.seed, kmeans_iters=cfg.kmeans_iters,
-                          encoder=cfg.encoder, cache_dir=cfg.embed_cache_dir, progress=cfg.progress,
-                          embedding=cfg.sid_embedding, interactions=data.train, cf_weight=cfg.cf_weight,
-                          cf_dim=cfg.cf_dim)
-        data.catalog.set_codes(sids.codes, sids.codebook_sizes)
-        save_minionerec(data, out / "data")
+        sets = [_with_sids(data, cfg, k, out) for k in range(cfg.sid_sets)]
+    sids = sets[0][1]
+    data = sets[0][0]
     print(f"demo: SIDs {sids.codes.shape[1]} levels x {list(sids.codebook_sizes)} codes from {cfg.sid_embedding} "
-          f"embeddings ({wall['sids']:.1f}s)", flush=True)
+          f"embeddings, {cfg.sid_sets} set(s) ({wall['sids']:.1f}s)", flush=True)
 
     with stage("sft"):
-        sft = train_sft(data=data, model="tiny", output_dir=str(out / "sft"), tasks=tuple(cfg.tasks),
-                        prompt_style=cfg.prompt_style, sequence_loss=cfg.sequence_loss,
-                        whole_sequences=cfg.whole_sequences, sequence_window=cfg.sequence_window,
-                        eval_epochs=cfg.valid_every_epochs, train_on_valid=cfg.train_on_valid,
-                        eval_every=-1 if cfg.train_on_valid else 0,
-                        epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
-                        max_length=min(cfg.pack_length, 512),
-                        model_overrides={"attention_dropout": cfg.attention_dropout,
-                                         "intermediate_size": cfg.intermediate_size, **cfg.model_overrides},
-                        dropout=cfg.dropout, key_dropout=cfg.key_dropout,
-                        eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
-                        eval_beams=cfg.valid_beams,
-                        eval_batch_size=cfg.batch_size, seed=cfg.seed if cfg.sft_seed is None else cfg.sft_seed,
-                        resume=False, progress=cfg.progress)
+        models = _train_models(cfg, [d for d, _ in sets], out)
+    model, tokenizer, sid_vocab = models[0]
+    members = [Member(m, t, v, d.catalog) for (m, t, v), (d, _) in zip(models[1:], sets[1:])]
 
     with stage("eval"):
-        result = evaluate_split(sft.model, sft.tokenizer, sft.sid_vocab, data, split="test",
+        result = evaluate_split(model, tokenizer, sid_vocab, data, split="test",
                                 num_beams=cfg.num_beams, batch_size=cfg.batch_size,
                                 max_samples=cfg.eval_samples, seed=cfg.seed, print_table=False,
-                                progress=cfg.progress, hybrid_weight=cfg.hybrid_weight)
-    wall["total"], cpu["total"] = time.perf_counter() - t_all, time.process_time() - c_all
+                                progress=cfg.progress, hybrid_weight=cfg.hybrid_weight, ensemble=members)
+    wall["total"], cpu["total"] = time.perf_counter() - t_all, _cpu_seconds() - c_all
     result["timings_s"] = {k: round(v, 1) for k, v in wall.items()}
     result["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
     result["sids"] = {"levels": int(sids.codes.shape[1]), "codebook_sizes": list(sids.codebook_sizes),
@@ -176,6 +178,74 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     print(f"demo: wrote {out / 'metrics.json'}; wall time per stage (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["timings_s"].items()))
     return result
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the parallel SFTs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _member_dir(out: Path, name: str, k: int) -> Path:
+    """``out/name`` for the first SID set, ``out/name_sid{k}`` for set k."""
+    return out / (name if k == 0 else f"{name}_sid{k}")
+
+
+def _with_sids(data, cfg: DemoConfig, k: int, out: Path):
+    """(a copy of ``data`` with SID set k: k-means seed ``cfg.seed + k``, saved under ``out``, the build result)."""
+    data = copy.deepcopy(data)
+    sids = build_sids(data.catalog.texts, method="rqkmeans", levels=cfg.sid_levels,
+                      codebook_size=cfg.sid_codebook_size, seed=cfg.seed + k, kmeans_iters=cfg.kmeans_iters,
+                      encoder=cfg.encoder, cache_dir=cfg.embed_cache_dir, progress=cfg.progress,
+                      embedding=cfg.sid_embedding, interactions=data.train, cf_weight=cfg.cf_weight,
+                      cf_dim=cfg.cf_dim)
+    data.catalog.set_codes(sids.codes, sids.codebook_sizes)
+    save_minionerec(data, _member_dir(out, "data", k))
+    return data, sids
+
+
+def _sft_kwargs(cfg: DemoConfig, data, output_dir: Path, progress: bool) -> dict:
+    """The demo's ``train_sft`` arguments for one SID set."""
+    return dict(data=data, model="tiny", output_dir=str(output_dir), tasks=tuple(cfg.tasks),
+                prompt_style=cfg.prompt_style, sequence_loss=cfg.sequence_loss,
+                whole_sequences=cfg.whole_sequences, sequence_window=cfg.sequence_window,
+                eval_epochs=cfg.valid_every_epochs, train_on_valid=cfg.train_on_valid,
+                eval_every=-1 if cfg.train_on_valid else 0,
+                epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
+                max_length=min(cfg.pack_length, 512),
+                model_overrides={"attention_dropout": cfg.attention_dropout,
+                                 "intermediate_size": cfg.intermediate_size, **cfg.model_overrides},
+                dropout=cfg.dropout, key_dropout=cfg.key_dropout,
+                eval_samples=len(data.valid) if cfg.valid_samples is None else cfg.valid_samples,
+                eval_beams=cfg.valid_beams,
+                eval_batch_size=cfg.batch_size, seed=cfg.seed if cfg.sft_seed is None else cfg.sft_seed,
+                resume=False, progress=progress)
+
+
+def _train_in_process(kwargs: dict, threads: int) -> str:
+    """One SID set's SFT in a worker process with ``threads`` torch threads; returns its model folder."""
+    torch.set_num_threads(threads)
+    cli_logging()
+    return str(train_sft(**kwargs).model_dir)
+
+
+def _train_models(cfg: DemoConfig, sets: Sequence, out: Path) -> List[tuple]:
+    """(model, tokenizer, sid_vocab) of the SFT on each SID set: in this process one after another, or with
+    ``parallel_sft`` (and more than one set) in one spawned process per set, the torch threads split between them."""
+    if len(sets) == 1 or not cfg.parallel_sft:
+        results = [train_sft(**_sft_kwargs(cfg, d, _member_dir(out, "sft", k), cfg.progress))
+                   for k, d in enumerate(sets)]
+        return [(r.model, r.tokenizer, r.sid_vocab) for r in results]
+    threads = max(1, torch.get_num_threads() // len(sets))
+    jobs = [_sft_kwargs(cfg, d, _member_dir(out, "sft", k), False) for k, d in enumerate(sets)]
+    print(f"demo: {len(sets)} SFTs at once, {threads} torch thread(s) each", flush=True)
+    with ProcessPoolExecutor(len(sets), mp_context=multiprocessing.get_context("spawn")) as pool:
+        dirs = list(pool.map(_train_in_process, jobs, [threads] * len(jobs)))
+    loaded = []
+    for d in dirs:
+        model, tok, vocab = load_model_dir(d)
+        loaded.append((model.eval(), tok, vocab))
+    return loaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

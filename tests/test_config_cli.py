@@ -149,7 +149,7 @@ SAMPLES = {
                  pack_length=128, model_overrides={"hidden_size": 16}, dropout=0.3, attention_dropout=0.2,
                  key_dropout=0.25, sft_seed=2, train_on_valid=False, intermediate_size=96,
                  valid_samples=7, valid_beams=10, valid_every_epochs=1.0, eval_samples=9, num_beams=12, batch_size=4,
-                 hybrid_weight=1.5, progress=False),
+                 hybrid_weight=1.5, progress=False, sid_sets=3, parallel_sft=False),
     "eval": dict(model="m", data="d", samples="s.csv", split="valid", num_beams=20, batch_size=4, max_samples=9,
                  seed=2, ks=(1, 5), score="sid", backend="torch", dtype="float32", cuda_graphs=True, sasrec=False,
                  num_resamples=100, max_prompt_length=64, prompt_style="compact", hybrid_weight=2.0,

@@ -71,3 +71,37 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
     assert (out / "sft" / "model").is_dir() and (out / "sft" / "curves.png").is_file()
     table = capsys.readouterr().out
     assert "transition baseline" in table and "HR@10" in table and "model + transition (w 4)" in table
+
+
+def test_demo_with_two_sid_sets_adds_the_ensemble_row(tmp_path, tiny_encoder, capsys):
+    """sid_sets=2: a second SID set (k-means seed + 1) and its own SFT, trained in a second process beside the
+    first; the table gains the ensemble row, computed from the two saved models as genrec_fast.eval.ensemble does."""
+    import numpy as np
+
+    from genrec_fast.data import load_minionerec
+    from genrec_fast.demo import run_demo
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+    from genrec_fast.eval.metrics import target_ranks
+    from genrec_fast.model import load_model_and_tokenizer
+
+    out = tmp_path / "demo"
+    res = run_demo(out=str(out), max_users=30, max_interactions_per_user=8, sid_levels=2, sid_codebook_size=6,
+                   kmeans_iters=5, encoder=tiny_encoder, embed_cache_dir=str(tmp_path / "cache"), epochs=1.0,
+                   batch_tokens=1024, pack_length=256,
+                   model_overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "num_key_value_heads": 1, "intermediate_size": 64},
+                   num_beams=5, batch_size=16, progress=False, sid_sets=2, hybrid_weight=None)
+    assert res["config"]["sid_sets"] == 2 and res["config"]["parallel_sft"]
+    sets = [load_minionerec(out / d) for d in ("data", "data_sid1")]
+    assert list(sets[0].catalog.item_ids) == list(sets[1].catalog.item_ids)
+    assert not np.array_equal(sets[0].catalog.codes, sets[1].catalog.codes)  # another k-means seed
+    members = []
+    for d, run in zip(sets, ("sft", "sft_sid1")):
+        model, tok, vocab = load_model_and_tokenizer(str(out / run / "model"))
+        members.append(Member(model, tok, vocab, d.catalog))
+    want = ensemble_predict(members, sets[0].test, num_beams=5, top_n=5)
+    ranks = target_ranks([r["ranked"] for r in want], [s.target for s in sets[0].test]).tolist()
+    assert res["per_sample"]["ranks"]["ensemble"] == ranks
+    assert res["ensemble"]["members"] == 2 and "hybrid" not in res
+    assert res["cpu_s"]["sft"] > 0  # the worker processes' CPU is counted
+    assert "ensemble of 2 SID sets" in capsys.readouterr().out
