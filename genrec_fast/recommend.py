@@ -14,9 +14,13 @@ trie of the catalogue's SIDs (:func:`genrec_fast.eval.predict`); an item's score
 log-probability (items that share a SID share its score). The items of the beams come in beam order, so a
 user gets ``k`` items when the beams hold that many (``num_beams`` defaults to ``k``). The hybrid of
 ``genrec_fast.eval.hybrid`` is there too: ``rec.recommend(histories, k, transitions=rec.transitions(train_sequences),
-hybrid_weight=W)`` re-ranks the beams with last-item transition counts.
+hybrid_weight=W)`` re-ranks the beams with last-item transition counts. ``rec.recommend(histories, k,
+ensemble=[Recommender.from_pretrained(other_dir), ...])`` ranks by the product of experts of this model and models
+trained on other SIDs of the same items (``genrec_fast.eval.ensemble``; an item's score is then the members' mean
+log-probability of it).
 
-CLI: ``genrec-fast recommend --model DIR --history ID [ID ...] [--k 10]`` prints a table.
+CLI: ``genrec-fast recommend --model DIR --history ID [ID ...] [--k 10] [--ensemble-models DIR2 ...]`` prints a
+table.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from genrec_fast.bundle import BUNDLE_FILE, Bundle, read_bundle
 from genrec_fast.data.types import Catalog, Sample
 from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.eval.beams import catalog_trie, predict
+from genrec_fast.eval.ensemble import Member, ensemble_predict
 from genrec_fast.eval.hybrid import TransitionReranker, check_weight, sequence_transitions
 from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import load_model_and_tokenizer
@@ -121,6 +126,10 @@ class Recommender:
                                                                torch_dtype=resolve_dtype(dtype, dev))
         return cls(model, tokenizer, sid_vocab, bundle, prompt_style=prompt_style, score=score, backend=backend)
 
+    def member(self) -> Member:
+        """This model as a member of an ensemble (``genrec_fast.eval.ensemble``), on its bundle's SIDs."""
+        return Member(self.model, self.tokenizer, self.sid_vocab, self.catalog, self.prompt_style)
+
     def history_indices(self, histories: Sequence[Sequence]) -> List[List[int]]:
         """Catalogue indices of each history (:func:`history_indices`)."""
         return history_indices(self.catalog, histories, self.bundle.directory / BUNDLE_FILE)
@@ -133,7 +142,8 @@ class Recommender:
     def recommend(self, histories: Sequence[Sequence], k: int = 10, num_beams: Optional[int] = None,
                   batch_size: int = 16, max_prompt_length: Optional[int] = None,
                   transitions: Optional[TransitionTable] = None,
-                  hybrid_weight: Optional[float] = None) -> List[Recommendation]:
+                  hybrid_weight: Optional[float] = None,
+                  ensemble: Sequence["Recommender"] = ()) -> List[Recommendation]:
         """The top ``k`` items for each history (item ids as in the catalogue, oldest first).
 
         ``num_beams`` (default ``k``, at least ``k``): beams of the constrained search. A prompt longer than
@@ -142,6 +152,10 @@ class Recommender:
         every beam's items re-ranked by beam log-prob + hybrid_weight * log(1 + count(last history item ->
         item)), the top ``k`` kept, each with that score; ``num_beams`` then defaults to max(k, 50), as the
         hybrid was measured.
+        ``ensemble``: other Recommenders of the same items (the same item ids in the same order) on their own SIDs;
+        the items of every member's ``num_beams`` beams are ranked by the members' mean log-probability
+        (:func:`genrec_fast.eval.ensemble.ensemble_predict`), each item's score that mean (with the hybrid, the
+        re-ranking starts from those scores).
         """
         for name, value in (("k", k), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -157,10 +171,15 @@ class Recommender:
             raise ValueError(f"recommend: num_beams must be an integer >= k={k}, got {num_beams!r}")
         rows = self.history_indices(histories)
         samples = [Sample(user_id=str(u), history=row, target=-1) for u, row in enumerate(rows)]
-        records = predict(self.model, self.tokenizer, self.sid_vocab, self.trie, samples, self.catalog,
-                          num_beams=beams, batch_size=batch_size, top_n=beams if hybrid else k, score=self.score,
-                          backend=self.backend, max_prompt_length=max_prompt_length, prompt_style=self.prompt_style,
-                          with_scores=True)
+        if ensemble:
+            records = ensemble_predict([self.member(), *(r.member() for r in ensemble)], samples, num_beams=beams,
+                                       top_n=len(self.catalog) if hybrid else k, batch_size=batch_size,
+                                       max_prompt_length=max_prompt_length)
+        else:
+            records = predict(self.model, self.tokenizer, self.sid_vocab, self.trie, samples, self.catalog,
+                              num_beams=beams, batch_size=batch_size, top_n=beams if hybrid else k, score=self.score,
+                              backend=self.backend, max_prompt_length=max_prompt_length,
+                              prompt_style=self.prompt_style, with_scores=True)
         if hybrid:
             reranker = TransitionReranker(transitions)
             for r, row in zip(records, rows):
@@ -192,6 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", required=True, nargs="+", metavar="ID",
                         help="the user's item ids as in the catalogue, oldest first")
     parser.add_argument("--k", type=int, default=10, help="items to recommend")
+    parser.add_argument("--ensemble-models", nargs="+", default=[], metavar="DIR",
+                        help="other saved models of the same items, each on its own SIDs (its bundle): rank by "
+                             "the models' product of experts (genrec_fast.eval.ensemble; default: this model alone)")
     parser.add_argument("--num-beams", type=int, default=None,
                         help="beams of the constrained beam search, at least --k (default: --k)")
     parser.add_argument("--prompt-style", default=None, choices=list(PROMPT_STYLES),
@@ -215,11 +237,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-beams must be >= --k ({args.k}), got {args.num_beams}")
     if args.max_prompt_length is not None and args.max_prompt_length < 1:
         raise ValueError(f"--max-prompt-length must be >= 1, got {args.max_prompt_length}")
-    bundle = read_bundle(args.model)  # the history is checked before the model is loaded
+    bundle = read_bundle(args.model)  # the history and the members' items are checked before a model is loaded
     history_indices(bundle.catalog(), [args.history], bundle.directory / BUNDLE_FILE)
-    rec = Recommender.from_pretrained(args.model, prompt_style=args.prompt_style, device=args.device,
-                                      dtype=args.dtype, score=args.score, backend=args.backend)
+    for other in args.ensemble_models:
+        if list(read_bundle(other).item_ids) != list(bundle.item_ids):
+            raise ValueError(f"--ensemble-models {other}: its bundle lists other items (or another order) than "
+                             f"--model {args.model}'s; an ensemble member ranks the same items on its own SIDs")
+    load = dict(prompt_style=args.prompt_style, device=args.device, dtype=args.dtype, score=args.score,
+                backend=args.backend)
+    rec = Recommender.from_pretrained(args.model, **load)
+    members = [Recommender.from_pretrained(other, **load) for other in args.ensemble_models]
     out = rec.recommend([args.history], k=args.k, num_beams=args.num_beams, batch_size=1,
-                        max_prompt_length=args.max_prompt_length)
+                        max_prompt_length=args.max_prompt_length, ensemble=members)
     print(format_recommendations(out[0]))
     return 0

@@ -188,3 +188,46 @@ def test_a_bundle_of_other_codebook_sizes_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match=r"genrec_bundle.json: codebook sizes \[4, 8\], but the model's SID tokens "
                                          r"have \[4, 4\]"):
         Recommender(rec.model, rec.tokenizer, rec.sid_vocab, read_bundle(d))
+
+
+def _resid_copy(data, model_dir, dest, seed=1):
+    """A copy of the model whose bundle gives the items other SIDs (permuted among them): another member."""
+    d = shutil.copytree(model_dir, dest)
+    perm = np.random.default_rng(seed).permutation(len(data.catalog))
+    other = Catalog(data.catalog.item_ids, data.catalog.titles, data.catalog.texts, codes=data.catalog.codes[perm],
+                    codebook_sizes=data.catalog.codebook_sizes)
+    write_bundle(d, other, "minionerec")
+    return d, other
+
+
+def test_recommend_ensemble_ranks_by_the_members_mean(trained, tmp_path, capsys):
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+
+    data, model_dir = trained
+    other_dir, other_cat = _resid_copy(data, model_dir, tmp_path / "other")
+    rec, other = Recommender.from_pretrained(model_dir), Recommender.from_pretrained(other_dir)
+    out = rec.recommend(HISTORIES, k=3, num_beams=3, ensemble=[other])
+    samples = [type(data.test[0])(str(u), [data.catalog.index(i) for i in h], -1) for u, h in enumerate(HISTORIES)]
+    want = ensemble_predict([Member(rec.model, rec.tokenizer, rec.sid_vocab, data.catalog, "minionerec"),
+                             Member(other.model, other.tokenizer, other.sid_vocab, other_cat, "minionerec")],
+                            samples, num_beams=3, top_n=3)
+    for r, w in zip(out, want):
+        assert r.item_ids == [data.catalog.item_ids[i] for i in w["ranked"]]
+        assert r.scores == pytest.approx(w["scores"], abs=1e-5)
+        assert r.titles == [data.catalog.titles[i] for i in w["ranked"]]
+    # with itself only: its own beams' items, in its own order
+    alone, self_ens = rec.recommend(HISTORIES, k=3), rec.recommend(HISTORIES, k=3, ensemble=[rec])
+    assert [r.item_ids for r in self_ens] == [r.item_ids for r in alone]
+    # the command line: the same table
+    argv = ["recommend", "--model", str(model_dir), "--history", "3", "4", "--k", "3", "--num-beams", "3"]
+    assert cli.main([*argv, "--ensemble-models", str(other_dir)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == format_recommendations(rec.recommend([["3", "4"]], k=3, num_beams=3,
+                                                           ensemble=[other])[0]).splitlines()
+    # a member of other items is refused before any model is loaded
+    fewer = shutil.copytree(model_dir, tmp_path / "fewer")
+    cat = data.catalog
+    write_bundle(fewer, Catalog(cat.item_ids[:-1], cat.titles[:-1], cat.texts[:-1], codes=cat.codes[:-1],
+                                codebook_sizes=cat.codebook_sizes), "minionerec")
+    with pytest.raises(ValueError, match=rf"--ensemble-models {fewer}: its bundle lists other items"):
+        cli.main([*argv, "--ensemble-models", str(fewer)])
