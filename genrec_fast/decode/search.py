@@ -299,6 +299,43 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     return BeamSearchResult(res.codes.clone(), res.scores.clone(), res.leaf_ids.clone(), trie)
 
 
+def score_sids(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced full-vocabulary log-probability of given SID token sequences: [P, C] float32.
+
+    input_ids / attention_mask: [P, T] LEFT-padded prompts (as :func:`beam_search`); tokens: [P, C, L] token ids,
+    C responses per prompt. Each prompt is prefilled once and its cache expanded to its C rows, then the L - 1
+    steps run on all rows with the beam search's own eager forwards, so a prompt's tokens are computed once, not
+    once per response. The sum over the L tokens of log p(token | prompt, earlier tokens): what
+    :func:`genrec_fast.model.sequence_logprobs` computes, up to float rounding.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"score_sids: tokens must be a [P={input_ids.shape[0]}, C, L] tensor, got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    P, C, L = tokens.shape
+    if C == 0 or L == 0:
+        return torch.zeros((P, C))
+    with eval_mode(model), torch.inference_mode():
+        base, weight, bias = _lm_parts(model)
+        device = weight.device
+        ids = input_ids.to(device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+        tok = tokens.to(device=device, dtype=torch.long).reshape(P * C, L)
+        runner = _EagerForward(base, C, L)
+        hidden = runner.prefill(ids, mask).repeat_interleave(C, dim=0)  # row p*C + c: response c of prompt p
+        identity = torch.arange(P * C, device=device)
+        total = torch.zeros(P * C, device=device)
+        for level in range(L):
+            if level > 0:
+                hidden = runner.step(level, tok[:, level - 1], None if level == 1 else identity)
+            picked = (hidden * weight[tok[:, level]]).sum(-1)
+            if bias is not None:
+                picked = picked + bias[tok[:, level]]
+            total += picked.float() - full_vocab_lse(hidden, weight, bias)
+        del runner
+    return total.view(P, C).clone()
+
+
 def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab, num_beams, score,
             backend, cuda_graphs, graph_bucket, shared_prefix=False) -> BeamSearchResult:
     input_ids = input_ids.to(device)

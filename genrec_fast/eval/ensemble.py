@@ -18,9 +18,10 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from genrec_fast.decode import score_sids
 from genrec_fast.eval.beams import catalog_trie, predict
 from genrec_fast.eval.metrics import INVALID_SLOT
-from genrec_fast.model import encode_prompts, eval_mode, sequence_logprobs
+from genrec_fast.model import encode_prompts, eval_mode
 from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
 
 
@@ -51,29 +52,28 @@ def member_scores(member: Member, samples: Sequence, candidates: Sequence[Sequen
                   max_prompt_length: Optional[int] = None, max_rows: int = 1024) -> List[np.ndarray]:
     """Per sample, the member's full-vocabulary log-probability of each candidate item's SID (float64 arrays).
 
-    Consecutive samples' (prompt, candidate) rows go through the model together, about ``max_rows`` at a time (one
-    sample's candidates are never split)."""
+    Consecutive samples go through the model together, about ``max_rows`` (sample, candidate) rows at a time (one
+    sample's candidates are never split); each prompt is computed once and its cache shared by its candidates
+    (:func:`genrec_fast.decode.score_sids`)."""
     if max_rows < 1:
         raise ValueError(f"member_scores: max_rows must be >= 1, got {max_rows}")
     model, tok, vocab, catalog = member.model, member.tokenizer, member.sid_vocab, member.catalog
     style = model_prompt_style(model) if member.prompt_style is None else check_prompt_style(member.prompt_style)
     codes = np.asarray(catalog.codes)
-    device = next(model.parameters()).device
     out: List[np.ndarray] = [np.zeros(0)] * len(samples)
     todo = [i for i, cand in enumerate(candidates) if len(cand)]
     with eval_mode(model):
         for chunk in _chunks(todo, [len(candidates[i]) for i in todo], max_rows):
             ids, mask = encode_prompts(tok, [rec_prompt(samples[i].history, catalog, style) for i in chunk],
                                        max_length=max_prompt_length)
-            rows = torch.cat([torch.full((len(candidates[i]),), j, dtype=torch.long) for j, i in enumerate(chunk)])
-            items = np.concatenate([np.asarray(candidates[i], dtype=np.int64) for i in chunk])
-            resp = vocab.token_ids(torch.from_numpy(codes[items]))
-            lp = sequence_logprobs(model, ids[rows].to(device), mask[rows].to(device), resp.to(device))
-            lp = lp.double().cpu().numpy()
-            start = 0
-            for i in chunk:
-                out[i] = lp[start:start + len(candidates[i])]
-                start += len(candidates[i])
+            width = max(len(candidates[i]) for i in chunk)
+            items = np.zeros((len(chunk), width), dtype=np.int64)  # short rows padded with their first candidate
+            for j, i in enumerate(chunk):
+                items[j] = np.resize(np.asarray(candidates[i], dtype=np.int64), width)
+            resp = vocab.token_ids(torch.from_numpy(codes[items.reshape(-1)])).view(len(chunk), width, -1)
+            lp = score_sids(model, ids, mask, resp).double().cpu().numpy()
+            for j, i in enumerate(chunk):
+                out[i] = lp[j, :len(candidates[i])]
     return out
 
 
