@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -174,21 +174,11 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     per SID level, the target code's log-probability and rank under the model, SASRec and popularity).
     With ``out`` the main process writes the result as JSON (atomically). Prints the table.
     """
-    if split not in ("valid", "test"):
-        raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), "
-                         f"got {split!r}")
-    check_hybrid_args(split, hybrid_weight, hybrid_grid)
+    ensemble = list(ensemble)
+    _check_split_args(split, hybrid_weight, hybrid_grid, prompt_style, ensemble)
     want_hybrid = hybrid_weight is not None or hybrid_grid is not None
     ks = ks_for_beams(ks, num_beams, "evaluate_split")
-    if prompt_style is not None:
-        check_prompt_style(prompt_style)
-    samples = list(getattr(data, split))
-    if max_samples is not None and max_samples < len(samples):
-        keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
-        samples = [samples[i] for i in keep]
-    ensemble = list(ensemble)
-    if ensemble and dist_state().num_processes > 1:
-        raise ValueError("evaluate_split: the ensemble row is computed in one process; run without accelerate launch")
+    samples = _subset(list(getattr(data, split)), max_samples, seed)
     trie = catalog_trie(data.catalog) if trie is None else trie
     model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
                                       batch_size=batch_size, ks=ks, return_records=True, prompt_style=prompt_style,
@@ -196,26 +186,24 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
                                       **decode_kwargs)
     ens_records = None
     if ensemble:
-        members = [Member(model, tokenizer, sid_vocab, data.catalog, prompt_style), *ensemble]
-        ens_records = ensemble_predict(members, samples, num_beams=num_beams, top_n=max(ks), batch_size=batch_size,
-                                       max_prompt_length=decode_kwargs.get("max_prompt_length"),
-                                       beam_lists=[[r["ranked"] for r in records]] + [None] * len(ensemble))
-        records = [{k: (v[:max(ks)] if k in ("ranked", "scores") else v) for k, v in r.items()} for r in records]
+        ens_records, records = _ensemble_records([Member(model, tokenizer, sid_vocab, data.catalog, prompt_style),
+                                                  *ensemble], samples, records, num_beams, ks, batch_size,
+                                                 decode_kwargs.get("max_prompt_length"))
     ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
     b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
     ranks.update(b_ranks)
     baselines = metrics_of(b_ranks, b_info, ks)
     users = [str(s.user_id) for s in samples]
     metrics = interval_metrics(ks)
-    hybrid = ens = None
+    extra = {}  # the model's other rows
     if ens_records is not None:
         ranks["ensemble"] = target_ranks([r["ranked"] for r in ens_records], [r["target"] for r in ens_records])
-        ens = {"members": len(ensemble) + 1, **metrics_from_ranks(ranks["ensemble"], ks),
-               "num_candidates": float(np.mean([r["num_candidates"] for r in ens_records])),
-               **_paired_blocks(ranks, "ensemble", list(b_ranks), users, metrics, num_resamples, seed)}
+        extra["ensemble"] = {"members": len(ensemble) + 1, **metrics_from_ranks(ranks["ensemble"], ks),
+                             "num_candidates": float(np.mean([r["num_candidates"] for r in ens_records])),
+                             **_paired_blocks(ranks, "ensemble", list(b_ranks), users, metrics, num_resamples, seed)}
     if want_hybrid:
-        hybrid = _hybrid_result(data, split, samples, records, ranks, list(b_ranks), ks, hybrid_weight, hybrid_grid,
-                                num_resamples, seed)
+        extra["hybrid"] = _hybrid_result(data, split, samples, records, ranks, list(b_ranks), ks, hybrid_weight,
+                                         hybrid_grid, num_resamples, seed)
     result = {"split": split, "num_samples": len(samples), "model": model_metrics, "baselines": baselines,
               "intervals": stats.method_intervals(ranks, users, metrics, num_resamples, seed),
               "paired": stats.paired_vs_best(ranks, list(b_ranks), users, metrics, "model", num_resamples, seed),
@@ -223,23 +211,55 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
                             "unit": "user", "num_users": len(set(users))},
               "per_sample": {"user_id": users, "target": [int(s.target) for s in samples],
                              "samples_sha1": stats.samples_fingerprint(samples),
-                             "ranks": {k: [int(x) for x in v] for k, v in ranks.items()}}}
-    if hybrid is not None:
-        result["hybrid"] = hybrid
-    if ens is not None:
-        result["ensemble"] = ens
+                             "ranks": {k: [int(x) for x in v] for k, v in ranks.items()}}, **extra}
     if levels and is_main_process():
         result["levels"] = level_report(model, tokenizer, sid_vocab, data, split, samples, sasrec=sasrec,
                                         batch_size=batch_size, prompt_style=prompt_style,
                                         max_prompt_length=decode_kwargs.get("max_prompt_length"))
     if is_main_process():
-        if out is not None:
-            write_json_atomic(out, result)
-        if print_table:
-            print(results_table(result, ks))
-            if "levels" in result:
-                print(level_table(result["levels"]))
+        _report(result, out, print_table, ks)
     return result
+
+
+def _check_split_args(split: str, hybrid_weight, hybrid_grid, prompt_style: Optional[str], ensemble: List) -> None:
+    """evaluate_split's own checks, before anything is decoded: ValueError naming the argument."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"evaluate_split: split must be 'valid' or 'test' (the baselines learn from train), "
+                         f"got {split!r}")
+    check_hybrid_args(split, hybrid_weight, hybrid_grid)
+    if prompt_style is not None:
+        check_prompt_style(prompt_style)
+    if ensemble and dist_state().num_processes > 1:
+        raise ValueError("evaluate_split: the ensemble row is computed in one process; run without accelerate launch")
+
+
+def _subset(samples: List, max_samples: Optional[int], seed: int) -> List:
+    """A seeded random subset of ``max_samples`` samples in their order (all when None or not fewer)."""
+    if max_samples is None or max_samples >= len(samples):
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False))
+    return [samples[i] for i in keep]
+
+
+def _report(result: dict, out, print_table: bool, ks: Sequence[int]) -> None:
+    """Write ``result`` to ``out`` (atomically; None: not written) and print its tables."""
+    if out is not None:
+        write_json_atomic(out, result)
+    if print_table:
+        print(results_table(result, ks))
+        if "levels" in result:
+            print(level_table(result["levels"]))
+
+
+def _ensemble_records(members: Sequence[Member], samples: Sequence, records: List[dict], num_beams: int,
+                      ks: Sequence[int], batch_size: int, max_prompt_length: Optional[int]):
+    """(the ensemble's records, the model's records cut to the largest cut-off): ``members[0]`` is the model, whose
+    ``records`` hold every beam's items (its search is not run again)."""
+    n = max(ks)
+    ens = ensemble_predict(members, samples, num_beams=num_beams, top_n=n, batch_size=batch_size,
+                           max_prompt_length=max_prompt_length,
+                           beam_lists=[[r["ranked"] for r in records]] + [None] * (len(members) - 1))
+    return ens, [{k: (v[:n] if k in ("ranked", "scores") else v) for k, v in r.items()} for r in records]
 
 
 def _hybrid_result(data, split: str, samples: Sequence, records: Sequence[dict], ranks: Dict[str, np.ndarray],
