@@ -213,7 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help="items to recommend")
     parser.add_argument("--ensemble-models", nargs="+", default=[], metavar="DIR",
                         help="other saved models of the same items, each on its own SIDs (its bundle): rank by "
-                             "the models' product of experts (genrec_fast.eval.ensemble; default: this model alone)")
+                             "the models' product of experts (genrec_fast.eval.ensemble) (default: none: this model "
+                             "alone)")
     parser.add_argument("--num-beams", type=int, default=None,
                         help="beams of the constrained beam search, at least --k (default: --k)")
     parser.add_argument("--prompt-style", default=None, choices=list(PROMPT_STYLES),
