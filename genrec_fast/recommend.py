@@ -35,7 +35,7 @@ from genrec_fast.bundle import BUNDLE_FILE, Bundle, read_bundle
 from genrec_fast.data.types import Catalog, Sample
 from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.eval.beams import catalog_trie, predict
-from genrec_fast.eval.ensemble import Member, ensemble_predict
+from genrec_fast.eval.ensemble import Member, check_same_items, ensemble_predict
 from genrec_fast.eval.hybrid import TransitionReranker, check_weight, sequence_transitions
 from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import load_model_and_tokenizer
@@ -241,9 +241,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = read_bundle(args.model)  # the history and the members' items are checked before a model is loaded
     history_indices(bundle.catalog(), [args.history], bundle.directory / BUNDLE_FILE)
     for other in args.ensemble_models:
-        if list(read_bundle(other).item_ids) != list(bundle.item_ids):
-            raise ValueError(f"--ensemble-models {other}: its bundle lists other items (or another order) than "
-                             f"--model {args.model}'s; an ensemble member ranks the same items on its own SIDs")
+        check_same_items(read_bundle(other).item_ids, bundle.item_ids, f"--ensemble-models {other}: its bundle",
+                         f"--model {args.model}'s")
     load = dict(prompt_style=args.prompt_style, device=args.device, dtype=args.dtype, score=args.score,
                 backend=args.backend)
     rec = Recommender.from_pretrained(args.model, **load)

@@ -21,7 +21,7 @@ import torch
 from genrec_fast.bundle import check_model_matches
 from genrec_fast.config_cli import add_dataclass_arguments, option
 from genrec_fast.data.minionerec import load_minionerec, read_split
-from genrec_fast.eval.ensemble import Member
+from genrec_fast.eval.ensemble import Member, check_same_items
 from genrec_fast.eval.evaluate import check_hybrid_args, dist_state, evaluate_split
 from genrec_fast.eval.metrics import DEFAULT_KS, ks_for_beams
 from genrec_fast.model import load_model_and_tokenizer
@@ -153,9 +153,7 @@ def load_member(model_dir: str, data_dir: str, catalog, torch_dtype, device, pro
     whose items must be ``catalog``'s, in the same order (ValueError naming both paths otherwise); the model's bundle
     is checked against that dataset's SIDs."""
     other = load_minionerec(data_dir).catalog
-    if list(other.item_ids) != list(catalog.item_ids):
-        raise ValueError(f"--ensemble-data {data_dir}: its catalogue lists other items (or another order) than "
-                         f"--data's; an ensemble member ranks the same items on its own SIDs")
+    check_same_items(other.item_ids, catalog.item_ids, f"--ensemble-data {data_dir}: its catalogue", "--data's")
     check_model_matches(model_dir, other, data_dir)
     model, tokenizer, sid_vocab = load_model_and_tokenizer(model_dir, other.codebook_sizes, torch_dtype=torch_dtype,
                                                            device=device)

@@ -35,14 +35,20 @@ class Member(NamedTuple):
     prompt_style: Optional[str] = None  # None: the model's own
 
 
+def check_same_items(item_ids: Sequence, reference_ids: Sequence, who: str, reference: str) -> None:
+    """ValueError "``who`` lists other items (or another order) than ``reference``" unless the two id lists are
+    equal: every member of an ensemble ranks the same items, each on its own SIDs."""
+    if list(item_ids) != list(reference_ids):
+        raise ValueError(f"{who} lists other items (or another order) than {reference}; every ensemble member "
+                         f"ranks the same items, each on its own SIDs")
+
+
 def _check_members(members: Sequence[Member]) -> None:
     if not members:
         raise ValueError("ensemble: no members")
-    ids = list(members[0].catalog.item_ids)
     for k, m in enumerate(members[1:], start=1):
-        if list(m.catalog.item_ids) != ids:
-            raise ValueError(f"ensemble: member {k}'s catalogue lists other items (or another order) than member "
-                             f"0's; every member must rank the same items")
+        check_same_items(m.catalog.item_ids, members[0].catalog.item_ids, f"ensemble: member {k}'s catalogue",
+                         "member 0's")
         if m.catalog.codes is None:
             raise ValueError(f"ensemble: member {k}'s catalogue has no SIDs")
 
