@@ -73,9 +73,9 @@ class DemoConfig:
     cf_dim: int = option(64, "text+cf: collaborative vector size")
     encoder: Optional[str] = option(None, "sentence encoder path or hub name (none: the bundled all-MiniLM-L6-v2)")
     embed_cache_dir: Optional[str] = option(None, "embedding cache (none: ~/.cache/genrec_fast/embeddings)")
-    sid_sets: int = option(1, "SID sets: N > 1 also builds N-1 more (k-means seeds seed+1, ...), trains the same "
+    sid_sets: int = option(2, "SID sets: N > 1 also builds N-1 more (k-means seeds seed+1, ...), trains the same "
                               "SFT on each and adds the ensemble row, the models' product of experts "
-                              "(genrec_fast.eval.ensemble); the model row stays the first set's")
+                              "(genrec_fast.eval.ensemble); the model row stays the first set's; 1: one model")
     parallel_sft: bool = option(True, "with sid_sets > 1: train the sets' models at once, one process each, the "
                                       "torch threads split between them (else one after another)")
     # SFT of the tiny preset
@@ -89,8 +89,12 @@ class DemoConfig:
     epochs: float = option(20.0, "SFT epochs")
     lr: float = option(2e-3, "SFT peak learning rate")
     batch_tokens: int = option(4096, "SFT tokens per micro-batch")
-    pack_length: int = option(512, "SFT tokens per packed row")
+    pack_length: int = option(128, "SFT tokens per packed row, and the most per example (a user sequence of 20 "
+                                    "ratings takes 58 tokens; a longer one than fits is an error naming it)")
     intermediate_size: int = option(1024, "the tiny preset's MLP width (its own default: 384)")
+    tokenizer_vocab_size: int = option(256, "the tiny preset's byte-level BPE vocabulary before the SID tokens (256: "
+                                            "the bytes alone, no merges; compact prompts hold SID tokens alone, so "
+                                            "text tokens would only widen the softmax)")
     model_overrides: Dict[str, int] = option(help='tiny-preset config fields, e.g. {"hidden_size": 64}',
                                              factory=dict)
     dropout: float = option(0.1, "SFT train-time dropout (token embeddings, attention / MLP outputs)")
@@ -212,7 +216,7 @@ def _sft_kwargs(cfg: DemoConfig, data, output_dir: Path, progress: bool) -> dict
                 eval_epochs=cfg.valid_every_epochs, train_on_valid=cfg.train_on_valid,
                 eval_every=-1 if cfg.train_on_valid else 0,
                 epochs=cfg.epochs, lr=cfg.lr, batch_tokens=cfg.batch_tokens, pack_length=cfg.pack_length,
-                max_length=min(cfg.pack_length, 512),
+                max_length=min(cfg.pack_length, 512), tokenizer_vocab_size=cfg.tokenizer_vocab_size,
                 model_overrides={"attention_dropout": cfg.attention_dropout,
                                  "intermediate_size": cfg.intermediate_size, **cfg.model_overrides},
                 dropout=cfg.dropout, key_dropout=cfg.key_dropout,

@@ -18,7 +18,8 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
                    tasks=("sid_seq", "title2sid"), epochs=1.0, batch_tokens=1024, pack_length=256,
                    model_overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "num_key_value_heads": 1, "intermediate_size": 64},
-                   valid_samples=8, valid_beams=10, num_beams=10, batch_size=16, progress=False, sft_seed=3)
+                   valid_samples=8, valid_beams=10, num_beams=10, batch_size=16, progress=False, sft_seed=3,
+                   sid_sets=1)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(res))
     assert {"popularity", "transition"} <= set(saved["baselines"])  # (+ sasrec where genrec_fast.eval fits it)
@@ -59,6 +60,9 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
 
     model, tok, vocab = load_model_and_tokenizer(str(out / "sft" / "model"))
     assert model_prompt_style(model) == "compact"
+    # compact prompts hold SID tokens alone: the tokenizer is the 256 bytes + eos / pad, then the SID tokens
+    assert sft_cfg["tokenizer_vocab_size"] == cfg["tokenizer_vocab_size"] == 256
+    assert len(tok) == model.config.vocab_size == 256 + 2 + sum(saved["sids"]["codebook_sizes"])
     again = _load(out / "data")
     m = evaluate(model, tok, vocab, catalog_trie(again.catalog), again.test, again.catalog, num_beams=10, batch_size=16)
     for k in ("HR@1", "HR@10", "NDCG@10"):
