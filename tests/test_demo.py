@@ -79,8 +79,12 @@ def test_demo_toy_size(tmp_path, tiny_encoder, capsys):
 
 def test_demo_with_two_sid_sets_adds_the_ensemble_row(tmp_path, tiny_encoder, capsys):
     """sid_sets=2: a second SID set (k-means seed + 1) and its own SFT, trained in a second process beside the
-    first; the table gains the ensemble row, computed from the two saved models as genrec_fast.eval.ensemble does."""
+    first; the table gains the ensemble row, computed from the two saved models as genrec_fast.eval.ensemble does.
+    parallel_sft=False trains the same two models one after another in this process (one torch thread for both
+    runs, so the float sums are the same)."""
     import numpy as np
+    import torch
+    from safetensors.torch import load_file
 
     from genrec_fast.data import load_minionerec
     from genrec_fast.demo import run_demo
@@ -89,13 +93,24 @@ def test_demo_with_two_sid_sets_adds_the_ensemble_row(tmp_path, tiny_encoder, ca
     from genrec_fast.model import load_model_and_tokenizer
 
     out = tmp_path / "demo"
-    res = run_demo(out=str(out), max_users=30, max_interactions_per_user=8, sid_levels=2, sid_codebook_size=6,
-                   kmeans_iters=5, encoder=tiny_encoder, embed_cache_dir=str(tmp_path / "cache"), epochs=1.0,
-                   batch_tokens=1024, pack_length=256,
-                   model_overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "num_key_value_heads": 1, "intermediate_size": 64},
-                   num_beams=5, batch_size=16, progress=False, sid_sets=2, hybrid_weight=None)
-    assert res["config"]["sid_sets"] == 2 and res["config"]["parallel_sft"]
+    toy = dict(max_users=30, max_interactions_per_user=8, sid_levels=2, sid_codebook_size=6,
+               kmeans_iters=5, encoder=tiny_encoder, embed_cache_dir=str(tmp_path / "cache"), epochs=1.0,
+               batch_tokens=1024, pack_length=256,
+               model_overrides={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "num_key_value_heads": 1, "intermediate_size": 64},
+               num_beams=5, batch_size=16, progress=False, sid_sets=2, hybrid_weight=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parallel path gives each worker max(1, threads // 2) = 1 thread
+    try:
+        res = run_demo(out=str(out), **toy)
+        seq = run_demo(out=str(tmp_path / "seq"), parallel_sft=False, **toy)
+    finally:
+        torch.set_num_threads(threads)
+    assert res["config"]["sid_sets"] == 2 and res["config"]["parallel_sft"] and not seq["config"]["parallel_sft"]
+    for run in ("sft", "sft_sid1"):
+        a, b = (load_file(str(o / run / "model" / "model.safetensors")) for o in (out, tmp_path / "seq"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert seq["per_sample"]["ranks"] == res["per_sample"]["ranks"]
     sets = [load_minionerec(out / d) for d in ("data", "data_sid1")]
     assert list(sets[0].catalog.item_ids) == list(sets[1].catalog.item_ids)
     assert not np.array_equal(sets[0].catalog.codes, sets[1].catalog.codes)  # another k-means seed
