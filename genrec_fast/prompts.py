@@ -3,10 +3,12 @@
 Every prompt is ``TEMPLATE.format(instruction=..., input=...)`` (prompt style ``"minionerec"``, the
 default: the MiniOneRec format, for pretrained LLMs) or ``COMPACT_TEMPLATE.format(tag=..., input=...)``
 (style ``"compact"``, for a small model trained from scratch: no fixed instruction text; the
-recommendation prompt is the history's SIDs alone, so prompt + response is the item sequence) and
-ends exactly where the response starts; SFT puts the loss on the response. ``rec_prompt`` (SID
-history -> next SID) is what evaluation, S-DPO and RL feed to the model, in the style the model was
-trained with (:func:`model_prompt_style`: SFT writes it into the model's config).
+recommendation prompt is the history's SIDs alone, so prompt + response is the item sequence) or
+``SHORT_TEMPLATE.format(tag=..., input=...)`` (style ``"short"``: the MiniOneRec template without its
+instruction line, the compact style's task tag before the input) and ends exactly where the response
+starts; SFT puts the loss on the response. ``rec_prompt`` (SID history -> next SID) is what evaluation,
+S-DPO and RL feed to the model, in the style the model was trained with (:func:`model_prompt_style`: SFT
+writes it into the model's config).
 
 Tasks (name: input -> response):
   ``sid_seq``        SID history -> next item's SID (the recommendation task)
@@ -27,7 +29,9 @@ from genrec_fast.sid_tokens import sid_string
 TEMPLATE = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
 # compact: a short task tag (empty for sid_seq) and the input; the response follows at once
 COMPACT_TEMPLATE = "{tag}{input}"
-PROMPT_STYLES = ("minionerec", "compact")
+# short: the template's delimiters without the instruction line (the task tag marks the task)
+SHORT_TEMPLATE = "### Input:\n{tag}{input}\n### Response:\n"
+PROMPT_STYLES = ("minionerec", "compact", "short")
 DEFAULT_STYLE = "minionerec"
 
 
@@ -64,8 +68,11 @@ class Task:
     compact_input: Optional[Callable] = None  # the compact style's input text (default: make_input)
 
     def prompt(self, obj, catalog: Catalog, style: Optional[str] = None) -> str:
-        if check_prompt_style(style) == "compact":
+        style = check_prompt_style(style)
+        if style == "compact":
             return COMPACT_TEMPLATE.format(tag=self.tag, input=(self.compact_input or self.make_input)(obj, catalog))
+        if style == "short":
+            return SHORT_TEMPLATE.format(tag=self.tag, input=self.make_input(obj, catalog))
         return TEMPLATE.format(instruction=self.instruction, input=self.make_input(obj, catalog))
 
     def example(self, obj, catalog: Catalog, style: Optional[str] = None) -> Example:

@@ -66,6 +66,20 @@ def test_parse_sid_accepts_only_the_spelling_of_the_token_block():
             parse_sid(bad)
 
 
+def test_short_style_is_the_template_without_its_instruction_line(data):
+    s = data.train[1]
+    assert P.rec_prompt([0, 1], data.catalog, "short") == "### Input:\n<a_1><b_2> <a_1><b_3>\n### Response:\n"
+    for task in P.TASKS.values():  # every task: the same input and response as the MiniOneRec template, its tag
+        obj = s if task.source == "samples" else 2
+        full, short = task.example(obj, data.catalog), task.example(obj, data.catalog, "short")
+        assert short.response == full.response and task.instruction not in short.prompt
+        assert short.prompt == "### Input:\n" + task.tag + full.prompt.split("### Input:\n", 1)[1]
+    tags = [t.tag for t in P.TASKS.values()]
+    assert len(set(tags)) == len(tags)  # the tasks stay apart without their instructions
+    with pytest.raises(ValueError, match="needs the compact prompt style"):
+        P.build_examples(data, ["sid_seq"], style="short", sequence_loss=True)  # the sequence loss is compact's
+
+
 def test_compact_style_is_the_bare_item_sequence(data):
     s = data.train[1]
     assert P.rec_prompt([0, 1], data.catalog, "compact") == "<a_1><b_2><a_1><b_3>"

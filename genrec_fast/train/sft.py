@@ -80,8 +80,9 @@ class SFTConfig(StageConfig):
                                       "sft_result.json")
     max_steps: Optional[int] = opt(None, "optimizer steps (>= 1); overrides epochs")
     tasks: Tuple[str, ...] = opt(DEFAULT_TASKS, "SFT tasks to enable (genrec_fast.prompts)")
-    prompt_style: str = opt("minionerec", "'minionerec' (the MiniOneRec template) or 'compact' (the history "
-                                          "SIDs alone); saved with the model")
+    prompt_style: str = opt("minionerec", "'minionerec' (the MiniOneRec template), 'compact' (the history SIDs "
+                                          "alone) or 'short' (the template without its instruction line); saved "
+                                          "with the model")
     sequence_loss: bool = opt(False, "compact only: loss on every history item of sid_seq too")
     whole_sequences: bool = opt(False, "with sequence_loss: one sid_seq example per user sequence, not per window")
     sequence_window: int = opt(0, "with whole_sequences: cut each user sequence into windows of at most this many "
