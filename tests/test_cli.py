@@ -326,9 +326,9 @@ def test_eval_bad_prompt_style_is_a_clear_error(tiny_run, tmp_path, monkeypatch,
     assert "argument --prompt-style: invalid choice: 'chat'" in capsys.readouterr().err
     config = tmp_path / "eval.yaml"
     config.write_text("prompt_style: chat\n")
-    with pytest.raises(ValueError, match=rf"{config}.*prompt_style.*'chat' is not one of minionerec, compact"):
+    with pytest.raises(ValueError, match=rf"{config}.*prompt_style.*'chat' is not one of minionerec, compact, short"):
         cli.main([*base, "--config", str(config)])
-    with pytest.raises(ValueError, match="unknown prompt style 'chat'; known: \\['minionerec', 'compact'\\]"):
+    with pytest.raises(ValueError, match="unknown prompt style 'chat'; known: \\['minionerec', 'compact', 'short'\\]"):
         sys.modules["genrec_fast.eval.evaluate"].evaluate_split(None, None, None, load_minionerec(data_dir), "test",
                                                                 num_beams=4, prompt_style="chat")
 
