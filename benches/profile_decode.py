@@ -3,8 +3,10 @@
 Per setting of bench_decode (same model, catalogue and prompts): the median wall time of
 ``beam_search(cuda_graphs=True)``; then, from the captured graph set, the replay time of the
 prefill graph and of each level's step graph alone; the full-vocabulary log-sum-exp alone at each
-level's row count; and the rest (beam ops, trie steps, host work) by difference. With --trace, the
-torch.profiler tables (GPU time by op, host time by op) of a few searches.
+level's row count; and the rest (beam ops, trie steps, host work) by difference. Then the same search with
+graph_scope="search" (forwards and scoring captured as one graph): its wall time, and on a GPU the replay of
+that one graph alone (its host share by difference). With --trace, the torch.profiler tables (GPU time by op,
+host time by op) of a few searches.
 
   python benches/profile_decode.py [--device cuda] [--settings gpu_8x50_3.7k,...] [--trace] [--shared-prefix]
 (--shared-prefix: both searches with shared_prefix=True, the prompt K/V once per prompt.)
@@ -71,6 +73,11 @@ def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool, s
         row["lse_ms"] = lse0 + (len(bd.SIZES) - 1) * lse1
         if device.type == "cuda":
             row["rest_ms"] = row["search_ms"] - row["prefill_replay_ms"] - row["step_replays_ms"] - row["lse_ms"]
+        whole = functools.partial(search, graph_scope="search")
+        row["search_graph_ms"] = 1e3 * median_time(whole, device, repeat)
+        if device.type == "cuda":
+            row["search_graph_replay_ms"] = 1e3 * median_time(gs.search_graph[1].graph.replay, device, repeat)
+            row["search_graph_host_ms"] = row["search_graph_ms"] - row["search_graph_replay_ms"]
         if trace:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if device.type == "cuda":
@@ -85,7 +92,7 @@ def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool, s
             print(f"\n### {name}: 3 graph searches, by host self time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
     graphs.clear_graphs()
-    del model, search, eager
+    del model, search, eager, whole
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -19,7 +19,9 @@
 # shape, not timed). The pytest step runs in TEST_WORKERS processes, with the RQ kernel's fixed config
 # (GENREC_FAST_AUTOTUNE=0 in tests/conftest.py) and ~21 beam-kernel variants for the test shapes; one process
 # with the autotuned RQ kernel and per-size beam kernels (~31 variants) took over 150 s for 83 of its 89 tests.
-# tests/test_cascade_attention.py and tests/test_decode_shared_prefix.py have not run on a GPU.
+# tests/test_cascade_attention.py, tests/test_decode_shared_prefix.py and tests/test_decode_search_graph.py
+# (graph_scope="search": the whole search as one graph) have not run on a GPU; nor have bench_decode's shared-prefix
+# and search-graph columns (four more searches per setting, three of them captured).
 # benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
 # Each bench also checks that ours computes what its baseline computes (same beams / SIDs / codes / loss
 # within its thresholds) and exits 1 with "FAILED <setting> <metric> = <value> (threshold: ...)" lines
@@ -32,7 +34,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PAR
 unset TRITON_INTERPRET
 export OUT=${OUT:-runs/gpu}
 DRY=${DRY_RUN:-0}
-TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_rq.py}
+TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_decode_search_graph.py tests/test_rq.py}
 steps=${BENCHES:-tests decode}
 [ "$steps" = all ] && steps="tests rq beam decode sft rl"
 status=0

@@ -18,12 +18,14 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
     out = tmp_path / "decode.json"
     threads = torch.get_num_threads()  # the bench pins 1 thread; give the rest of the session its threads back
     try:
-        assert bench_decode.main(["--device", "cpu", "--json", str(out)]) == 0
+        assert bench_decode.main(["--device", "cpu", "--json", str(out), "--emulate-graphs"]) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "floor_search_steps_users_per_s" in printed and "ours_over_floor_search_steps" in printed
     assert "ours_shared_users_per_s" in printed and "pct_roofline_ours_shared" in printed
+    # --emulate-graphs: the GPU-only graph variants ran (no capture) and were compared and checked
+    assert "ours_search_graphs_over_ours_graphs" in printed and "pct_roofline_ours_shared_search_graphs" in printed
     assert "FAILED" not in printed
     payload = json.loads(out.read_text())
     rows = payload["rows"]
@@ -36,9 +38,12 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
     assert r["ours_shared_users_per_s"] > 0 and r["shared_same_ranking_as_hf"] == 1.0
     assert r["roofline_ms"] == "n/a" and r["pct_roofline_ours"] == "n/a" and r["roofline_gflop"] > 0  # CPU: no peaks
     assert payload["failed"] == []
+    assert r["search_graphs_same_ranking_as_ours"] == 1.0 and r["shared_search_graphs_same_ranking_as_hf"] == 1.0
+    assert r["ours_shared_search_graphs_over_ours_graphs"] > 0
     assert {(c["metric"], c["ok"]) for c in payload["checks"]} == {
-        ("invalid_rate", True), ("same_ranking_as_hf", True), ("shared_invalid_rate", True),
-        ("shared_same_ranking_as_ours", True)}
+        ("invalid_rate", True), ("same_ranking_as_hf", True), ("graphs_same_ranking_as_ours", True)} | {
+        (f"{key}_{m}", True) for key in ("shared", "shared_graphs", "search_graphs", "shared_search_graphs")
+        for m in ("invalid_rate", "same_ranking_as_ours")}
     # the one-table summary benches/run_gpu.sh ends with, from this JSON
     capsys.readouterr()
     try:
@@ -46,7 +51,8 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
     finally:
         sys.modules.pop("bench_decode", None)
     summary = capsys.readouterr().out
-    assert "| shared graphs/graphs" in summary and "cpu_32x20_3k | float32" in summary and "n/a" in summary
+    assert "| shared graphs/graphs" in summary and "| search graph/graphs" in summary
+    assert "cpu_32x20_3k | float32" in summary and "n/a" in summary
 
 
 def test_bench_decode_gates_fire(monkeypatch):
@@ -71,6 +77,11 @@ def test_bench_decode_gates_fire(monkeypatch):
         assert bench_decode.check_rows([shared]).failed() == [
             "FAILED s shared_graphs_invalid_rate = 0.02 (threshold: == 0)",
             "FAILED s shared_graphs_same_set_as_ours = 0.97 (threshold: >= 0.98)"]
+        search = dict(good, search_graphs_invalid_rate=0.0, search_graphs_same_ranking_as_ours=0.2,
+                      search_graphs_same_set_as_ours=0.985, shared_search_graphs_invalid_rate=0.0,
+                      shared_search_graphs_same_ranking_as_ours=0.2, shared_search_graphs_same_set_as_ours=0.985)
+        assert bench_decode.check_rows([search]).failed() == [  # bf16: 0.99 for the same kernels, 0.98 shared
+            "FAILED s search_graphs_same_set_as_ours = 0.985 (threshold: >= 0.99)"]
         assert bench_decode.check_rows([dict(shared, dtype="float32", same_ranking_as_hf=1.0,
                                              graphs_same_ranking_as_ours=1.0)]).failed() == [
             "FAILED s shared_same_ranking_as_ours = 0.5 (threshold: == 1)",
@@ -118,9 +129,30 @@ def test_run_gpu_script_parses_and_dry_runs(tmp_path):
                          capture_output=True, text=True, check=True)
     lines = res.stdout.splitlines()
     assert lines[0] == "DRY RUN: steps: install tests decode summary"
-    assert "tests/test_cascade_attention.py" in lines[1] and "tests/test_decode_shared_prefix.py" in lines[1]
+    assert all(f"tests/test_{name}.py" in lines[1] for name in ("cascade_attention", "decode_shared_prefix",
+                                                                "decode_search_graph"))
     assert lines[2].startswith("bench_decode:") and "--device cuda" in lines[2]
     assert lines[3].startswith("summary:") and not out.exists()
     bad = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out),
                                                     "BENCHES": "nope"}, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAILED bench_nope (no such bench)" in bad.stdout
+
+
+def test_profile_decode_cpu_smoke(tmp_path, monkeypatch):
+    """benches/profile_decode.py runs its CPU path (emulated graphs, both graph scopes) and writes its row."""
+    monkeypatch.syspath_prepend(str(BENCHES))
+    monkeypatch.delenv("OUT", raising=False)
+    import profile_decode
+
+    out = tmp_path / "profile.json"
+    threads = torch.get_num_threads()
+    try:
+        assert profile_decode.main(["--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("profile_decode", None)
+        sys.modules.pop("bench_decode", None)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["setting"] == "cpu_32x20_3k"
+    for key in ("search_ms", "eager_search_ms", "lse_ms", "search_graph_ms"):
+        assert row[key] > 0, key

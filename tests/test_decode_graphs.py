@@ -190,23 +190,30 @@ def test_graph_path_errors():
         graphs.GraphForward(lm_modules(model)[0], 2, 4, 8, 3, torch.device("cpu"), "capture")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphs_match_emulation_and_eager_on_gpu(dtype):
-    """Replayed graphs compute exactly what the same functions compute eagerly ("emulate"); in fp32 the
-    ranking is also the eager path's."""
+def check_cuda_graphs_on_gpu(dtype, **kwargs) -> None:
+    """Replayed graphs compute exactly what the same functions compute eagerly ("emulate"); in fp32 the ranking
+    is also the default eager search's and the eager search's with the same ``kwargs`` (less the graph ones)."""
     sizes = (5, 6, 7, 4)
     seed = _fresh_seed()
     model = tiny_model("qwen2", seed, vocab_size=START + sum(sizes) + 2).to("cuda", dtype)
     trie, vocab = random_trie(seed % 1000, n=120, sizes=sizes), SIDVocab(START, sizes)
+    eager_kwargs = {k: v for k, v in kwargs.items() if k != "graph_scope"}
     for P, T in ((3, 9), (3, 12), (4, 9)):
         ids, mask = (t.cuda() for t in left_padded_prompts(P, T, seed + T))
-        eager = beam_search(model, ids, mask, trie, vocab, 10)
-        emulated = beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16)
+        eager = [beam_search(model, ids, mask, trie, vocab, 10), beam_search(model, ids, mask, trie, vocab, 10,
+                                                                             **eager_kwargs)]
+        emulated = beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs="emulate", graph_bucket=16, **kwargs)
         for _ in range(2):  # capture + replay, then replay only
-            res = beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs=True, graph_bucket=16)
+            res = beam_search(model, ids, mask, trie, vocab, 10, cuda_graphs=True, graph_bucket=16, **kwargs)
             assert torch.equal(res.codes, emulated.codes), f"seed {seed}"
             torch.testing.assert_close(res.scores, emulated.scores, rtol=0, atol=0, msg=f"seed {seed}")
         if dtype == torch.float32:
-            assert torch.equal(res.codes, eager.codes), f"seed {seed}"
-            torch.testing.assert_close(res.scores, eager.scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
+            for other in eager:
+                assert torch.equal(res.codes, other.codes), f"seed {seed}"
+                torch.testing.assert_close(res.scores, other.scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_match_emulation_and_eager_on_gpu(dtype):
+    check_cuda_graphs_on_gpu(dtype)

@@ -186,19 +186,21 @@ class GraphForward:
         else:
             self.beam_layers = [kv.KVBuffer(T + L - 1) for _ in range(base.config.num_hidden_layers)]
         self.pre_cache, self.beam_cache = kv.buffer_cache(self.pre_layers), kv.buffer_cache(self.beam_layers)
-        pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
-        self.prefill_graph = _Graph("prefill", self._prefill, mode, pool, warmup=lambda: None)
+        self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+        self.prefill_graph = _Graph("prefill", self._prefill, mode, self.pool, warmup=lambda: None)
+        self._step_fns = [None] + [self._stepper(lvl) for lvl in range(1, L)]
         # warm-up with the identity parent index: the tail reorder is not idempotent
-        self.step_graphs = [None] + [_Graph(f"level-{lvl} step", self._stepper(lvl), mode, pool,
+        self.step_graphs = [None] + [_Graph(f"level-{lvl} step", self._step_fns[lvl], mode, self.pool,
                                             warmup=lambda: self.index.copy_(self.identity)) for lvl in range(1, L)]
+        self.search_graph: Optional[tuple] = None  # (key, _Graph) of the whole search (graph_scope="search")
 
     def close(self) -> None:
         """Free the graphs and buffers now (the captured functions refer back to this object, so without
         this they would wait for the garbage collector)."""
-        for g in [self.prefill_graph, *self.step_graphs]:
+        for g in [self.prefill_graph, *self.step_graphs, self.search_graph and self.search_graph[1]]:
             if g is not None:
                 g.graph = g.out = g.fn = g.warmup = None
-        self.prefill_graph, self.step_graphs = None, []
+        self.prefill_graph, self.step_graphs, self.search_graph, self._step_fns = None, [], None, []
         self.pre_layers = self.beam_layers = self.pre_cache = self.beam_cache = None
         self.ids = self.pos = self.mask4 = self.tok = self.index = self.identity = self.prefix_mask = None
         self.step_pos = self.step_mask4 = []
@@ -234,9 +236,41 @@ class GraphForward:
             return hidden
         return step
 
+    def _inner_step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """A level's step inside the search graph: its inputs are copied into the step's static buffers on the
+        device (they were computed earlier in the same graph), then the step function runs."""
+        self.tok.copy_(token.reshape(-1, 1))
+        if parent_rows is not None:
+            self.index.copy_(parent_rows)
+        return self._step_fns[level]()
+
     # ---- the search's calls ----------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fill the static inputs from a left-padded [P, t <= T] batch and run the prefill -> hidden [P, H]."""
+        self._fill(input_ids, mask)
+        return self.prefill_graph.run(restore=lambda: None)
+
+    def search(self, input_ids: torch.Tensor, mask: torch.Tensor, key: tuple,
+               body: Callable[[Callable, torch.Tensor], tuple]) -> tuple:
+        """The whole search as ONE graph (``graph_scope="search"``): fill the static inputs from a left-padded
+        [P, t <= T] batch, then run ``body(step, hidden)``, the search's levels from the prefill's hidden states
+        (``step(level, token, parent_rows)`` runs a level's forward), captured on first use together with the
+        prefill and the steps, so a replay runs the forwards, the scoring and the top-k with nothing on the host
+        in between. ``key`` names what else ``body`` reads (head and trie tensors, scoring choices): another key
+        replaces the captured search. Returns ``body``'s outputs (on CUDA: the graph's own buffers, overwritten
+        by the next replay). The body is idempotent (the prefill rewrites the K/V, each step its tail position,
+        and the reorders use the parents found in the same run), so its warm-up needs no reset."""
+        self._fill(input_ids, mask)
+        if self.search_graph is None or self.search_graph[0] != key:
+            if self.search_graph is not None:
+                old = self.search_graph[1]
+                old.graph = old.out = old.fn = None
+            graph = _Graph("search", lambda: body(self._inner_step, self._prefill()), self.mode, self.pool,
+                           warmup=lambda: None)
+            self.search_graph = (key, graph)
+        return self.search_graph[1].run(restore=lambda: None)
+
+    def _fill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         T, B = self.T, self.B
         pad = T - input_ids.shape[1]
         ids, mask = F.pad(input_ids, (pad, 0)), F.pad(mask, (pad, 0))
@@ -254,7 +288,6 @@ class GraphForward:
             self.step_pos[level].copy_(lengths + level - 1)
             if not self.shared_prefix:
                 self.step_mask4[level][:, 0, 0, :T].copy_(prompt_mask)
-        return self.prefill_graph.run(restore=lambda: None)
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
         """Level ``level`` >= 1: beams' last tokens [P*B] (and flat parent rows for level >= 2) -> hidden [P*B, H]."""

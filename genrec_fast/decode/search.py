@@ -37,6 +37,7 @@ from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
 from genrec_fast.sid_tokens import SIDVocab
 
 SCORES = ("full_vocab", "sid")
+GRAPH_SCOPES = ("forward", "search")
 LSE_CHUNK_ELEMS = 1 << 26  # rows x vocab columns per logits chunk of the log-sum-exp
 
 _device_arrays_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -270,7 +271,7 @@ def _raise_if_stuck_or_nan(stuck: List[torch.Tensor], nan: List[torch.Tensor], B
 def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
                 num_beams: int, score: str = "full_vocab", backend: str = "auto",
                 cuda_graphs: Union[bool, str] = False, graph_bucket: int = 64,
-                shared_prefix: bool = False) -> BeamSearchResult:
+                shared_prefix: bool = False, graph_scope: str = "forward") -> BeamSearchResult:
     """Constrained beam search of ``num_beams`` SIDs per prompt (see the module doc).
 
     input_ids / attention_mask: [batch, T], LEFT padded, each prompt ending exactly where the
@@ -280,6 +281,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     cuda_graphs: replay the prefill and the SID steps from CUDA graphs captured per shape
     (``genrec_fast.decode.graphs``; prompts left padded to a multiple of ``graph_bucket`` tokens);
     "emulate" runs the same static-buffer protocol eagerly (any device; for tests).
+    graph_scope (with cuda_graphs): "forward" captures the prefill and each level's step forward, and the
+    scoring (head slice, log-sum-exp, trie step, log-softmax, top-k) runs eagerly between replays; "search"
+    captures the whole search, forwards and scoring, as ONE graph per shape (one replay per batch).
     shared_prefix: keep each prompt's K/V once (not once per beam); the beam steps attend with
     ``ops.cascade.cascade_attention`` (prompt K/V shared by the prompt's B beams + each beam's own tail) and
     a reorder moves the tails only. Needs sdpa (or flash) full attention; eager and graph paths.
@@ -294,7 +298,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             # graphs, streams and replays all act on the CURRENT CUDA device: make it the model's
             res = _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab,
-                          num_beams, score, backend, cuda_graphs, graph_bucket, shared_prefix)
+                          num_beams, score, backend, cuda_graphs, graph_bucket, shared_prefix, graph_scope)
     # out of inference mode: results the caller may edit in place or use in autograd (small tensors)
     return BeamSearchResult(res.codes.clone(), res.scores.clone(), res.leaf_ids.clone(), trie)
 
@@ -336,46 +340,77 @@ def score_sids(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Te
     return total.view(P, C).clone()
 
 
+class _LevelScorer:
+    """Scores one SID level from the hidden states of its beam rows: the level's slice of the LM head ->
+    (full_vocab) log-sum-exp over all V rows -> trie step -> ``trie_log_softmax`` -> per-prompt ``grouped_topk``.
+    Only device ops with shapes fixed by (P, B, L): the eager search runs it between forwards, the search graph
+    (``graph_scope="search"``) captures it with them."""
+
+    def __init__(self, weight, bias, da, sid_vocab: SIDVocab, score: str, backend: str):
+        self.weight, self.bias, self.da, self.vocab = weight, bias, da, sid_vocab
+        self.score, self.backend = score, backend
+
+    def key(self) -> tuple:
+        """What a captured search reads besides its static buffers: the head's and the trie's tensors (by
+        address; the graph keeps them alive), the SID block and the scoring choices."""
+        w, b = self.weight, self.bias
+        return (w.data_ptr(), tuple(w.shape), None if b is None else b.data_ptr(), id(self.da), self.vocab.start,
+                tuple(self.vocab.codebook_sizes), self.score, self.backend)
+
+    def run(self, step, hidden: torch.Tensor, P: int, B: int, L: int):
+        """All L levels from the prefill's last hidden states [P, H]; ``step(level, token [P*B], parent_rows or
+        None)`` runs a level's forward -> hidden [P*B, H]. Returns (codes [P, B, L], scores [P*B], nodes [P*B],
+        stuck [L] and nan [L] per-row flags for :func:`_raise_if_stuck_or_nan`)."""
+        device, vocab = hidden.device, self.vocab
+        rows = torch.arange(P, device=device)[:, None]
+        scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
+        nodes = torch.zeros(P, dtype=torch.long, device=device)
+        codes = torch.zeros((P, 1, 0), dtype=torch.long, device=device)
+        nb, parent, code = 1, None, None
+        stuck: List[torch.Tensor] = []
+        nan: List[torch.Tensor] = []
+        for level in range(L):
+            if level > 0:
+                nb = B
+                token = vocab.start + vocab.offsets[level - 1] + code.clamp_min(0)
+                parent_rows = None if level == 1 else (rows * B + parent.clamp_min(0)).reshape(-1)
+                hidden = step(level, token.reshape(-1), parent_rows)
+            lo, hi = vocab.level_range(level)
+            logits = F.linear(hidden, self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi])
+            lse = full_vocab_lse(hidden, self.weight, self.bias) if self.score == "full_vocab" else None
+            allowed, child = self.da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
+            # a live beam with no allowed child, NaN scores: checked once after the search (no host sync per
+            # level); such candidates are never picked, so they only ever yield padding until then
+            stuck.append((nodes >= 0) & ~allowed.any(dim=1))
+            cand = trie_log_softmax(logits, allowed, scores, lse, backend=self.backend)
+            nan.append(torch.isnan(cand).any(dim=1))
+            K = hi - lo
+            parent, code, top_scores, top_nodes = grouped_topk(cand.view(P, nb, K), child.view(P, nb, K), B,
+                                                               backend=self.backend)
+            history = torch.gather(codes, 1, parent.clamp_min(0)[..., None].expand(P, B, level))
+            codes = torch.cat([history, code[..., None]], dim=2)
+            scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
+        return codes, scores, nodes, stuck, nan
+
+
 def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab, num_beams, score,
-            backend, cuda_graphs, graph_bucket, shared_prefix=False) -> BeamSearchResult:
+            backend, cuda_graphs, graph_bucket, shared_prefix=False, graph_scope="forward") -> BeamSearchResult:
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     _check_inputs(input_ids, mask, trie, sid_vocab, num_beams, score, weight.shape[0])
+    if graph_scope not in GRAPH_SCOPES:
+        raise ValueError(f"beam_search: graph_scope must be one of {GRAPH_SCOPES}, got {graph_scope!r}")
     backend = resolve_backend(backend, device)
-    da = trie_device_arrays(trie, device)
+    scorer = _LevelScorer(weight, bias, trie_device_arrays(trie, device), sid_vocab, score, backend)
     P, B, L = input_ids.shape[0], int(num_beams), trie.num_levels
     runner = _forward_runner(base, cuda_graphs, P, B, input_ids.shape[1], L, device, graph_bucket, shared_prefix,
                              backend)
-    hidden = runner.prefill(input_ids, mask)
-    rows = torch.arange(P, device=device)[:, None]
-    scores = torch.zeros(P, device=device)  # level 0: one beam per prompt
-    nodes = torch.zeros(P, dtype=torch.long, device=device)
-    nb = 1
-    codes = torch.zeros((P, 1, 0), dtype=torch.long, device=device)
-    parent = code = None
-    stuck: List[torch.Tensor] = []
-    nan: List[torch.Tensor] = []
-    for level in range(L):
-        if level > 0:
-            nb = B
-            token = sid_vocab.start + sid_vocab.offsets[level - 1] + code.clamp_min(0)
-            parent_rows = None if level == 1 else (rows * B + parent.clamp_min(0)).reshape(-1)
-            hidden = runner.step(level, token.reshape(-1), parent_rows)
-        lo, hi = sid_vocab.level_range(level)
-        logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
-        lse = full_vocab_lse(hidden, weight, bias) if score == "full_vocab" else None
-        allowed, child = da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
-        # a live beam with no allowed child, NaN scores: checked once after the loop (no host sync per
-        # level); such candidates are never picked, so they only ever yield padding until then
-        stuck.append((nodes >= 0) & ~allowed.any(dim=1))
-        cand = trie_log_softmax(logits, allowed, scores, lse, backend=backend)
-        nan.append(torch.isnan(cand).any(dim=1))
-        K = hi - lo
-        parent, code, top_scores, top_nodes = grouped_topk(cand.view(P, nb, K), child.view(P, nb, K), B,
-                                                           backend=backend)
-        history = torch.gather(codes, 1, parent.clamp_min(0)[..., None].expand(P, B, level))
-        codes = torch.cat([history, code[..., None]], dim=2)
-        scores, nodes = top_scores.reshape(-1), top_nodes.reshape(-1).long()
+    if graph_scope == "search" and isinstance(runner, graphs.GraphForward):
+        codes, scores, nodes, stuck, nan = runner.search(input_ids, mask, scorer.key(),
+                                                         lambda step, hidden: scorer.run(step, hidden, P, B, L))
+    else:
+        hidden = runner.prefill(input_ids, mask)
+        codes, scores, nodes, stuck, nan = scorer.run(runner.step, hidden, P, B, L)
     del runner
     _raise_if_stuck_or_nan(stuck, nan, B)
     leaf_ids = nodes.view(P, B)

@@ -61,13 +61,13 @@ def trie_log_softmax_ref(logits: torch.Tensor, allowed: torch.Tensor, parent_sco
                          lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Torch reference of :func:`trie_log_softmax` (fp32 math, [R, K] float32 out)."""
     x = logits.float()
-    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    # scalar fills, no tensor made from Python data: a CUDA graph can capture this
     if lse is None:
-        norm = torch.logsumexp(torch.where(allowed, x, neg_inf), dim=1)
+        norm = torch.logsumexp(x.masked_fill(~allowed, float("-inf")), dim=1)
     else:
         norm = lse.float()
     norm = norm.masked_fill(norm == float("-inf"), 0.0)  # all allowed logits -inf: -inf out, not -inf - -inf = NaN
-    return torch.where(allowed, x - norm[:, None] + parent_scores.float()[:, None], neg_inf)
+    return (x - norm[:, None] + parent_scores.float()[:, None]).masked_fill(~allowed, float("-inf"))
 
 
 def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores: torch.Tensor,
@@ -103,24 +103,17 @@ def _check_topk_inputs(scores, child, k) -> None:
 def grouped_topk_ref(scores: torch.Tensor, child: torch.Tensor, k: int) -> TopK:
     """Torch reference of :func:`grouped_topk`.
 
-    ``torch.topk`` finds the k-th best value t; every candidate above t is taken, and of those
-    equal to t the first ones in (code, parent) order; a stable sort of the k picks then orders
-    them best first with ties still in (code, parent) order.
+    One stable descending sort of each prompt's candidates laid out code-major (index = code * NB + parent)
+    keeps equal scores in index order, i.e. lower code first, then lower parent; the first k are the picks.
+    Nothing here waits on the host or has a data-dependent shape, so a CUDA graph can capture it.
     """
     P, NB, K = scores.shape
     n = NB * K
     flat = scores.transpose(1, 2).reshape(P, n)  # code-major: index = code * NB + parent
     flat = flat.masked_fill(torch.isnan(flat), float("-inf"))  # NaN: never picked, as in the kernel
     kk = min(k, n)
-    kth = torch.topk(flat, kk, dim=1).values[:, -1:]
-    above = flat > kth
-    tie = flat == kth
-    take = above | (tie & (tie.cumsum(1) <= kk - above.sum(1, keepdim=True)))
-    idx = torch.nonzero(take)[:, 1]  # row-major: ascending index within each row
-    idx = idx.view(P, kk)
-    vals = flat.gather(1, idx)
-    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    idx = idx.gather(1, order)
+    vals, idx = torch.sort(flat, dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :kk], idx[:, :kk]
     code, parent = idx // NB, idx % NB
     node = child.reshape(P, n).gather(1, parent * K + code).to(torch.int32)
     valid = vals > float("-inf")
