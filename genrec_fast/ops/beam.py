@@ -103,17 +103,28 @@ def _check_topk_inputs(scores, child, k) -> None:
 def grouped_topk_ref(scores: torch.Tensor, child: torch.Tensor, k: int) -> TopK:
     """Torch reference of :func:`grouped_topk`.
 
-    One stable descending sort of each prompt's candidates laid out code-major (index = code * NB + parent)
-    keeps equal scores in index order, i.e. lower code first, then lower parent; the first k are the picks.
-    Nothing here waits on the host or has a data-dependent shape, so a CUDA graph can capture it.
+    ``torch.topk`` finds the k-th best value t; every candidate above t is taken, and of those equal to t the
+    first ones in (code, parent) order (the candidates are laid out code-major: index = code * NB + parent).
+    The picks are scattered to their rank among the picks (a cumulative sum), not gathered by ``nonzero``, so
+    nothing waits on the host or has a data-dependent shape and a CUDA graph can capture it; a stable sort of
+    the k picks then orders them best first with ties still in (code, parent) order.
     """
     P, NB, K = scores.shape
     n = NB * K
     flat = scores.transpose(1, 2).reshape(P, n)  # code-major: index = code * NB + parent
     flat = flat.masked_fill(torch.isnan(flat), float("-inf"))  # NaN: never picked, as in the kernel
     kk = min(k, n)
-    vals, idx = torch.sort(flat, dim=1, descending=True, stable=True)
-    vals, idx = vals[:, :kk], idx[:, :kk]
+    kth = torch.topk(flat, kk, dim=1).values[:, -1:]
+    above = flat > kth
+    tie = flat == kth
+    take = above | (tie & (tie.cumsum(1) <= kk - above.sum(1, keepdim=True)))  # exactly kk per row
+    slot = torch.where(take, take.cumsum(1) - 1, kk)  # rank among the picks; the rest to a dump column kk
+    idx = flat.new_zeros((P, kk + 1), dtype=torch.long)
+    idx.scatter_(1, slot, torch.arange(n, device=flat.device).expand(P, n))
+    idx = idx[:, :kk]  # ascending index within each row
+    vals = flat.gather(1, idx)
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    idx = idx.gather(1, order)
     code, parent = idx // NB, idx % NB
     node = child.reshape(P, n).gather(1, parent * K + code).to(torch.int32)
     valid = vals > float("-inf")
