@@ -13,7 +13,9 @@ B best (parent beam, token) per prompt), in the same run:
 with the ratios (c)/(a), (c)/(b), (d)/(a) and whether (c) picks the same beams as (a).
 
 Table 2, "kernels": each Triton kernel against its torch reference on the same inputs
-(``backend="triton"`` vs ``"torch"``), with max |difference| and equality of the picks. On CPU the
+(``backend="triton"`` vs ``"torch"``), with max |difference| and equality of the picks; for ``lm_head_lse``
+(the full-vocabulary log-sum-exp fused with the head's matmul, over the level's P*B rows) both against the
+log-sum-exp of fp32 logits (``max_abs_diff``: the kernel's, ``torch_max_abs_diff``: the reference's). On CPU the
 Triton kernels only run in the interpreter, which is not a timing: those rows are left out.
 
 Checks (a missed one prints a FAILED line, is in the JSON's "failed" and makes the exit status 1):
@@ -46,6 +48,7 @@ from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import SIDVocab  # noqa: E402
 from genrec_fast.decode.search import full_vocab_lse, trie_device_arrays  # noqa: E402
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax  # noqa: E402
+from genrec_fast.ops.lse import lm_head_lse  # noqa: E402
 
 from bench_decode import SIZES, prefix_dict, random_catalogue  # noqa: E402
 from common import Checks, bench_parser, pick_settings, print_table, sync, timeit, write_json  # noqa: E402
@@ -125,6 +128,24 @@ def ours_step(x: dict, score: str, backend: str = "auto"):
     return parent, code + lo, top
 
 
+def lse_row(name: str, x: dict, repeat: int) -> dict:
+    """The fused LM-head log-sum-exp (``ops.lse``, Triton) against the chunked torch reference, both measured
+    against the log-sum-exp of fp32 logits of the same inputs (the kernel keeps fp32 logits; the reference rounds
+    them to the model dtype, so in bf16 only the kernel is held to the tie tolerance)."""
+    h, w = x["h"], x["weight"]
+    device = h.device
+    reps = repeat * 4 if device.type == "cuda" else 1  # the interpreter: seconds a call, and not a timing
+    ref_t = timeit(lambda: lm_head_lse(h, w, backend="torch"), device, repeat=reps)
+    tri_t = timeit(lambda: lm_head_lse(h, w, backend="triton"), device, repeat=reps, warmup=int(reps > 1))
+    fp32 = torch.cat([torch.logsumexp(F.linear(h[i:i + 256].float(), w.float()), dim=1)
+                      for i in range(0, h.shape[0], 256)])  # IEEE fp32 logits, 256 rows at a time
+    ref, tri = lm_head_lse(h, w, backend="torch"), lm_head_lse(h, w, backend="triton")
+    diff = float((tri - fp32).abs().max())
+    return dict(setting=name, op="lm_head_lse", shape=f"[{h.shape[0]}, {h.shape[1]}] x [{w.shape[0]}]",
+                torch_ms=ref_t * 1e3, triton_ms=tri_t * 1e3, speedup=ref_t / tri_t, max_abs_diff=diff,
+                torch_max_abs_diff=float((ref - fp32).abs().max()), same=float(diff <= TIE_TOL))
+
+
 def run_setting(name: str, device: torch.device, repeat: int, kernels: bool, time_ours=None) -> tuple:
     """(step row, kernel rows) of one setting; ``time_ours(fn) -> seconds`` times ours (score="full_vocab") when
     given, e.g. through pytest-benchmark; else :func:`timeit` as the other variants are."""
@@ -180,6 +201,7 @@ def run_setting(name: str, device: torch.device, repeat: int, kernels: bool, tim
                                 torch_ms=ref_t * 1e3, triton_ms=tri_t * 1e3, speedup=ref_t / tri_t,
                                 max_abs_diff=float((a[2] - b[2]).abs().nan_to_num(0.0).max()),
                                 same=float(all(torch.equal(u, v) for u, v in zip(a[0:2] + a[3:4], b[0:2] + b[3:4])))))
+        kernel_rows.append(lse_row(name, x, repeat))
     step_row.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     dtype=str(x["dtype"]).split(".")[-1])
     return step_row, kernel_rows

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks of the constrained decoder in one device call (meant for a lent H100/H200), under ~8 minutes
 # on one H100: install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
-# and the decode paths on the GPU (the beam ops, the shared-prefix attention, the eager / graph /
-# shared-prefix searches: tests that run in the Triton interpreter on CPU), then benches/bench_decode.py
-# at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), and at the end ONE summary table (the decode
+# and the decode paths on the GPU (the beam ops, the fused LM-head log-sum-exp, the shared-prefix attention, the
+# eager / graph / whole-search-graph / shared-prefix searches: tests that run in the Triton interpreter on CPU),
+# then benches/bench_beam.py (one level op by op; each kernel, the fused log-sum-exp included, against its torch
+# reference) and benches/bench_decode.py at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), and at the
+# end ONE summary table (the decode
 # columns, % of roofline, each step's verdict). JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
 #   DRY_RUN=1 prints the steps and their commands without running anything (any machine; a test runs it).
 #   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="decode tests beam" pick and order the steps
-#   ("tests" is the pytest step; default: tests decode; BENCHES=all: tests rq beam decode sft rl, which takes
+#   ("tests" is the pytest step; default: tests beam decode; BENCHES=all: tests rq beam decode sft rl, which takes
 #   longer than one 10-minute device call with sft); ARGS_<bench>="..." adds arguments to one bench (e.g.
-#   ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else BENCH_TIMEOUT, 300 s; decode: 240 s) and
-#   TEST_TIMEOUT (300 s) cap each step (worst case of the default run: 15 + 300 + 240 s, under one 10-minute
+#   ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else BENCH_TIMEOUT, 300 s; decode: 240 s, beam: 60 s)
+#   and TEST_TIMEOUT (240 s) cap each step (worst case of the default run: 15 + 240 + 60 + 240 s, under one 10-minute
 #   device call); TEST_WORKERS (4) pytest-xdist processes.
 # Step times on a fresh H100 (measured 2026-11-26): install 15 s, bench_beam 13 s, bench_rl 11-16 s, bench_sft
 # 130 s with both compile modes (each a ~50 s compile of 24 layers), bench_decode 47-52 s without its
@@ -34,8 +36,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PAR
 unset TRITON_INTERPRET
 export OUT=${OUT:-runs/gpu}
 DRY=${DRY_RUN:-0}
-TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_decode_search_graph.py tests/test_rq.py}
-steps=${BENCHES:-tests decode}
+TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_decode_search_graph.py tests/test_lse.py tests/test_rq.py}
+steps=${BENCHES:-tests beam decode}
 [ "$steps" = all ] && steps="tests rq beam decode sft rl"
 status=0
 
@@ -44,9 +46,9 @@ if [ "$DRY" = 1 ]; then
   echo "DRY RUN: steps: install $steps summary"
   for b in $steps; do
     if [ "$b" = tests ]; then
-      echo "tests: timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $TESTS"
+      echo "tests: timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $TESTS"
     elif [ -f "benches/bench_$b.py" ]; then
-      limit_var="TIMEOUT_$b"; default=300; [ "$b" = decode ] && default=240
+      limit_var="TIMEOUT_$b"; default=300; [ "$b" = decode ] && default=240; [ "$b" = beam ] && default=60
       echo "bench_$b: timeout ${!limit_var:-${BENCH_TIMEOUT:-$default}} $PY benches/bench_$b.py --device cuda --json $OUT/bench_$b.json"
     else
       echo "FAILED bench_$b (no such bench)"; status=1
@@ -91,7 +93,7 @@ for b in $steps; do
     workers=${TEST_WORKERS:-4} xdist=""
     if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then xdist="-n $workers"; fi
     stamp "GPU tests (kernels compiled for the device, not the interpreter) ${xdist:-in one process}"
-    limit=${TEST_TIMEOUT:-300}
+    limit=${TEST_TIMEOUT:-240}
     # shellcheck disable=SC2086
     timeout "$limit" $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $xdist $TESTS 2>&1 \
       | tee -a "$LOG" | tail -30
@@ -105,6 +107,7 @@ for b in $steps; do
   args_var="ARGS_$b" timeout_var="TIMEOUT_$b"
   [ "$b" = sft ] && [ -z "${ARGS_sft+x}" ] && ARGS_sft="--compile-modes default"
   default=300; [ "$b" = decode ] && default=240  # bench_decode: 47-52 s before the shared-prefix columns
+  [ "$b" = beam ] && default=60  # bench_beam: 13 s before its lm_head_lse row
   limit=${!timeout_var:-${BENCH_TIMEOUT:-$default}}
   # shellcheck disable=SC2086  # ARGS_<bench> is a list of arguments
   timeout "$limit" $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" ${!args_var:-} 2>&1 \

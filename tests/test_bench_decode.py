@@ -128,11 +128,13 @@ def test_run_gpu_script_parses_and_dry_runs(tmp_path):
     res = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out)},
                          capture_output=True, text=True, check=True)
     lines = res.stdout.splitlines()
-    assert lines[0] == "DRY RUN: steps: install tests decode summary"
+    assert lines[0] == "DRY RUN: steps: install tests beam decode summary"
     assert all(f"tests/test_{name}.py" in lines[1] for name in ("cascade_attention", "decode_shared_prefix",
-                                                                "decode_search_graph"))
-    assert lines[2].startswith("bench_decode:") and "--device cuda" in lines[2]
-    assert lines[3].startswith("summary:") and not out.exists()
+                                                                "decode_search_graph", "lse"))
+    assert lines[1].startswith("tests: timeout 240 ")
+    assert lines[2].startswith("bench_beam: timeout 60 ") and "--device cuda" in lines[2]
+    assert lines[3].startswith("bench_decode: timeout 240 ") and "--device cuda" in lines[3]
+    assert lines[4].startswith("summary:") and not out.exists()
     bad = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out),
                                                     "BENCHES": "nope"}, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAILED bench_nope (no such bench)" in bad.stdout

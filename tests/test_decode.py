@@ -454,3 +454,18 @@ def test_score_sids_equals_teacher_forcing_and_the_beam_scores(family):
     assert score_sids(model, ids, mask, tokens[:, :0]).shape == (3, 0)
     with pytest.raises(ValueError, match=r"tokens must be a \[P=3, C, L\] tensor, got \(2, 7, 3\)"):
         score_sids(model, ids, mask, tokens[:2])
+
+
+def test_fused_lse_backend_ranks_as_hf():
+    """lse_backend="triton" (the head's matmul fused with the log-sum-exp, interpreter on CPU) ranks exactly as
+    HF and the default chunked reference, with scores within 1e-4 (fp32)."""
+    model = tiny_model("qwen2", 21)
+    trie, vocab = random_trie(21), SIDVocab(START, SIZES)
+    ids, mask = left_padded_prompts(3, 9, 21)
+    hf_tokens, hf_scores = hf_constrained(model, ids, mask, trie, vocab, 8)
+    default = beam_search(model, ids, mask, trie, vocab, 8)
+    fused = beam_search(model, ids, mask, trie, vocab, 8, lse_backend="triton")
+    assert torch.equal(fused.codes, default.codes) and torch.equal(fused.codes, vocab.codes(hf_tokens))
+    torch.testing.assert_close(fused.scores, hf_scores, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        beam_search(model, ids, mask, trie, vocab, 8, lse_backend="fused")

@@ -46,6 +46,7 @@ def _counted(graph, calls, checker=None):
     ("qwen2", False, "triton"), ("qwen2", True, "triton"),
 ])
 def test_search_graph_matches_eager_and_hf(family, shared_prefix, backend):
+    """backend="triton" runs every kernel (the beam ops, the fused log-sum-exp, the shared-prefix attention)."""
     seed = _fresh_seed()
     model = tiny_model(family, seed)
     trie, vocab = random_trie(seed % 1000), SIDVocab(START, SIZES)
@@ -55,7 +56,7 @@ def test_search_graph_matches_eager_and_hf(family, shared_prefix, backend):
     calls = []
     for i in range(3):  # capture (emulated: warm-up + run), then replays only
         res = beam_search(model, ids, mask, trie, vocab, 8, backend=backend, cuda_graphs="emulate", graph_bucket=16,
-                          shared_prefix=shared_prefix, graph_scope="search")
+                          shared_prefix=shared_prefix, graph_scope="search", lse_backend=backend)
         assert torch.equal(res.codes, eager.codes) and torch.equal(res.codes, vocab.codes(hf_tokens)), f"seed {seed}"
         assert torch.equal(res.leaf_ids, eager.leaf_ids)
         torch.testing.assert_close(res.scores, hf_scores, rtol=0, atol=1e-4, msg=f"seed {seed}")
@@ -92,8 +93,9 @@ def test_search_graph_four_levels_and_padding_beams(score):
     ("torch", False, "dense"), ("torch", True, "csr"), ("triton", False, "csr"), ("triton", True, "dense"),
 ])
 def test_search_graph_does_not_sync_or_upload(backend, shared_prefix, layout, device):
-    """Every op of the whole search (forwards, head slice, log-sum-exp, trie step of either layout, log-softmax,
-    top-k, the beams' bookkeeping) with either backend records no host sync and no tensor made from Python data."""
+    """Every op of the whole search (forwards, head slice, log-sum-exp (fused with backend="triton"), trie step of
+    either layout, log-softmax, top-k, the beams' bookkeeping) with either backend records no host sync and no
+    tensor made from Python data."""
     sizes = (5, 6, 7, 4)
     model = tiny_model("qwen2", 5, vocab_size=START + sum(sizes) + 2).to(device)
     trie, vocab = random_trie(5, n=120, sizes=sizes), SIDVocab(START, sizes)
@@ -102,7 +104,7 @@ def test_search_graph_does_not_sync_or_upload(backend, shared_prefix, layout, de
     ids, mask = (t.to(device) for t in left_padded_prompts(3, 9, 5))
     eager = beam_search(model, ids, mask, trie, vocab, 6)
     kwargs = dict(backend=backend, cuda_graphs="emulate", graph_bucket=16, shared_prefix=shared_prefix,
-                  graph_scope="search")
+                  graph_scope="search", lse_backend=backend)
     beam_search(model, ids, mask, trie, vocab, 6, **kwargs)
     checker, calls = _CaptureChecker(), []
     _counted(_graph_set(model).search_graph[1], calls, checker)

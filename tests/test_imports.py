@@ -19,6 +19,7 @@ LAZY_IMPORTS: Dict[Tuple[str, str], Set[str]] = {
     ("genrec_fast.ops.beam", "trie_log_softmax"): {"genrec_fast"},  # genrec_fast.kernels.beam
     ("genrec_fast.ops.beam", "grouped_topk"): {"genrec_fast"},  # genrec_fast.kernels.beam
     ("genrec_fast.ops.cascade", "cascade_attention"): {"genrec_fast"},  # genrec_fast.kernels.cascade
+    ("genrec_fast.ops.lse", "lm_head_lse"): {"genrec_fast"},  # genrec_fast.kernels.lse
     ("genrec_fast.ops.rq", "_triton_forward"): {"genrec_fast"},  # genrec_fast.kernels.rq
     # optional dependencies (extras), imported only on the path that needs them
     ("genrec_fast.decode.graphs", "adapter_state"): {"peft"},
@@ -28,7 +29,8 @@ LAZY_IMPORTS: Dict[Tuple[str, str], Set[str]] = {
     ("genrec_fast.train.post_training", "Session.rollout_model"): {"deepspeed"},
 }
 LAZY_KERNELS = {("genrec_fast.ops.beam", "trie_log_softmax"), ("genrec_fast.ops.beam", "grouped_topk"),
-                ("genrec_fast.ops.cascade", "cascade_attention"), ("genrec_fast.ops.rq", "_triton_forward")}
+                ("genrec_fast.ops.cascade", "cascade_attention"), ("genrec_fast.ops.lse", "lm_head_lse"),
+                ("genrec_fast.ops.rq", "_triton_forward")}
 
 
 def module_files() -> Dict[str, Path]:

@@ -34,13 +34,16 @@ from genrec_fast.decode import graphs, kv
 from genrec_fast.model import eval_mode, lm_modules
 from genrec_fast.ops.backend import resolve_backend
 from genrec_fast.ops.beam import grouped_topk, trie_log_softmax
+from genrec_fast.ops.lse import lm_head_lse, lm_head_lse_ref
 from genrec_fast.sid_tokens import SIDVocab
 
 SCORES = ("full_vocab", "sid")
 GRAPH_SCOPES = ("forward", "search")
-LSE_CHUNK_ELEMS = 1 << 26  # rows x vocab columns per logits chunk of the log-sum-exp
 
 _device_arrays_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+# logsumexp(hidden @ weight.T + bias) in fp32, the chunked torch reference (``genrec_fast.ops.lse``)
+full_vocab_lse = lm_head_lse_ref
 
 
 class BeamSearchResult:
@@ -76,36 +79,6 @@ def trie_device_arrays(trie, device: torch.device):
     if key not in per_trie:
         per_trie[key] = trie.device_arrays(device)
     return per_trie[key]
-
-
-_LSE_PROBE = 1024  # columns searched for a finite logit to read the log-sum-exp at
-
-
-def _lse(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 log-sum-exp of each row, by one fused log-softmax pass: lse = x_j - log_softmax(x)_j, read at
-    j = the arg-max of the first ``_LSE_PROBE`` columns (a -inf logit there would give -inf - -inf = NaN;
-    the arg-max of the whole row would cost one more pass over [rows, V]). Only a row whose first
-    ``_LSE_PROBE`` logits are all -inf gives NaN (in :func:`full_vocab_lse`: of any of its vocabulary
-    chunks), which beam_search reports as an error, never silently."""
-    j = logits[:, :_LSE_PROBE].argmax(dim=1, keepdim=True)
-    log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32)
-    return (logits.gather(1, j).float() - log_probs.gather(1, j)).squeeze(1)
-
-
-def full_vocab_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   chunk_elems: int = LSE_CHUNK_ELEMS) -> torch.Tensor:
-    """log-sum-exp over all V rows of the LM head: ``logsumexp(hidden @ weight.T + bias)`` in fp32.
-
-    Logits are formed in the model dtype (as the model's own forward does) and reduced in fp32,
-    ``chunk_elems // R`` vocabulary columns at a time.
-    """
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    cols = max(1024, chunk_elems // max(rows, 1) // 1024 * 1024)  # multiples of 1024: aligned GEMM outputs
-    if cols >= vocab:
-        return _lse(F.linear(hidden, weight, bias))
-    parts = [_lse(F.linear(hidden, weight[s:s + cols], None if bias is None else bias[s:s + cols]))
-             for s in range(0, vocab, cols)]
-    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
 
 
 def _lm_parts(model):
@@ -271,7 +244,8 @@ def _raise_if_stuck_or_nan(stuck: List[torch.Tensor], nan: List[torch.Tensor], B
 def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], trie, sid_vocab: SIDVocab,
                 num_beams: int, score: str = "full_vocab", backend: str = "auto",
                 cuda_graphs: Union[bool, str] = False, graph_bucket: int = 64,
-                shared_prefix: bool = False, graph_scope: str = "forward") -> BeamSearchResult:
+                shared_prefix: bool = False, graph_scope: str = "forward",
+                lse_backend: str = "torch") -> BeamSearchResult:
     """Constrained beam search of ``num_beams`` SIDs per prompt (see the module doc).
 
     input_ids / attention_mask: [batch, T], LEFT padded, each prompt ending exactly where the
@@ -284,6 +258,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     graph_scope (with cuda_graphs): "forward" captures the prefill and each level's step forward, and the
     scoring (head slice, log-sum-exp, trie step, log-softmax, top-k) runs eagerly between replays; "search"
     captures the whole search, forwards and scoring, as ONE graph per shape (one replay per batch).
+    lse_backend: the full-vocabulary log-sum-exp (score="full_vocab") by ``ops.lse.lm_head_lse``: "torch" (the
+    default: the head's matmul in chunks, then a log-softmax pass) or "triton" / "auto" (the matmul fused with
+    the reduction, no logits written; on CPU "triton" needs TRITON_INTERPRET=1).
     shared_prefix: keep each prompt's K/V once (not once per beam); the beam steps attend with
     ``ops.cascade.cascade_attention`` (prompt K/V shared by the prompt's B beams + each beam's own tail) and
     a reorder moves the tails only. Needs sdpa (or flash) full attention; eager and graph paths.
@@ -298,7 +275,8 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             # graphs, streams and replays all act on the CURRENT CUDA device: make it the model's
             res = _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab,
-                          num_beams, score, backend, cuda_graphs, graph_bucket, shared_prefix, graph_scope)
+                          num_beams, score, backend, cuda_graphs, graph_bucket, shared_prefix, graph_scope,
+                          lse_backend)
     # out of inference mode: results the caller may edit in place or use in autograd (small tensors)
     return BeamSearchResult(res.codes.clone(), res.scores.clone(), res.leaf_ids.clone(), trie)
 
@@ -346,16 +324,16 @@ class _LevelScorer:
     Only device ops with shapes fixed by (P, B, L): the eager search runs it between forwards, the search graph
     (``graph_scope="search"``) captures it with them."""
 
-    def __init__(self, weight, bias, da, sid_vocab: SIDVocab, score: str, backend: str):
+    def __init__(self, weight, bias, da, sid_vocab: SIDVocab, score: str, backend: str, lse_backend: str):
         self.weight, self.bias, self.da, self.vocab = weight, bias, da, sid_vocab
-        self.score, self.backend = score, backend
+        self.score, self.backend, self.lse_backend = score, backend, lse_backend
 
     def key(self) -> tuple:
         """What a captured search reads besides its static buffers: the head's and the trie's tensors (by
         address; the graph keeps them alive), the SID block and the scoring choices."""
         w, b = self.weight, self.bias
         return (w.data_ptr(), tuple(w.shape), None if b is None else b.data_ptr(), id(self.da), self.vocab.start,
-                tuple(self.vocab.codebook_sizes), self.score, self.backend)
+                tuple(self.vocab.codebook_sizes), self.score, self.backend, self.lse_backend)
 
     def run(self, step, hidden: torch.Tensor, P: int, B: int, L: int):
         """All L levels from the prefill's last hidden states [P, H]; ``step(level, token [P*B], parent_rows or
@@ -377,7 +355,8 @@ class _LevelScorer:
                 hidden = step(level, token.reshape(-1), parent_rows)
             lo, hi = vocab.level_range(level)
             logits = F.linear(hidden, self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi])
-            lse = full_vocab_lse(hidden, self.weight, self.bias) if self.score == "full_vocab" else None
+            lse = (lm_head_lse(hidden, self.weight, self.bias, backend=self.lse_backend)
+                   if self.score == "full_vocab" else None)
             allowed, child = self.da.step(level, nodes, check=False)  # nodes come from the trie's own child ids
             # a live beam with no allowed child, NaN scores: checked once after the search (no host sync per
             # level); such candidates are never picked, so they only ever yield padding until then
@@ -394,14 +373,15 @@ class _LevelScorer:
 
 
 def _search(model, base, weight, bias, device, input_ids, attention_mask, trie, sid_vocab, num_beams, score,
-            backend, cuda_graphs, graph_bucket, shared_prefix=False, graph_scope="forward") -> BeamSearchResult:
+            backend, cuda_graphs, graph_bucket, shared_prefix=False, graph_scope="forward",
+            lse_backend="torch") -> BeamSearchResult:
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     _check_inputs(input_ids, mask, trie, sid_vocab, num_beams, score, weight.shape[0])
     if graph_scope not in GRAPH_SCOPES:
         raise ValueError(f"beam_search: graph_scope must be one of {GRAPH_SCOPES}, got {graph_scope!r}")
-    backend = resolve_backend(backend, device)
-    scorer = _LevelScorer(weight, bias, trie_device_arrays(trie, device), sid_vocab, score, backend)
+    backend, lse_backend = resolve_backend(backend, device), resolve_backend(lse_backend, device)
+    scorer = _LevelScorer(weight, bias, trie_device_arrays(trie, device), sid_vocab, score, backend, lse_backend)
     P, B, L = input_ids.shape[0], int(num_beams), trie.num_levels
     runner = _forward_runner(base, cuda_graphs, P, B, input_ids.shape[1], L, device, graph_bucket, shared_prefix,
                              backend)
