@@ -155,3 +155,25 @@ def test_search_graph_cuda_matches_emulation_and_eager_on_gpu(dtype, shared_pref
     """The captured search replays exactly what the same function computes eagerly ("emulate"); in fp32 it ranks
     as the eager searches."""
     check_cuda_graphs_on_gpu(dtype, shared_prefix=shared_prefix, graph_scope="search")
+
+
+def test_gpt2_padding_check_is_skipped_under_capture(monkeypatch):
+    """The prefill takes no attention mask, so GPT-2's forward runs HF's "pad id at either end?" check (a host
+    sync); transformers skips it while a CUDA stream captures (``is_tracing``), which is what a capture sees: with
+    that flag on, the whole search records no op a capture rejects. (Its padding positions repeat the last real
+    token, so the check never warns either.)"""
+    import transformers.utils.import_utils as hf_import_utils
+
+    model = tiny_model("gpt2", 9)
+    trie, vocab = random_trie(9), SIDVocab(START, SIZES)
+    ids, mask = left_padded_prompts(3, 9, 9)
+    eager = beam_search(model, ids, mask, trie, vocab, 8)
+    kwargs = dict(cuda_graphs="emulate", graph_scope="search")
+    beam_search(model, ids, mask, trie, vocab, 8, **kwargs)
+    for capturing, expect_bad in ((False, True), (True, False)):
+        monkeypatch.setattr(hf_import_utils, "is_cuda_stream_capturing", lambda flag=capturing: flag)
+        checker, calls = _CaptureChecker(), []
+        _counted(_graph_set(model).search_graph[1], calls, checker)
+        res = beam_search(model, ids, mask, trie, vocab, 8, **kwargs)
+        assert torch.equal(res.codes, eager.codes) and len(calls) == 1
+        assert bool(checker.bad) == expect_bad, checker.bad

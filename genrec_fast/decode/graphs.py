@@ -16,10 +16,13 @@ their L - 1 generated positions, the reorder moves those, and the attention is
 ``ops.cascade.cascade_attention`` (the Triton kernel is captured like any other launch); the steps take no
 4-D masks, only a static [P, T] prompt mask.
 Everything a graph reads lives in static buffers that are refilled before each replay: token ids,
-position ids, the parent index and additive 4-D attention masks. HF uses a 4-D mask as given,
-so no data-dependent mask code (``padding_mask.all()`` ...) runs inside a capture. Prompts are left
-padded to a multiple of ``bucket`` tokens so batches of nearby widths share graphs; left padding
-changes nothing for real positions (positions come from the attention mask).
+the index of each prompt's last token, step positions, the parent index and the steps' additive 4-D attention
+masks. HF uses a 4-D mask as given, so no data-dependent mask code (``padding_mask.all()`` ...) runs inside a
+capture. The prefill takes no mask at all: each prompt's tokens come first (``kv.right_aligned``), so the causal
+mask alone keeps real queries off the padding after them (sdpa's causal path; no [P, 1, T, T] mask exists), its
+real tokens sit at positions 0 .. n_p - 1 as under left padding, and its hidden state is read at n_p - 1.
+Prompts are padded to a multiple of ``bucket`` tokens so batches of nearby widths share graphs; the padding
+changes nothing for real positions (the steps mask its K/V).
 
 Capture protocol (``_Graph.run``): the first call of a graph runs its function once eagerly on a
 side stream (warm-up; the parent index set to the identity, so the non-idempotent tail reorder
@@ -164,11 +167,11 @@ class GraphForward:
         self._base = weakref.ref(base)
         self.P, self.B, self.T, self.L, self.mode = P, B, T, L, mode
         dtype = next(base.parameters()).dtype
-        self.min = torch.finfo(dtype).min
+        self.dtype, self.min = dtype, torch.finfo(dtype).min
         R = P * B
-        self.ids = torch.zeros((P, T), dtype=torch.long, device=device)
-        self.pos = torch.zeros((P, T), dtype=torch.long, device=device)
-        self.mask4 = torch.zeros((P, 1, T, T), dtype=dtype, device=device)
+        self.ids = torch.zeros((P, T), dtype=torch.long, device=device)  # each prompt's tokens first (right padded)
+        self.pos = torch.arange(T, device=device).expand(P, T)  # positions 0 .. n_p - 1 of the real tokens
+        self.last = torch.zeros(P, dtype=torch.long, device=device)  # n_p - 1: where the prefill's hidden is read
         self.tok = torch.zeros((R, 1), dtype=torch.long, device=device)
         self.index = torch.arange(R, device=device)
         self.identity = torch.arange(R, device=device)
@@ -202,7 +205,7 @@ class GraphForward:
                 g.graph = g.out = g.fn = g.warmup = None
         self.prefill_graph, self.step_graphs, self.search_graph, self._step_fns = None, [], None, []
         self.pre_layers = self.beam_layers = self.pre_cache = self.beam_cache = None
-        self.ids = self.pos = self.mask4 = self.tok = self.index = self.identity = self.prefix_mask = None
+        self.ids = self.pos = self.last = self.tok = self.index = self.identity = self.prefix_mask = None
         self.step_pos = self.step_mask4 = []
 
     @property
@@ -216,7 +219,7 @@ class GraphForward:
     def _prefill(self) -> torch.Tensor:
         for ly in self.pre_layers:
             ly.set_length(0)
-        _, hidden = kv.forward(self.base, self.ids, self.mask4, self.pos, self.pre_cache)
+        _, hidden = kv.forward(self.base, self.ids, None, self.pos, self.pre_cache, last=self.last)
         if not self.shared_prefix:
             for pre, beam in zip(self.pre_layers, self.beam_layers):
                 beam.expand_from(pre.keys, pre.values, self.B)
@@ -273,17 +276,13 @@ class GraphForward:
     def _fill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         T, B = self.T, self.B
         pad = T - input_ids.shape[1]
-        ids, mask = F.pad(input_ids, (pad, 0)), F.pad(mask, (pad, 0))
-        key_ok = mask.bool()
+        ids, key_ok, lengths = kv.right_aligned(F.pad(input_ids, (pad, 0)), F.pad(mask, (pad, 0)))
         self.ids.copy_(ids)
-        self.pos.copy_((mask.cumsum(-1) - 1).clamp_min(0))
-        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
-        allowed = (torch.tril(torch.ones_like(eye)) & key_ok[:, None, :]) | eye  # pad queries see themselves only
-        self.mask4.copy_(torch.where(allowed, 0.0, self.min)[:, None])
+        self.last.copy_(lengths - 1)
         if self.shared_prefix:
             self.prefix_mask.copy_(key_ok)
-        lengths = mask.sum(-1).repeat_interleave(B)[:, None]
-        prompt_mask = torch.where(key_ok, 0.0, self.min).to(self.mask4.dtype).repeat_interleave(B, dim=0)
+        lengths = lengths.repeat_interleave(B)[:, None]
+        prompt_mask = torch.where(key_ok, 0.0, self.min).to(self.dtype).repeat_interleave(B, dim=0)
         for level in range(1, self.L):  # generated positions (>= T) are always attended: zeros from __init__
             self.step_pos[level].copy_(lengths + level - 1)
             if not self.shared_prefix:

@@ -203,8 +203,27 @@ def _cache_arg(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache):
-    """One cached forward of the base transformer -> (cache, last position's hidden state [rows, H]).
+def right_aligned(input_ids: torch.Tensor, mask: torch.Tensor):
+    """Padded prompts [P, T] (left padded, or with holes) -> (ids with each prompt's tokens first, in order, then
+    the padding; valid [P, T] bool, True on those first n_p positions; n_p = lengths [P]).
+
+    The search prefills prompts so: with the padding after every real token, the causal mask alone keeps each
+    real query off it, so the prefill needs no padding mask (sdpa runs its causal kernels, no [P, 1, T, T] mask is
+    built), and the real tokens keep the positions 0 .. n_p - 1 they have under left padding. The padding's K/V
+    are then masked in the steps (``valid``), the prompt's last hidden state is read at n_p - 1. The padding
+    positions repeat the prompt's last token (not the pad id: HF warns about a pad id at either end of ``input_ids``
+    when no mask is given)."""
+    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices  # real tokens first, in order
+    lengths = mask.sum(-1)
+    valid = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    ids = input_ids.gather(1, order)
+    return torch.where(valid, ids, ids.gather(1, (lengths - 1).clamp_min(0)[:, None])), valid, lengths
+
+
+def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor, cache,
+            last: Optional[torch.Tensor] = None):
+    """One cached forward of the base transformer -> (cache, the hidden state [rows, H] of each row's position
+    ``last`` [rows] (None: the last position)).
 
     An sdpa (or flash-attention) model runs with :func:`decode_sdpa` as its attention for this call (see there);
     on a cache of :class:`SharedPrefixLayer` every layer runs :func:`shared_prefix_attention` instead and
@@ -218,7 +237,10 @@ def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     with ctx:
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                    **{name: cache})
-    return getattr(out, name), out.last_hidden_state[:, -1]
+    hidden = out.last_hidden_state
+    if last is None:
+        return getattr(out, name), hidden[:, -1]
+    return getattr(out, name), hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 # ---- one-token attention without repeating K/V ----------------------------------------------------

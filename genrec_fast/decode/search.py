@@ -158,6 +158,15 @@ def _check_inputs(input_ids, attention_mask, trie, sid_vocab, num_beams, score, 
         raise ValueError(f"beam_search: SID token ids reach {sid_vocab.end - 1} but the LM head has {vocab_rows} rows")
 
 
+def _prefill_right_aligned(base, input_ids: torch.Tensor, mask: torch.Tensor):
+    """The prefill of the P prompts, each prompt's tokens first (``kv.right_aligned``: causal attention only, no
+    padding mask) -> (cache, the prompts' last hidden states [P, H], valid [P, T] bool, lengths [P])."""
+    ids, valid, lengths = kv.right_aligned(input_ids, mask)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    cache, hidden = kv.forward(base, ids, None, positions, None, last=(lengths - 1).clamp_min(0))
+    return cache, hidden, valid, lengths
+
+
 class _EagerForward:
     """The search's forwards run eagerly: HF's own prefill cache, then the in-place beam buffers (``kv``)."""
 
@@ -165,8 +174,8 @@ class _EagerForward:
         self.base, self.B, self.L = base, B, L
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.cache, hidden = kv.forward(self.base, input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), None)
-        self.lengths, self.mask_rep = mask.sum(-1).repeat_interleave(self.B), mask.repeat_interleave(self.B, dim=0)
+        self.cache, hidden, valid, lengths = _prefill_right_aligned(self.base, input_ids, mask)
+        self.lengths, self.mask_rep = lengths.repeat_interleave(self.B), valid.long().repeat_interleave(self.B, dim=0)
         return hidden
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -191,8 +200,8 @@ class _SharedPrefixForward(_EagerForward):
         self.backend = backend
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.prompt_cache, hidden = kv.forward(self.base, input_ids, mask, (mask.cumsum(-1) - 1).clamp_min(0), None)
-        self.lengths, self.prefix_mask = mask.sum(-1).repeat_interleave(self.B), mask.bool()
+        self.prompt_cache, hidden, self.prefix_mask, lengths = _prefill_right_aligned(self.base, input_ids, mask)
+        self.lengths = lengths.repeat_interleave(self.B)
         return hidden
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
