@@ -9,7 +9,10 @@ What is captured, per (model, prompts P, beams B, bucketed prompt width T, level
 - the prefill graph: the forward of the P prompts into static ``KVBuffer`` layers, then the copy of
   each prompt's K/V into its B beam rows;
 - one graph per level l = 1 .. L-1: the reorder of the generated tail by parent beam, then the
-  one-token forward of the P*B beams.
+  one-token forward of the P*B beams;
+- or, with ``graph_scope="search"`` (``GraphForward.search``), ONE graph of the whole search: the same prefill
+  and step functions with each level's scoring and top-k between them (the search's own code, handed in), so
+  a search is one replay.
 With ``shared_prefix=True`` (``kv.SharedPrefixLayer``) the prefill graph copies nothing: the step graphs'
 layers read the prompts' K/V from the prefill's own buffers (P rows, not P*B), the beam rows hold only
 their L - 1 generated positions, the reorder moves those, and the attention is
