@@ -5,6 +5,8 @@ import torch
 
 from genrec_fast.ops.cascade import cascade_attention, cascade_attention_ref
 
+from sm90_aot import compile_sm90
+
 # vs fp32 sdpa on the same (rounded) inputs. fp32: both compute in fp32, only the summation order differs.
 # fp16/bf16: the output is rounded to the dtype (half an ulp: 2^-11 / 2^-8 relative) and the kernel rounds
 # the probabilities to it before P @ V.
@@ -118,66 +120,28 @@ def test_cascade_input_errors():
         cascade_attention(q, pk, pv, mask, tk, tv, scale=0.0)
 
 
-_AOT = r"""
-import json, os, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from genrec_fast.kernels import cascade
-
-fn = cascade._cascade_kernel
-names = fn.arg_names
-tiles = {"D": 0, "BLOCK_D": 1, "BLOCK_M": 2, "BLOCK_N": 3}
-bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-out = []
-for dtype, rows, T, D in json.loads(sys.argv[1]):
-    bd, bm, bn, warps = cascade.tile_config(rows, T, D, getattr(torch, dtype))
-    ty = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-    const = {"D": D, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IEEE": dtype == "float32"}
-    sig = {a: "constexpr" if a in const else ("*u8" if a == "mask_ptr" else "*" + ty) if a.endswith("_ptr")
-           else "fp32" if a == "scale" else "i32" for a in names}
-    # as a launch specialises them: 16-byte aligned pointers, strides that are multiples of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
-             if a.endswith("_ptr") or (a.startswith("s") and a != "scale")}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps})
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                           text=True).stdout
-    line = next(l for l in usage.splitlines() if "REG:" in l)
-    fields = dict(x.split(":") for x in line.split() if ":" in x)
-    ptx = k.asm["ptx"]
-    out.append({"dtype": dtype, "D": D, "tile": [bm, bn, bd, warps], "wgmma": "wgmma" in ptx,
-                "mma": "wgmma" in ptx or "mma.sync" in ptx,
-                "regs": int(fields["REG"]), "stack": int(fields["STACK"])})
-print(json.dumps(out))
-"""
-
-
 def test_kernel_compiles_for_sm90_without_spills(device):
     """The kernel compiled ahead of time for an H100 (sm_90) on this machine, with the launch's pointer and stride
     specialisation: the interpreter runs none of Triton's GPU lowering, this does. The bf16 / fp16 tiles must lower
     to tensor-core dots (Hopper's wgmma for the 128-row production tile, mma.sync for a 32-row one) with no
     register spills; fp32 (the tiny-model tests) must compile. On a GPU the other tests compile and run it."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from genrec_fast.kernels import cascade
 
-    if device.type == "cuda":
-        pytest.skip("on a GPU the kernel is compiled and run by the other tests")
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("triton's NVIDIA backend binaries (ptxas, cuobjdump) are not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # Qwen2.5-0.5B at 8 x 50 beams (350 rows of 7 heads per K/V head, D 64), D 128 in fp16, the tiny test model
-    configs = [["bfloat16", 350, 128, 64], ["float16", 24, 19, 128], ["float32", 16, 16, 8]]
-    res = subprocess.run([sys.executable, "-c", _AOT, json.dumps(configs)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [g["dtype"] for g in got] == ["bfloat16", "float16", "float32"]
+    configs, tiles = [], []
+    names = cascade._cascade_kernel.arg_names
+    for dtype, rows, T, D in (("bfloat16", 350, 128, 64), ("float16", 24, 19, 128), ("float32", 16, 16, 8)):
+        bd, bm, bn, warps = cascade.tile_config(rows, T, D, getattr(torch, dtype))
+        ty = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+        types = {a: ("*u8" if a == "mask_ptr" else "*" + ty) for a in names if a.endswith("_ptr")}
+        configs.append({"const": {"D": D, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IEEE": dtype == "float32"},
+                        "types": {**types, "scale": "fp32"}, "options": {"num_warps": warps},
+                        "aligned": [a for a in names if a.endswith("_ptr") or (a.startswith("s") and a != "scale")]})
+        tiles.append([bm, bn, bd, warps])
+    got = compile_sm90("genrec_fast.kernels.cascade", "_cascade_kernel", configs, device)
+    for g, dtype, tile in zip(got, ("bfloat16", "float16", "float32"), tiles):
+        g.update(dtype=dtype, tile=tile)
+    assert len(got) == 3
     for g in got[:2]:
         assert g["mma"] and g["stack"] == 0, g
     assert got[0]["tile"] == [128, 64, 64, 8] and got[0]["wgmma"], got[0]

@@ -5,6 +5,7 @@ import torch
 
 from genrec_fast.ops import lm_head_lse, lm_head_lse_ref
 
+from sm90_aot import compile_sm90
 from test_decode_graphs import _CaptureChecker
 
 # vs float64 on the same (rounded) inputs. The kernel: fp32 logits (products of the inputs exact in fp32, fp32
@@ -105,3 +106,29 @@ def test_input_errors():
         lm_head_lse(h.double(), w.double())
     with pytest.raises(ValueError, match="backend must be one of"):
         lm_head_lse(h, w, b, backend="cuda")
+
+
+def test_kernel_compiles_for_sm90_without_spills(device):
+    """The kernel compiled ahead of time for an H100 (sm_90), with a launch's specialisation (aligned pointers, H
+    and the strides multiples of 16): the bf16 tiles of the search's shapes (Qwen2.5-0.5B head, H 896: level 0 of
+    8 prompts, the 1,000 beam rows of 64 x 16 or 8 x 50 ... ) must lower to tensor-core dots (wgmma for the
+    128-row tile) with no register spills; fp32 (the tests' dtype) must compile."""
+    from genrec_fast.kernels import lse
+
+    configs, tiles = [], []
+    for dtype, rows in (("bfloat16", 1024), ("bfloat16", 8), ("float32", 33)):
+        bm, bn, bk, warps = lse.tile_config(rows, 896, getattr(torch, dtype))
+        ty = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+        configs.append({"const": {"HAS_BIAS": False, "IEEE": dtype == "float32", "BLOCK_M": bm, "BLOCK_N": bn,
+                                  "BLOCK_K": bk},
+                        "types": {"h_ptr": "*" + ty, "w_ptr": "*" + ty, "b_ptr": "*" + ty, "max_ptr": "*fp32",
+                                  "sum_ptr": "*fp32"},
+                        "options": {"num_warps": warps, "num_stages": 3},
+                        "aligned": ["h_ptr", "w_ptr", "b_ptr", "max_ptr", "sum_ptr", "H", "stride_h", "stride_w"]})
+        tiles.append([bm, bn, bk, warps])
+    got = compile_sm90("genrec_fast.kernels.lse", "_lm_head_lse_kernel", configs, device)
+    assert tiles[0] == [128, 128, 64, 8] and tiles[1][0] == 16
+    for g, tile in zip(got[:2], tiles):
+        assert g["mma"] and g["stack"] == 0, (tile, g)
+    assert got[0]["wgmma"], got[0]
+    assert len(got) == 3
