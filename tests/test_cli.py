@@ -242,6 +242,23 @@ def test_eval_hybrid_options(tiny_run, tmp_path, monkeypatch, capsys):
         cli.main([*base, "--split", "valid", "--hybrid-weight", "1", "--hybrid-grid", "1"])
 
 
+def test_eval_search_options_reach_the_search(tiny_run, tmp_path, monkeypatch):
+    """--shared-prefix and --lse-backend triton (the kernels in the interpreter) rank as the default search does;
+    --graph-scope search without --cuda-graphs is an error naming both."""
+    data_dir, model_dir = tiny_run
+    out = tmp_path / "res.json"
+    assert cli.main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--num-beams", "10", "--batch-size",
+                     "5", "--ks", "1", "5", "10", "--no-sasrec", "--shared-prefix", "--lse-backend", "triton",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["model"]
+    want = _direct(model_dir, data_dir, "test", 10, (1, 5, 10))
+    for k in ("HR@1", "HR@5", "HR@10", "NDCG@10"):
+        assert res[k] == pytest.approx(want[k])
+    _no_evaluation(monkeypatch)
+    with pytest.raises(ValueError, match="--graph-scope search needs --cuda-graphs"):
+        cli.main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--graph-scope", "search"])
+
+
 def test_eval_num_beams_zero_is_a_num_beams_error(tiny_run, monkeypatch):
     data_dir, model_dir = tiny_run
     _no_evaluation(monkeypatch)

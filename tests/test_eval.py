@@ -161,6 +161,24 @@ def test_predict_graph_path_ranks_as_eager(tiny_setup):
         predict(model, tok, vocab, trie, data.test[:2], data.catalog, num_beams=5, cuda_graphs=True)
 
 
+def test_predict_search_options_rank_as_the_default(tiny_setup):
+    """predict(search_options=...) reaches beam_search: the shared-prefix layout with the fused log-sum-exp, and the
+    whole-search graph (emulated), rank the same items as the default search; an unknown option is an error."""
+    from genrec_fast.eval import predict
+
+    data, model, tok, vocab = tiny_setup
+    trie = catalog_trie(data.catalog)
+    kw = dict(num_beams=5, batch_size=4, top_n=12)
+    default = predict(model, tok, vocab, trie, data.test, data.catalog, **kw)
+    for options, graphs in (({"shared_prefix": True, "lse_backend": "triton"}, False),
+                            ({"graph_scope": "search"}, "emulate")):
+        got = predict(model, tok, vocab, trie, data.test, data.catalog, cuda_graphs=graphs, search_options=options,
+                      **kw)
+        assert got == default, options
+    with pytest.raises(ValueError, match=r"search_options \['num_beams'\] are not among"):
+        predict(model, tok, vocab, trie, data.test[:2], data.catalog, search_options={"num_beams": 3}, **kw)
+
+
 def test_evaluate_split_writes_json_with_baselines(tiny_setup, tmp_path, capsys):
     import json
 

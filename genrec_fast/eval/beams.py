@@ -7,7 +7,7 @@ shared SID string. An invalid beam (codes that are no SID of the trie) keeps its
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import encode_prompts, eval_mode, max_positions
 from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
 from genrec_fast.trie import SIDTrie
+
+SEARCH_OPTIONS = ("shared_prefix", "graph_scope", "lse_backend")  # beam_search options predict passes on
 
 # ---- trie over a catalogue -------------------------------------------------------------------
 
@@ -119,11 +121,13 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
             batch_size: int = 16, top_n: int = 50, score: str = "full_vocab", backend: str = "auto",
             max_prompt_length: Optional[int] = None, progress: bool = False,
             indices: Optional[Iterable[int]] = None, cuda_graphs: bool = False, prompt_style: Optional[str] = None,
-            with_scores: bool = False) -> List[dict]:
+            with_scores: bool = False, search_options: Optional[Mapping[str, Any]] = None) -> List[dict]:
     """Decode ``samples`` (those at ``indices``, default all) and rank items for each.
 
     cuda_graphs: run the searches' forwards from CUDA graphs (``beam_search(cuda_graphs=True)``);
     prompts are batched by length, so consecutive batches share a graph set.
+    search_options: more keyword arguments of ``beam_search``, out of ``SEARCH_OPTIONS`` (``shared_prefix``,
+    ``graph_scope``, ``lse_backend``); another name is a ValueError.
 
     Returns one record per decoded sample: {"index", "target", "ranked" (<= top_n item indices; an
     invalid beam's place holds ``INVALID_SLOT``, -1), "num_beams" (returned), "num_invalid"}, in index
@@ -134,6 +138,11 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
     """
     if num_beams < 1 or batch_size < 1 or top_n < 1:
         raise ValueError(f"num_beams, batch_size and top_n must be >= 1 (got {num_beams}, {batch_size}, {top_n})")
+    search_options = dict(search_options or {})
+    unknown = sorted(set(search_options) - set(SEARCH_OPTIONS))
+    if unknown:
+        raise ValueError(f"predict: search_options {unknown} are not among the beam_search options it passes on "
+                         f"{SEARCH_OPTIONS}")
     idx = list(range(len(samples))) if indices is None else [int(i) for i in indices]
     if not idx:
         return []
@@ -152,7 +161,7 @@ def predict(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_b
         for batch in batches:
             ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch], max_length=max_prompt_length)
             res = beam_search(model, ids.to(device), mask.to(device), trie, sid_vocab, num_beams,
-                              score=score, backend=backend, cuda_graphs=cuda_graphs)
+                              score=score, backend=backend, cuda_graphs=cuda_graphs, **search_options)
             lists, list_scores, n_ret, n_bad = ranker.rank_scored(res.codes.cpu().numpy(),
                                                                   res.scores.float().cpu().numpy(), top_n)
             for j, i in enumerate(batch):

@@ -53,6 +53,14 @@ class EvalConfig:
                         choices=("auto", "float32", "bfloat16", "float16"))
     cuda_graphs: bool = option(False, "replay the beam searches' forwards from CUDA graphs (CUDA only; sdpa/eager "
                                       "attention)")
+    graph_scope: str = option("forward", "with --cuda-graphs: capture each forward (forward) or the whole search, "
+                                         "scoring and top-k included, as one graph per shape (search)",
+                              choices=("forward", "search"))
+    shared_prefix: bool = option(False, "keep each prompt's K/V once, not once per beam (the beams' steps attend "
+                                        "through ops.cascade; sdpa full attention only)")
+    lse_backend: str = option("torch", "the full-vocabulary log-sum-exp of --score full_vocab: the head's matmul "
+                                       "then a log-softmax (torch) or the fused Triton kernel (triton; auto: Triton "
+                                       "on CUDA)", choices=("auto", "triton", "torch"))
     sasrec: bool = option(True, "fit and show the SASRec baseline (CPU, seconds to minutes; --no-sasrec skips it)")
     num_resamples: int = option(2000, "bootstrap resamples (over users) for the 95% intervals")
     max_prompt_length: Optional[int] = option(None, "keep each prompt's last this many tokens (default: whole "
@@ -121,6 +129,8 @@ def check_args(args: argparse.Namespace) -> None:
     if len(args.ensemble_models) != len(args.ensemble_data):
         raise ValueError(f"--ensemble-models names {len(args.ensemble_models)} model(s) and --ensemble-data "
                          f"{len(args.ensemble_data)} dataset(s); give one dataset per model, in the same order")
+    if args.graph_scope != "forward" and not args.cuda_graphs:
+        raise ValueError(f"--graph-scope {args.graph_scope} needs --cuda-graphs")
     check_out_file(args.out)
 
 
@@ -142,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, ks=args.ks, max_samples=args.max_samples, seed=args.seed,
                    out=args.out, score=args.score, backend=args.backend, progress=True,
                    cuda_graphs=args.cuda_graphs, sasrec=args.sasrec, num_resamples=args.num_resamples,
+                   search_options=dict(graph_scope=args.graph_scope, shared_prefix=args.shared_prefix,
+                                       lse_backend=args.lse_backend),
                    max_prompt_length=args.max_prompt_length, prompt_style=args.prompt_style,
                    hybrid_weight=args.hybrid_weight, hybrid_grid=args.hybrid_grid, levels=args.levels,
                    ensemble=members)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -80,10 +80,12 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
              batch_size: int = 16, ks: Optional[Iterable[int]] = None, score: str = "full_vocab",
              backend: str = "auto", max_prompt_length: Optional[int] = None, progress: bool = False,
              return_records: bool = False, cuda_graphs: bool = False, prompt_style: Optional[str] = None,
-             with_scores: bool = False, list_length: Optional[int] = None):
+             with_scores: bool = False, list_length: Optional[int] = None,
+             search_options: Optional[Mapping[str, Any]] = None):
     """Metrics of the model on ``samples``: {"HR@K", "NDCG@K" for K in ks, "invalid_rate", "num_samples", ...}.
 
     ks: cut-offs, at most ``num_beams`` (None: 1, 3, 5, 10, 20, 50 up to ``num_beams``).
+    search_options: more ``beam_search`` options (:func:`predict`: shared_prefix, graph_scope, lse_backend).
     prompt_style: the prompts' style (``genrec_fast.prompts.PROMPT_STYLES``; None: the model's own).
 
     Sharded over processes under ``accelerate launch``; every process returns the full result.
@@ -102,7 +104,8 @@ def evaluate(model, tokenizer, sid_vocab, trie, samples: Sequence, catalog, num_
     records = predict(model, tokenizer, sid_vocab, trie, samples, catalog, num_beams=num_beams,
                       batch_size=batch_size, top_n=list_length or max(ks), score=score, backend=backend,
                       max_prompt_length=max_prompt_length, progress=progress and rank == 0, indices=shard,
-                      cuda_graphs=cuda_graphs, prompt_style=prompt_style, with_scores=with_scores)
+                      cuda_graphs=cuda_graphs, prompt_style=prompt_style, with_scores=with_scores,
+                      search_options=search_options)
     if gather is not None:
         records = sorted(gather(records), key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(len(samples))):
