@@ -1,6 +1,7 @@
 """Trie-constrained beam search over Semantic IDs for any HF causal LM.
 
-One prefill per prompt (``P`` rows, not ``P * B``). Level 0 is scored from the prefill's last
+One prefill per prompt (``P`` rows, not ``P * B``), with each prompt's tokens first and no padding mask
+(``kv.right_aligned``). Level 0 is scored from the prefill's last
 hidden state with one beam per prompt; its top-B codes seed the B beams, and the KV cache is
 expanded to ``P * B`` rows by the same parent-index gather that reorders it at later levels.
 Each level l: hidden state of the last position -> logits of the level's K_l SID rows of the
@@ -262,7 +263,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
     ranking) or "sid" (normalise each level over its allowed SID tokens only).
     Prompts with fewer than ``num_beams`` SIDs get all of them, then padding (-1 / -inf).
     cuda_graphs: replay the prefill and the SID steps from CUDA graphs captured per shape
-    (``genrec_fast.decode.graphs``; prompts left padded to a multiple of ``graph_bucket`` tokens);
+    (``genrec_fast.decode.graphs``; prompts padded to a multiple of ``graph_bucket`` tokens);
     "emulate" runs the same static-buffer protocol eagerly (any device; for tests).
     graph_scope (with cuda_graphs): "forward" captures the prefill and each level's step forward, and the
     scoring (head slice, log-sum-exp, trie step, log-softmax, top-k) runs eagerly between replays; "search"
