@@ -3,7 +3,7 @@
 Per setting of bench_decode (same model, catalogue and prompts): the median wall time of
 ``beam_search(cuda_graphs=True)``; then, from the captured graph set, the replay time of the
 prefill graph and of each level's step graph alone; the full-vocabulary log-sum-exp alone at each
-level's row count; and the rest (beam ops, trie steps, host work) by difference. Then the same search with
+level's row count (on a GPU also the fused Triton one, ``lse_fused_ms``); and the rest (beam ops, trie steps, host work) by difference. Then the same search with
 graph_scope="search" (forwards and scoring captured as one graph): its wall time, and on a GPU the replay of
 that one graph alone (its host share by difference). With --trace, the torch.profiler tables (GPU time by op,
 host time by op) of a few searches.
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from genrec_fast import SIDTrie  # noqa: E402
 from genrec_fast.decode import beam_search, graphs  # noqa: E402
 from genrec_fast.decode.search import full_vocab_lse  # noqa: E402
+from genrec_fast.ops.lse import lm_head_lse  # noqa: E402
 
 import bench_decode as bd  # noqa: E402
 from common import bench_parser, pick_settings, print_table, sync, write_json  # noqa: E402
@@ -71,6 +72,10 @@ def run(name: str, device: torch.device, spec: dict, repeat: int, trace: bool, s
         lse0 = 1e3 * median_time(lambda: full_vocab_lse(h0, head), device, repeat)
         lse1 = 1e3 * median_time(lambda: full_vocab_lse(h1, head), device, repeat)
         row["lse_ms"] = lse0 + (len(bd.SIZES) - 1) * lse1
+        if device.type == "cuda":  # the fused kernel (beam_search(lse_backend="triton")) on the same rows
+            fused0 = 1e3 * median_time(lambda: lm_head_lse(h0, head, backend="triton"), device, repeat)
+            fused1 = 1e3 * median_time(lambda: lm_head_lse(h1, head, backend="triton"), device, repeat)
+            row["lse_fused_ms"] = fused0 + (len(bd.SIZES) - 1) * fused1
         if device.type == "cuda":
             row["rest_ms"] = row["search_ms"] - row["prefill_replay_ms"] - row["step_replays_ms"] - row["lse_ms"]
         whole = functools.partial(search, graph_scope="search")
