@@ -3,7 +3,8 @@
 Per setting of bench_decode (same model, catalogue and prompts): the median wall time of
 ``beam_search(cuda_graphs=True)``; then, from the captured graph set, the replay time of the
 prefill graph and of each level's step graph alone; the full-vocabulary log-sum-exp alone at each
-level's row count (on a GPU also the fused Triton one, ``lse_fused_ms``); and the rest (beam ops, trie steps, host work) by difference. Then the same search with
+level's row count (on a GPU also the fused Triton one, ``lse_fused_ms``); and the rest (beam ops, trie steps,
+host work) by difference. Then the same search with
 graph_scope="search" (forwards and scoring captured as one graph): its wall time, and on a GPU the replay of
 that one graph alone (its host share by difference). With --trace, the torch.profiler tables (GPU time by op,
 host time by op) of a few searches.
