@@ -137,7 +137,8 @@ def lse_row(name: str, x: dict, repeat: int) -> dict:
     reps = repeat * 4 if device.type == "cuda" else 1  # the interpreter: seconds a call, and not a timing
     ref_t = timeit(lambda: lm_head_lse(h, w, backend="torch"), device, repeat=reps)
     tri_t = timeit(lambda: lm_head_lse(h, w, backend="triton"), device, repeat=reps, warmup=int(reps > 1))
-    fp32 = torch.cat([torch.logsumexp(F.linear(h[i:i + 256].float(), w.float()), dim=1)
+    w32 = w.float()
+    fp32 = torch.cat([torch.logsumexp(F.linear(h[i:i + 256].float(), w32), dim=1)
                       for i in range(0, h.shape[0], 256)])  # IEEE fp32 logits, 256 rows at a time
     ref, tri = lm_head_lse(h, w, backend="torch"), lm_head_lse(h, w, backend="triton")
     diff = float((tri - fp32).abs().max())

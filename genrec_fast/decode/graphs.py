@@ -132,6 +132,10 @@ class _Graph:
         self.graph = None
         self.out: Optional[torch.Tensor] = None
 
+    def release(self) -> None:
+        """Drop the captured graph, its outputs and its functions (which refer back to their GraphForward)."""
+        self.graph = self.out = self.fn = self.warmup = None
+
     def run(self, restore: Callable[[], None]) -> torch.Tensor:
         if self.out is None:  # first use: warm-up (on the identity), capture, then the real run below
             self.warmup()
@@ -205,7 +209,7 @@ class GraphForward:
         this they would wait for the garbage collector)."""
         for g in [self.prefill_graph, *self.step_graphs, self.search_graph and self.search_graph[1]]:
             if g is not None:
-                g.graph = g.out = g.fn = g.warmup = None
+                g.release()
         self.prefill_graph, self.step_graphs, self.search_graph, self._step_fns = None, [], None, []
         self.pre_layers = self.beam_layers = self.pre_cache = self.beam_cache = None
         self.ids = self.pos = self.last = self.tok = self.index = self.identity = self.prefix_mask = None
@@ -269,8 +273,7 @@ class GraphForward:
         self._fill(input_ids, mask)
         if self.search_graph is None or self.search_graph[0] != key:
             if self.search_graph is not None:
-                old = self.search_graph[1]
-                old.graph = old.out = old.fn = None
+                self.search_graph[1].release()
             graph = _Graph("search", lambda: body(self._inner_step, self._prefill()), self.mode, self.pool,
                            warmup=lambda: None)
             self.search_graph = (key, graph)

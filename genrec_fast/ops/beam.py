@@ -61,13 +61,14 @@ def trie_log_softmax_ref(logits: torch.Tensor, allowed: torch.Tensor, parent_sco
                          lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Torch reference of :func:`trie_log_softmax` (fp32 math, [R, K] float32 out)."""
     x = logits.float()
+    blocked = ~allowed
     # scalar fills, no tensor made from Python data: a CUDA graph can capture this
     if lse is None:
-        norm = torch.logsumexp(x.masked_fill(~allowed, float("-inf")), dim=1)
+        norm = torch.logsumexp(x.masked_fill(blocked, float("-inf")), dim=1)
     else:
         norm = lse.float()
     norm = norm.masked_fill(norm == float("-inf"), 0.0)  # all allowed logits -inf: -inf out, not -inf - -inf = NaN
-    return (x - norm[:, None] + parent_scores.float()[:, None]).masked_fill(~allowed, float("-inf"))
+    return (x - norm[:, None] + parent_scores.float()[:, None]).masked_fill(blocked, float("-inf"))
 
 
 def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores: torch.Tensor,
