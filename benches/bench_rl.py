@@ -5,9 +5,11 @@ A step = rollout (one constrained beam search per prompt, B beams = the group) +
 group advantages + update (reference log-probs, policy log-probs with gradient, clipped policy
 loss + β·k3 KL, backward, AdamW step). The HF rollout is
 ``generate(num_beams=B, num_return_sequences=B, prefix_allowed_tokens_fn=dict lookup)``; the
-rows report both rollouts, the update, and the step time each rollout engine gives; on GPU also
-our rollout with ``cuda_graphs=True`` (graphs captured in its warm-up; the optimizer updates the
-weights in place between rollouts, which the replays read).
+rows report both rollouts, the update, and the step time each rollout engine gives; also our rollout
+with ``shared_prefix=True`` (the prompt's K/V once per group, not per beam) and, on GPU, with
+``cuda_graphs=True`` without and with the shared prefix (graphs captured in its warm-up; the optimizer
+updates the weights in place between rollouts, which the replays read); each with its ratio over
+our default rollout (``<name>_over_ours``).
 
 CPU setting: tiny random Qwen2, 8 prompts x 16 beams over 3k items, prompt 64, fp32, 1 thread
 (``--threads N`` overrides). GPU setting: Qwen2.5-0.5B shapes with random weights, bf16, 8 prompts
@@ -19,14 +21,15 @@ same_set_groups_as_hf, the share of groups with the same B SIDs, and same_set_as
 the B SIDs per group that both hold (bench_decode's metric). Checks (a missed one prints a FAILED
 line, is in the JSON's "failed" and makes the exit status 1): invalid_rate == 0 (our rollouts are
 SIDs of the catalogue); fp32: same_set_groups_as_hf == 1; bf16: same_set_as_hf >= 0.95 (near-ties:
-one swapped SID changes a whole group, and 8 groups leave no room under 1); the same for the
-CUDA-graph rollout on GPU.
+one swapped SID changes a whole group, and 8 groups leave no room under 1); the same for each of
+our other rollouts.
 
   python benches/bench_rl.py [--device cpu|cuda] [--json PATH] [--threads N]
 """
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -68,6 +71,15 @@ SETTINGS = {
 }
 
 
+# device type -> our other rollouts: name -> beam_search options (each timed, compared with HF and gated as ours)
+VARIANTS = {
+    "cpu": {"shared": {"shared_prefix": True}},
+    "cuda": {"graphs": {"cuda_graphs": True}, "shared": {"shared_prefix": True},
+             "shared_graphs": {"shared_prefix": True, "cuda_graphs": True}},
+}
+ALL_VARIANTS = ("graphs", "shared", "shared_graphs")
+
+
 def run(device: torch.device) -> dict:
     groups, beams, items, length, hf_repeat, our_repeat = SETTINGS[device.type]
     spec = GPU_MODEL if device.type == "cuda" else CPU_MODEL
@@ -86,11 +98,10 @@ def run(device: torch.device) -> dict:
     L = len(SIZES)
     state = {}
 
-    def rollout(cuda_graphs=False):
+    def rollout(**options):
         policy.eval()
         with torch.no_grad():
-            state["res"] = beam_search(policy, ids, mask, trie, vocab, beams, score="full_vocab",
-                                       cuda_graphs=cuda_graphs)
+            state["res"] = beam_search(policy, ids, mask, trie, vocab, beams, score="full_vocab", **options)
         policy.train()
 
     def hf_rollout():
@@ -130,12 +141,13 @@ def run(device: torch.device) -> dict:
     rollout()
     same = compare("")
     seqs = groups * beams
-    graphs = {}
-    if device.type == "cuda":
-        t_graphs = timeit(lambda: rollout(cuda_graphs=True), device, repeat=our_repeat, warmup=2)
-        graphs = {"rollout_s_ours_graphs": t_graphs, "rollout_speedup_graphs": t_hf / t_graphs,
-                  "step_speedup_graphs": (t_hf + t_update) / (t_graphs + t_update), **compare("graphs_")}
-    return {**same, **graphs,
+    variants = {}
+    for name, options in VARIANTS[device.type].items():
+        t = timeit(functools.partial(rollout, **options), device, repeat=our_repeat, warmup=2)
+        variants.update({f"rollout_s_ours_{name}": t, f"rollout_speedup_{name}": t_hf / t,
+                         f"step_speedup_{name}": (t_hf + t_update) / (t + t_update),
+                         f"{name}_over_ours": t_ours / t, **compare(f"{name}_")})
+    return {**same, **variants,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "prompts": groups, "beams": beams, "items": items,
         "prompt_len": length,
@@ -149,7 +161,7 @@ def run(device: torch.device) -> dict:
 def check_row(row) -> Checks:
     """The gates of the module doc."""
     checks, setting = Checks(), f"rl_{row['prompts']}x{row['beams']}_{row['dtype']}"
-    for prefix in ("", "graphs_"):
+    for prefix in ("", *(f"{name}_" for name in ALL_VARIANTS)):
         if f"{prefix}invalid_rate" not in row:
             continue
         checks.check(setting, f"{prefix}invalid_rate", row[f"{prefix}invalid_rate"], "==", 0.0)
@@ -175,9 +187,10 @@ def main(argv=None) -> int:
     cols = ["prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback", "update_s", "step_s_ours",
             "step_s_hf_callback", "rollouts_per_s_ours", "rollouts_per_s_hf_callback", "rollout_speedup",
             "step_speedup"]
-    cols += [k for k in ("rollout_s_ours_graphs", "rollout_speedup_graphs", "step_speedup_graphs") if k in row]
-    cols += [k for k in ("same_set_groups_as_hf", "same_set_as_hf", "invalid_rate", "graphs_same_set_groups_as_hf",
-                         "graphs_same_set_as_hf", "graphs_invalid_rate") if k in row]
+    cols += [k for name in ALL_VARIANTS for k in (f"rollout_s_ours_{name}", f"rollout_speedup_{name}",
+                                                   f"step_speedup_{name}", f"{name}_over_ours") if k in row]
+    cols += [f"{prefix}{k}" for prefix in ("", *(f"{name}_" for name in ALL_VARIANTS))
+             for k in ("same_set_groups_as_hf", "same_set_as_hf", "invalid_rate") if f"{prefix}{k}" in row]
     print_table([{k: row[k] for k in cols}],
                 title=f"GRPO step ({row['device']}, {row['dtype']})")
     checks = check_row(row)

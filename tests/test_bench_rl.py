@@ -1,5 +1,6 @@
-"""benches/bench_rl.py runs on CPU (1 thread) and its checks pass: our rollout groups hold the same SIDs as
-HF's constrained generate on the same weights (fp32: every group), all of them SIDs of the catalogue."""
+"""benches/bench_rl.py runs on CPU (1 thread) and its checks pass: our rollout groups, default and with the shared
+prefix, hold the same SIDs as HF's constrained generate on the same weights (fp32: every group), all of them SIDs of
+the catalogue."""
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ def test_bench_rl_cpu_same_groups_as_hf(tmp_path, monkeypatch):
     r, = payload["rows"]
     assert r["dtype"] == "float32" and r["rollout_s_ours"] > 0 and r["rollout_s_hf_callback"] > 0
     assert r["same_set_groups_as_hf"] == 1.0 and r["same_set_as_hf"] == 1.0 and r["invalid_rate"] == 0.0
+    # the shared-prefix rollout: timed beside ours, the same groups, gated as ours
+    assert r["rollout_s_ours_shared"] > 0 and r["shared_over_ours"] == r["rollout_s_ours"] / r["rollout_s_ours_shared"]
+    assert r["shared_same_set_groups_as_hf"] == 1.0 and r["shared_invalid_rate"] == 0.0
     assert payload["failed"] == []
-    assert [(c["metric"], c["ok"]) for c in payload["checks"]] == [("invalid_rate", True),
-                                                                   ("same_set_groups_as_hf", True)]
+    assert [(c["metric"], c["ok"]) for c in payload["checks"]] == [
+        ("invalid_rate", True), ("same_set_groups_as_hf", True),
+        ("shared_invalid_rate", True), ("shared_same_set_groups_as_hf", True)]

@@ -128,13 +128,14 @@ _POST_SAMPLE = dict(_STAGE_SAMPLE, model="m", data="d", batch_size=4, warmup_ste
                     max_grad_norm=0.5, beta=0.3,
                     max_prompt_length=64, train_samples=10, train_on_valid=True, eval_splits=("test",),
                     eval_samples=None, eval_beams=12, eval_batch_size=4, eval_before=False, save=False,
-                    cuda_graphs=True, prompt_split="train")  # 'valid' excludes train_on_valid=True (its own test)
+                    cuda_graphs=True, graph_scope="search", shared_prefix=True, lse_backend="triton",
+                    prompt_split="train")  # 'valid' excludes train_on_valid=True (its own test)
 SAMPLES = {
     "sft": dict(_STAGE_SAMPLE, data="d", model="m", tasks=("sid_seq", "title2sid"), prompt_style="compact",
                 sequence_loss=True, whole_sequences=True, sequence_window=6, history_suffixes=(1, 2), epochs=2.5,
                 warmup_ratio=0.1,
                 batch_tokens=1024, pack_length=256, grad_accum=2, max_length=128, packing=False, compile=False,
-                cuda_graphs=True,
+                cuda_graphs=True, graph_scope="search", shared_prefix=True, lse_backend="auto",
                 eval_every=4, eval_epochs=0.5, eval_samples=16, eval_beams=12, eval_batch_size=4, patience=2,
                 train_on_valid=True, model_overrides={"hidden_size": 32}, tokenizer_vocab_size=500, test=True,
                 test_beams=20, test_batch_size=8, test_hybrid_weight=2.0, dropout=0.3, key_dropout=0.25),

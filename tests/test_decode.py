@@ -428,10 +428,12 @@ def test_flash_attention_model_searches_like_its_sdpa_twin():
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
-def test_score_sids_equals_teacher_forcing_and_the_beam_scores(family):
-    """score_sids (one prefill per prompt, its cache shared by the prompt's responses) gives the full-vocabulary
-    log-prob of each response as a plain teacher-forced forward of prompt + response does, on left-padded
-    prompts of several lengths; on the beams' own SIDs it gives the beam scores."""
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_score_sids_equals_teacher_forcing_and_the_beam_scores(family, shared_prefix):
+    """score_sids (one prefill per prompt, its cache copied to the prompt's responses, or with shared_prefix kept
+    once for all of them) gives the full-vocabulary log-prob of each response as a plain teacher-forced forward of
+    prompt + response does, on left-padded prompts of several lengths; on the beams' own SIDs it gives the beam
+    scores."""
     from genrec_fast.decode import score_sids
     from genrec_fast.model import sequence_logprobs
 
@@ -442,7 +444,7 @@ def test_score_sids_equals_teacher_forcing_and_the_beam_scores(family):
     rng = np.random.default_rng(6)
     rows = trie.codes[rng.integers(0, len(trie.codes), (3, 7))]  # [P, C=7, L] SIDs of the catalogue
     tokens = vocab.token_ids(torch.as_tensor(rows.reshape(-1, 3))).view(3, 7, 3)
-    got = score_sids(model, ids, mask, tokens)
+    got = score_sids(model, ids, mask, tokens, shared_prefix=shared_prefix)
     assert got.shape == (3, 7) and got.dtype == torch.float32
     with torch.no_grad():
         want = torch.stack([sequence_logprobs(model, ids[p:p + 1].expand(7, -1), mask[p:p + 1].expand(7, -1),
@@ -450,8 +452,9 @@ def test_score_sids_equals_teacher_forcing_and_the_beam_scores(family):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     res = beam_search(model, ids, mask, trie, vocab, 6, score="full_vocab", backend="torch")
     beam_tokens = vocab.token_ids(res.codes.reshape(-1, 3)).view(3, 6, 3)
-    torch.testing.assert_close(score_sids(model, ids, mask, beam_tokens), res.scores, rtol=0, atol=2e-5)
-    assert score_sids(model, ids, mask, tokens[:, :0]).shape == (3, 0)
+    torch.testing.assert_close(score_sids(model, ids, mask, beam_tokens, shared_prefix=shared_prefix), res.scores,
+                               rtol=0, atol=2e-5)
+    assert score_sids(model, ids, mask, tokens[:, :0], shared_prefix=shared_prefix).shape == (3, 0)
     with pytest.raises(ValueError, match=r"tokens must be a \[P=3, C, L\] tensor, got \(2, 7, 3\)"):
         score_sids(model, ids, mask, tokens[:2])
 

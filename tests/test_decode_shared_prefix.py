@@ -4,7 +4,7 @@ batches, GQA), eagerly and in the CUDA-graph emulation; the emulated captured fu
 import pytest
 import torch
 
-from genrec_fast.decode import SIDVocab, beam_search, graphs, kv
+from genrec_fast.decode import SIDVocab, beam_search, graphs, kv, score_sids
 from genrec_fast.model import lm_modules
 
 from test_decode import SIZES, START, hf_constrained, left_padded_prompts, random_trie, tiny_model
@@ -158,8 +158,11 @@ def test_shared_prefix_errors_and_config_restored():
     beam_search(model, ids, mask, trie, vocab, 4, shared_prefix=True)
     assert model.config._attn_implementation == impl and not kv._active_shared
     model.config._attn_implementation = "eager"
-    with pytest.raises(ValueError, match=r"shared_prefix=True\) needs sdpa \(or flash\) attention"):
+    with pytest.raises(ValueError, match=r"^beam_search\(shared_prefix=True\) needs sdpa \(or flash\) attention"):
         beam_search(model, ids, mask, trie, vocab, 4, shared_prefix=True)
+    tokens = vocab.token_ids(torch.as_tensor(trie.codes[:2])).view(2, 1, 3)
+    with pytest.raises(ValueError, match=r"^score_sids\(shared_prefix=True\) needs sdpa \(or flash\) attention"):
+        score_sids(model, ids, mask, tokens, shared_prefix=True)
     model.config._attn_implementation = "sdpa"
     model.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match=r"shared_prefix=True\) supports full-attention layers only"):

@@ -123,3 +123,35 @@ def test_ensemble_predict_takes_decoded_beam_lists(tiny_setup):
         ensemble_predict(members, data.test, beam_lists=[lists])
     with pytest.raises(ValueError, match=r"beam_lists\[0\] has 2 lists for"):
         ensemble_predict(members, data.test, beam_lists=[lists[:2], None])
+
+
+def test_members_search_and_score_as_the_model_does(tiny_setup, monkeypatch):
+    """evaluate_split's cuda_graphs / search_options reach the other members' beam searches and, with
+    shared_prefix, their scoring pass (prompt K/V kept once per prompt); in fp32 the ensemble ranks as without."""
+    from genrec_fast.eval import ensemble, evaluate_split
+    from genrec_fast.eval.ensemble import Member
+
+    data, model, tok, vocab = tiny_setup
+    other = Member(model, tok, vocab, _other_sids(data.catalog))
+    kw = dict(split="test", num_beams=3, ks=(1, 3), sasrec=False, num_resamples=50, print_table=False)
+    plain = evaluate_split(model, tok, vocab, data, ensemble=[other], **kw)
+    searches, scorings = [], []
+
+    def predict(*args, **kwargs):
+        searches.append((kwargs["cuda_graphs"], dict(kwargs["search_options"])))
+        return real_predict(*args, **kwargs)
+
+    def score_sids(*args, **kwargs):
+        scorings.append(kwargs["shared_prefix"])
+        return real_score(*args, **kwargs)
+
+    real_predict, real_score = ensemble.predict, ensemble.score_sids
+    monkeypatch.setattr(ensemble, "predict", predict)
+    monkeypatch.setattr(ensemble, "score_sids", score_sids)
+    options = {"shared_prefix": True, "graph_scope": "search", "lse_backend": "torch"}
+    fast = evaluate_split(model, tok, vocab, data, ensemble=[other], cuda_graphs="emulate", search_options=options,
+                          **kw)
+    assert searches == [("emulate", options)]  # member 1's search (the model's beams are reused)
+    assert scorings and all(scorings)
+    assert fast["per_sample"]["ranks"] == plain["per_sample"]["ranks"]
+    assert fast["ensemble"]["NDCG@3"] == pytest.approx(plain["ensemble"]["NDCG@3"])

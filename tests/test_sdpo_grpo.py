@@ -334,8 +334,9 @@ def test_sdpo_first_step_loss_is_log1pN_plus_sft_term(tiny_run, tmp_path):
 
 
 def test_rollouts_pass_cuda_graphs_to_the_search(tiny_run, tmp_path):
-    """cuda_graphs reaches the rollouts' beam search: the static-buffer protocol ("emulate", CPU) gives the
-    eager rollouts; True on a CPU model is refused by name."""
+    """cuda_graphs and the other search options reach the rollouts' beam search: the static-buffer protocol
+    ("emulate", CPU), the whole search as one graph and the shared-prefix K/V give the eager rollouts; True on a
+    CPU model is refused by name, as are a shared prefix on eager attention and graph_scope without cuda_graphs."""
     from genrec_fast.train import GRPOConfig
     from genrec_fast.train.post_training import Session
 
@@ -347,6 +348,17 @@ def test_rollouts_pass_cuda_graphs_to_the_search(tiny_run, tmp_path):
     graphed = s.beam_search(ids, mask, 4)
     assert torch.equal(graphed.codes, eager.codes)
     torch.testing.assert_close(graphed.scores, eager.scores, rtol=0, atol=1e-4)
+    s.cfg.graph_scope, s.cfg.shared_prefix = "search", True
+    searched = s.beam_search(ids, mask, 4)
+    assert torch.equal(searched.codes, eager.codes)
+    torch.testing.assert_close(searched.scores, eager.scores, rtol=0, atol=1e-4)
+    attn = s.unwrapped.config._attn_implementation
+    s.unwrapped.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match=r"beam_search\(shared_prefix=True\) needs sdpa"):
+        s.beam_search(ids, mask, 4)
+    s.unwrapped.config._attn_implementation = attn
+    with pytest.raises(ValueError, match="GRPOConfig: graph_scope 'search' needs cuda_graphs"):
+        GRPOConfig(model=str(model_dir), data=str(data_dir), out=str(tmp_path), graph_scope="search", **COMMON)
     s.cfg.cuda_graphs = True
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         s.beam_search(ids, mask, 4)

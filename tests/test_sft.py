@@ -304,6 +304,37 @@ def test_cuda_graphs_for_evaluation_needs_cuda_and_says_so_before_training(tmp_p
         main(["sft", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "cli"), "--cuda-graphs"])
 
 
+def test_valid_and_test_evals_take_the_search_options(tmp_path, monkeypatch):
+    """shared_prefix / lse_backend reach the valid evals' and the test eval's beam searches (fp32: the same metrics
+    as without; lse_backend "auto" is the torch one on CPU); graph_scope without cuda_graphs is refused before
+    anything runs."""
+    import genrec_fast.eval.beams as beams
+
+    calls = []
+
+    def beam_search(*args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("shared_prefix", "lse_backend")})
+        return real(*args, **kwargs)
+
+    real = beams.beam_search
+    plain = train_sft(_cfg(tmp_path / "a", tasks=("sid_seq",), max_steps=2, eval_every=1, test=True, test_beams=10),
+                      data=_data())
+    monkeypatch.setattr(beams, "beam_search", beam_search)
+    fast = train_sft(_cfg(tmp_path / "b", tasks=("sid_seq",), max_steps=2, eval_every=1, test=True, test_beams=10,
+                          shared_prefix=True, lse_backend="auto"), data=_data())
+    assert len(calls) >= 3 and all(c == {"shared_prefix": True, "lse_backend": "auto"} for c in calls)
+
+    def timeless(metrics):
+        return {k: v for k, v in metrics.items() if k != "seconds"}
+
+    assert len(fast.history["valid"]) == len(plain.history["valid"]) == 2
+    for (_, a), (_, b) in zip(fast.history["valid"], plain.history["valid"]):
+        assert timeless(a) == pytest.approx(timeless(b))
+    assert timeless(fast.test_metrics["model"]) == pytest.approx(timeless(plain.test_metrics["model"]))
+    with pytest.raises(ValueError, match="SFTConfig: graph_scope 'search' needs cuda_graphs"):
+        _cfg(tmp_path, graph_scope="search")
+
+
 def test_train_on_valid_keeps_the_early_stopping_subset_out(tmp_path):
     data = _data()  # 16 users: 48 train, 16 valid samples
     res = train_sft(_cfg(tmp_path, tasks=("sid_seq",), max_steps=1, eval_every=1, eval_samples=5,

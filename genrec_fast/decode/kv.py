@@ -349,18 +349,19 @@ def _placeholder_mask(cache) -> torch.Tensor:
     return cache._genrec_placeholder
 
 
-def check_shared_prefix(config) -> None:
+def check_shared_prefix(config, who: str = "beam_search") -> None:
     """Raise ValueError naming why the model cannot run the shared-prefix decode (every attention layer must
-    be a full-attention sdpa / flash one: all of them are replaced by :func:`shared_prefix_attention`)."""
+    be a full-attention sdpa / flash one: all of them are replaced by :func:`shared_prefix_attention`); ``who``:
+    the function asked for it."""
+    who = f"{who}(shared_prefix=True)"
     if not HAS_LAYERED_CACHE or AttentionInterface is None:
-        raise ValueError("beam_search(shared_prefix=True) needs transformers >= 4.54 (per-layer caches, "
-                         "AttentionInterface)")
+        raise ValueError(f"{who} needs transformers >= 4.54 (per-layer caches, AttentionInterface)")
     impls = {getattr(c, "_attn_implementation_internal", None) for c in _config_tree(config)} - {None}
     bad = sorted(str(i) for i in impls if not _swapped(i))
     if bad or not impls:
-        raise ValueError(f"beam_search(shared_prefix=True) needs sdpa (or flash) attention in every config, the "
-                         f"model has {sorted(str(i) for i in impls)}")
-    check_full_attention(config, "beam_search(shared_prefix=True)")
+        raise ValueError(f"{who} needs sdpa (or flash) attention in every config, the model has "
+                         f"{sorted(str(i) for i in impls)}")
+    check_full_attention(config, who)
 
 
 def check_full_attention(config, who: str) -> None:

@@ -180,9 +180,11 @@ class _EagerForward:
         return hidden
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
-        if parent_rows is None:  # level 1: every beam's parent is its prompt's single row: P -> P*B rows
+        """Level ``level``'s forward of the P*B rows' tokens: at level 1 every row's parent is its prompt's single
+        row (P -> P*B rows); later, ``parent_rows`` reorders the rows first (None: each row continues itself)."""
+        if level == 1:
             kv.expand_cache(self.cache, self.B, self.L - 1)
-        else:
+        elif parent_rows is not None:
             kv.reorder_cache(self.cache, parent_rows)
         step_mask = torch.cat([self.mask_rep, self.mask_rep.new_ones((self.mask_rep.shape[0], level))], dim=1)
         position = (self.lengths + level - 1)[:, None]
@@ -206,18 +208,19 @@ class _SharedPrefixForward(_EagerForward):
         return hidden
 
     def step(self, level: int, token: torch.Tensor, parent_rows: Optional[torch.Tensor]) -> torch.Tensor:
-        if parent_rows is None:  # level 1: empty tails, nothing to copy
+        if level == 1:  # empty tails, nothing to copy
             self.cache = kv.shared_prefix_cache(self.prompt_cache, self.prefix_mask, self.B, self.L - 1, self.backend)
-        else:
+        elif parent_rows is not None:
             kv.reorder_cache(self.cache, parent_rows)
         position = (self.lengths + level - 1)[:, None]
         self.cache, hidden = kv.forward(self.base, token.reshape(-1, 1), None, position, self.cache)
         return hidden
 
 
-def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket, shared_prefix=False, backend="auto"):
+def _forward_runner(base, cuda_graphs, P, B, T, L, device, bucket, shared_prefix=False, backend="auto",
+                    who="beam_search"):
     if shared_prefix:
-        kv.check_shared_prefix(base.config)
+        kv.check_shared_prefix(base.config, who)
     if cuda_graphs is False or cuda_graphs is None:
         return _SharedPrefixForward(base, B, L, backend) if shared_prefix else _EagerForward(base, B, L)
     if cuda_graphs is True:
@@ -292,7 +295,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
 
 
 def score_sids(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-               tokens: torch.Tensor) -> torch.Tensor:
+               tokens: torch.Tensor, shared_prefix: bool = False, backend: str = "auto") -> torch.Tensor:
     """Teacher-forced full-vocabulary log-probability of given SID token sequences: [P, C] float32.
 
     input_ids / attention_mask: [P, T] LEFT-padded prompts (as :func:`beam_search`); tokens: [P, C, L] token ids,
@@ -300,6 +303,8 @@ def score_sids(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Te
     steps run on all rows with the beam search's own eager forwards, so a prompt's tokens are computed once, not
     once per response. The sum over the L tokens of log p(token | prompt, earlier tokens): what
     :func:`genrec_fast.model.sequence_logprobs` computes, up to float rounding.
+    shared_prefix: the prompt's K/V kept once for its C responses, not copied to each (as :func:`beam_search`'s;
+    sdpa full attention only), ``backend`` its attention's (``ops.cascade``).
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[0] != input_ids.shape[0]:
         raise ValueError(f"score_sids: tokens must be a [P={input_ids.shape[0]}, C, L] tensor, got "
@@ -313,13 +318,13 @@ def score_sids(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Te
         ids = input_ids.to(device)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
         tok = tokens.to(device=device, dtype=torch.long).reshape(P * C, L)
-        runner = _EagerForward(base, C, L)
+        runner = _forward_runner(base, False, P, C, ids.shape[1], L, device, 1, shared_prefix,
+                                 resolve_backend(backend, device), who="score_sids")
         hidden = runner.prefill(ids, mask).repeat_interleave(C, dim=0)  # row p*C + c: response c of prompt p
-        identity = torch.arange(P * C, device=device)
         total = torch.zeros(P * C, device=device)
         for level in range(L):
-            if level > 0:
-                hidden = runner.step(level, tok[:, level - 1], None if level == 1 else identity)
+            if level > 0:  # every row continues its own response: no reorder
+                hidden = runner.step(level, tok[:, level - 1], None)
             picked = (hidden * weight[tok[:, level]]).sum(-1)
             if bias is not None:
                 picked = picked + bias[tok[:, level]]

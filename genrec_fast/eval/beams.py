@@ -14,12 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from genrec_fast.decode import beam_search
+from genrec_fast.decode.options import SEARCH_OPTIONS
 from genrec_fast.eval.metrics import INVALID_SLOT
 from genrec_fast.model import encode_prompts, eval_mode, max_positions
 from genrec_fast.prompts import check_prompt_style, model_prompt_style, rec_prompt
 from genrec_fast.trie import SIDTrie
-
-SEARCH_OPTIONS = ("shared_prefix", "graph_scope", "lse_backend")  # beam_search options predict passes on
 
 # ---- trie over a catalogue -------------------------------------------------------------------
 

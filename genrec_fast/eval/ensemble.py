@@ -13,7 +13,7 @@ are not ranked; with B beams per member the list holds at least B items (when th
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,12 +55,13 @@ def _check_members(members: Sequence[Member]) -> None:
 
 @torch.no_grad()
 def member_scores(member: Member, samples: Sequence, candidates: Sequence[Sequence[int]],
-                  max_prompt_length: Optional[int] = None, max_rows: int = 1024) -> List[np.ndarray]:
+                  max_prompt_length: Optional[int] = None, max_rows: int = 1024,
+                  shared_prefix: bool = False) -> List[np.ndarray]:
     """Per sample, the member's full-vocabulary log-probability of each candidate item's SID (float64 arrays).
 
     Consecutive samples go through the model together, about ``max_rows`` (sample, candidate) rows at a time (one
-    sample's candidates are never split); each prompt is computed once and its cache shared by its candidates
-    (:func:`genrec_fast.decode.score_sids`)."""
+    sample's candidates are never split); each prompt is computed once and its cache copied to its candidates, or
+    with ``shared_prefix`` kept once for them (:func:`genrec_fast.decode.score_sids`)."""
     if max_rows < 1:
         raise ValueError(f"member_scores: max_rows must be >= 1, got {max_rows}")
     model, tok, vocab, catalog = member.model, member.tokenizer, member.sid_vocab, member.catalog
@@ -77,7 +78,7 @@ def member_scores(member: Member, samples: Sequence, candidates: Sequence[Sequen
             for j, i in enumerate(chunk):
                 items[j] = np.resize(np.asarray(candidates[i], dtype=np.int64), width)
             resp = vocab.token_ids(torch.from_numpy(codes[items.reshape(-1)])).view(len(chunk), width, -1)
-            lp = score_sids(model, ids, mask, resp).double().cpu().numpy()
+            lp = score_sids(model, ids, mask, resp, shared_prefix=shared_prefix).double().cpu().numpy()
             for j, i in enumerate(chunk):
                 out[i] = lp[j, :len(candidates[i])]
     return out
@@ -100,12 +101,15 @@ def _chunks(indices: Sequence[int], sizes: Sequence[int], max_rows: int) -> List
 def ensemble_predict(members: Sequence[Member], samples: Sequence, num_beams: int = 50, top_n: int = 50,
                      batch_size: int = 16, max_prompt_length: Optional[int] = None,
                      beam_lists: Optional[Sequence[Optional[Sequence[Sequence[int]]]]] = None,
-                     max_rows: int = 1024) -> List[dict]:
+                     max_rows: int = 1024, backend: str = "auto", cuda_graphs: bool = False,
+                     search_options: Optional[Mapping[str, Any]] = None) -> List[dict]:
     """Rank items for each sample by the members' mean log-probability (see the module doc).
 
     beam_lists: per member, its beams' item lists for ``samples`` when already decoded (e.g. member 0's, from the
     evaluation of that model alone: :func:`genrec_fast.eval.beams.predict` with ``top_n`` = the catalogue's size),
     or None to decode them here; ``INVALID_SLOT`` entries are ignored.
+    backend, cuda_graphs, search_options: how the members' beam searches run (:func:`predict`'s); the scoring pass
+    keeps each prompt's K/V once too when ``search_options`` asks for ``shared_prefix``.
     Returns one record per sample, in order: {"index", "target", "ranked" (<= top_n item indices), "scores" (their
     mean log-probabilities), "num_candidates" (the union's size)}.
     """
@@ -120,13 +124,15 @@ def ensemble_predict(members: Sequence[Member], samples: Sequence, num_beams: in
         if lst is None:
             recs = predict(m.model, m.tokenizer, m.sid_vocab, catalog_trie(m.catalog), samples, m.catalog,
                            num_beams=num_beams, batch_size=batch_size, top_n=len(m.catalog.item_ids),  # all beams
-                           prompt_style=m.prompt_style, max_prompt_length=max_prompt_length)
+                           prompt_style=m.prompt_style, max_prompt_length=max_prompt_length, backend=backend,
+                           cuda_graphs=cuda_graphs, search_options=search_options)
             lst = [r["ranked"] for r in recs]
         elif len(lst) != len(samples):
             raise ValueError(f"ensemble: beam_lists[{k}] has {len(lst)} lists for {len(samples)} samples")
         lists.append(lst)
     candidates = [sorted(set().union(*(set(lst[i]) for lst in lists)) - {INVALID_SLOT}) for i in range(len(samples))]
-    scores = [member_scores(m, samples, candidates, max_prompt_length, max_rows) for m in members]
+    shared = bool((search_options or {}).get("shared_prefix", False))
+    scores = [member_scores(m, samples, candidates, max_prompt_length, max_rows, shared) for m in members]
     records = []
     for i, s in enumerate(samples):
         cand = np.asarray(candidates[i], dtype=np.int64)

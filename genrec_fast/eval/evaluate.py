@@ -191,7 +191,7 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     if ensemble:
         ens_records, records = _ensemble_records([Member(model, tokenizer, sid_vocab, data.catalog, prompt_style),
                                                   *ensemble], samples, records, num_beams, ks, batch_size,
-                                                 decode_kwargs.get("max_prompt_length"))
+                                                 decode_kwargs)
     ranks = {"model": target_ranks([r["ranked"] for r in records], [r["target"] for r in records])}
     b_ranks, b_info = baseline_ranks(data, split, samples, ks, sasrec)
     ranks.update(b_ranks)
@@ -255,13 +255,15 @@ def _report(result: dict, out, print_table: bool, ks: Sequence[int]) -> None:
 
 
 def _ensemble_records(members: Sequence[Member], samples: Sequence, records: List[dict], num_beams: int,
-                      ks: Sequence[int], batch_size: int, max_prompt_length: Optional[int]):
+                      ks: Sequence[int], batch_size: int, decode_kwargs: Mapping[str, Any]):
     """(the ensemble's records, the model's records cut to the largest cut-off): ``members[0]`` is the model, whose
-    ``records`` hold every beam's items (its search is not run again)."""
+    ``records`` hold every beam's items (its search is not run again); the other members' searches run as the
+    model's did (``decode_kwargs``: :func:`evaluate`'s)."""
     n = max(ks)
+    how = {k: decode_kwargs[k] for k in ("max_prompt_length", "backend", "cuda_graphs", "search_options")
+           if k in decode_kwargs}
     ens = ensemble_predict(members, samples, num_beams=num_beams, top_n=n, batch_size=batch_size,
-                           max_prompt_length=max_prompt_length,
-                           beam_lists=[[r["ranked"] for r in records]] + [None] * (len(members) - 1))
+                           beam_lists=[[r["ranked"] for r in records]] + [None] * (len(members) - 1), **how)
     return ens, [{k: (v[:n] if k in ("ranked", "scores") else v) for k, v in r.items()} for r in records]
 
 

@@ -30,6 +30,7 @@ from transformers import get_scheduler
 from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
 from genrec_fast.data import load_minionerec
 from genrec_fast.decode import beam_search
+from genrec_fast.decode.options import SEARCH_OPTIONS, SearchOptions, check_search_options
 from genrec_fast.eval import catalog_trie, compare_results, evaluate_split
 from genrec_fast.io import atomic_write_text
 from genrec_fast.model import encode_prompts, eval_mode
@@ -61,12 +62,13 @@ POST_OUTPUTS = ("metrics.json", "model", "curves.png")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear")
 # config fields a resumed run may change: where and how it runs, not what it trains on or how
 _RESUMABLE_CHANGES = ("data", "output_dir", "out", "progress", "eval_batch_size", "save", "cuda_graphs",
-                      "save_every", "keep_checkpoints", "resume", "report_to")
+                      *SEARCH_OPTIONS, "save_every", "keep_checkpoints", "resume", "report_to")
 
 
 @dataclass
-class PostTrainConfig(StageConfig):
-    """Options both post-training stages take (each stage's config adds its own)."""
+class PostTrainConfig(StageConfig, SearchOptions):
+    """Options both post-training stages take (each stage's config adds its own); the beam-search ones (its
+    rollouts' and evals') from :class:`genrec_fast.decode.options.SearchOptions`."""
 
     model: str = opt("", "SFT model directory (model + tokenizer with the SID tokens)")
     data: str = opt("", "MiniOneRec-format data directory")
@@ -97,7 +99,6 @@ class PostTrainConfig(StageConfig):
     lora_r: int = opt(0, "> 0: train a LoRA adapter of this rank (the reference is the adapter-disabled policy; "
                          "merged into the saved model); 0: full training")
     save: bool = opt(True, "write the trained policy to OUT/model")
-    cuda_graphs: bool = opt(False, "rollouts' and evals' beam-search forwards replayed from CUDA graphs (not ZeRO-3)")
     save_every: int = opt(50, "optimizer steps between checkpoints (OUT/checkpoints; not under DeepSpeed); 0: none")
 
     def __post_init__(self):
@@ -114,6 +115,7 @@ class PostTrainConfig(StageConfig):
                 raise ValueError(f"{type(self).__name__}: '{name}' must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"{type(self).__name__}: warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_search_options(type(self).__name__, self)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"{type(self).__name__}: lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, "
                              f"got {self.lr_scheduler!r}")
@@ -271,7 +273,7 @@ class Session:
         """Constrained beam search of the current policy; refuses groups with padding beams."""
         with self.rollout_model() as model:
             res = beam_search(model, ids, mask, self.trie, self.sid_vocab, num_beams, score="full_vocab",
-                              cuda_graphs=self.cfg.cuda_graphs)
+                              cuda_graphs=self.cfg.cuda_graphs, **self.cfg.search_kwargs())
         if bool((res.leaf_ids < 0).any()):
             raise ValueError(
                 f"beam search returned fewer than {num_beams} beams for some prompts: the catalogue has "
@@ -317,7 +319,8 @@ class Session:
                     num_beams=self.cfg.eval_beams, batch_size=self.cfg.eval_batch_size,
                     max_samples=self.cfg.eval_samples, seed=self.cfg.seed, trie=self.trie,
                     max_prompt_length=self.cfg.max_prompt_length, print_table=False,
-                    cuda_graphs=self.cfg.cuda_graphs, sasrec=False,  # only the policy's metrics are kept
+                    cuda_graphs=self.cfg.cuda_graphs, search_options=self.cfg.search_kwargs(),
+                    sasrec=False,  # only the policy's metrics are kept
                 )
             ps = res["per_sample"]  # the policy's rank of every sample's target, for pairing across runs
             out[split] = {**res["model"], "per_sample": {"user_id": ps["user_id"], "samples_sha1": ps["samples_sha1"],

@@ -42,6 +42,7 @@ from genrec_fast.config_cli import add_dataclass_arguments, config_from_args
 from genrec_fast.data import history_suffixes, load_minionerec
 from genrec_fast.data.interactions import check_suffix_lengths
 from genrec_fast.decode import graphs
+from genrec_fast.decode.options import SEARCH_OPTIONS, SearchOptions, check_search_options
 from genrec_fast.eval import catalog_trie, evaluate, evaluate_split
 from genrec_fast.eval.hybrid import check_weight
 from genrec_fast.io import atomic_write_text
@@ -72,7 +73,7 @@ SFT_OUTPUTS = ("sft_result.json", "model", "test_metrics.json", "curves.png", "s
 
 
 @dataclass
-class SFTConfig(StageConfig):
+class SFTConfig(StageConfig, SearchOptions):
     data: Optional[str] = opt(None, "MiniOneRec-format directory (train/valid/test.csv, index.json, ...); "
                                     "or pass data= to train_sft")
     model: str = opt("tiny", "'tiny' (a small Qwen2 from scratch) or an HF causal LM name/path")
@@ -100,7 +101,6 @@ class SFTConfig(StageConfig):
     packing: bool = opt(True, "pack examples into rows (else length-bucketed padded batches)")
     compile: bool = opt(False, "torch.compile the base forward; batches padded to [batch_tokens // pack_length, "
                                "pack_length]")
-    cuda_graphs: bool = opt(False, "valid/test beam searches replayed from CUDA graphs (CUDA only)")
     eval_every: int = opt(0, "optimizer steps between valid evals; 0: once per epoch; < 0: never")
     eval_epochs: float = opt(0.0, "> 0: epochs between valid evals instead (with eval_every >= 0)")
     eval_samples: int = opt(256, "valid samples in the fixed early-stopping subset")
@@ -130,6 +130,7 @@ class SFTConfig(StageConfig):
                              f"got {self.mixed_precision!r}")
         self.tasks = tuple(check_tasks(self.tasks))
         check_prompt_style(self.prompt_style)
+        check_search_options("SFTConfig", self)
         self._check_steps()
         if self.sequence_loss and self.prompt_style != "compact":
             raise ValueError("sequence_loss needs prompt_style='compact'")
@@ -372,7 +373,8 @@ def adamw(params, **kw) -> torch.optim.AdamW:
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 # SFTConfig fields a resumed run may change: where and how it runs, not what it trains on or how
-_RESUMABLE_CHANGES = ("data", "output_dir", "out", "compile", "cuda_graphs", "eval_batch_size", "save_every",
+_RESUMABLE_CHANGES = ("data", "output_dir", "out", "compile", "cuda_graphs", *SEARCH_OPTIONS, "eval_batch_size",
+                      "save_every",
                       "keep_checkpoints", "resume", "log_every", "test", "test_beams", "test_batch_size",
                       "test_hybrid_weight", "progress", "report_to")
 
@@ -638,7 +640,7 @@ class SFTTrainer(StageTrainer):
         cfg, state = self.cfg, self.state
         metrics = evaluate(self.lm, self.tokenizer, self.sid_vocab, self.trie, self.valid, self.data.catalog,
                            num_beams=cfg.eval_beams, batch_size=cfg.eval_batch_size, ks=(1, 5, 10),
-                           cuda_graphs=cfg.cuda_graphs)
+                           cuda_graphs=cfg.cuda_graphs, search_options=cfg.search_kwargs())
         state["history"]["valid"].append((state["step"], {k: float(v) for k, v in metrics.items()}))
         score = metrics["NDCG@10"]
         if state["best"] is None or score > state["best"]:
@@ -680,7 +682,7 @@ class SFTTrainer(StageTrainer):
         metrics = evaluate_split(model, tokenizer, vocab, self.data, "test", num_beams=self.cfg.test_beams,
                                  batch_size=self.cfg.test_batch_size, trie=self.trie,
                                  out=str(self.out / "test_metrics.json"), cuda_graphs=self.cfg.cuda_graphs,
-                                 hybrid_weight=self.cfg.test_hybrid_weight)
+                                 search_options=self.cfg.search_kwargs(), hybrid_weight=self.cfg.test_hybrid_weight)
         result["test_seconds"] = time.perf_counter() - t0
         return metrics
 
