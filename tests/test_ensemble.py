@@ -155,3 +155,49 @@ def test_members_search_and_score_as_the_model_does(tiny_setup, monkeypatch):
     assert scorings and all(scorings)
     assert fast["per_sample"]["ranks"] == plain["per_sample"]["ranks"]
     assert fast["ensemble"]["NDCG@3"] == pytest.approx(plain["ensemble"]["NDCG@3"])
+
+
+def test_beam_scores_stand_in_for_a_members_own_candidates(tiny_setup, monkeypatch):
+    """With a member's beam scores given (full-vocabulary log-probs), its own candidates take them and only the others
+    are scored: the same ranking as scoring all (fp32, the last bits aside), fewer rows scored; a changed score is
+    what the ensemble ranks by; malformed scores are refused by name."""
+    from genrec_fast.eval import catalog_trie, ensemble, predict
+    from genrec_fast.eval.ensemble import Member, ensemble_predict
+
+    data, model, tok, vocab = tiny_setup
+    members = [Member(model, tok, vocab, data.catalog), Member(model, tok, vocab, _other_sids(data.catalog))]
+    recs = predict(model, tok, vocab, catalog_trie(data.catalog), data.test, data.catalog, num_beams=3,
+                   top_n=len(data.catalog.item_ids), with_scores=True)
+    lists, scores = [r["ranked"] for r in recs], [r["scores"] for r in recs]
+    rows = []
+
+    def member_scores(member, samples, candidates, *args):
+        rows.append(sum(len(c) for c in candidates))
+        return real(member, samples, candidates, *args)
+
+    real = ensemble.member_scores
+    monkeypatch.setattr(ensemble, "member_scores", member_scores)
+    everything = ensemble_predict(members, data.test, num_beams=3, top_n=8, beam_lists=[lists, None])
+    all_rows, rows[:] = list(rows), []
+    reused = ensemble_predict(members, data.test, num_beams=3, top_n=8, beam_lists=[lists, None],
+                              beam_scores=[scores, None])
+    assert [r["ranked"] for r in reused] == [r["ranked"] for r in everything]
+    for a, b in zip(reused, everything):
+        assert a["scores"] == pytest.approx(b["scores"], abs=2e-5)
+    union = sum(r["num_candidates"] for r in everything)
+    own = sum(len(set(x) - {-1}) for x in lists)
+    # member 0 scores the union without its scores, the rest with them; member 1, decoded here, keeps its own
+    assert all_rows[0] == union and rows[0] == union - own and rows[1] == all_rows[1] < union
+    # the ensemble ranks by the given score: member 0's own third beam item moved far ahead
+    boosted = [list(s) for s in scores]
+    item = lists[0][2]
+    boosted[0][2] += 100.0
+    first = ensemble_predict(members, data.test[:1], num_beams=3, top_n=8, beam_lists=[lists[:1], None],
+                             beam_scores=[boosted[:1], None])
+    assert first[0]["ranked"][0] == item
+    with pytest.raises(ValueError, match=r"beam_scores has 1 entries for 2 members"):
+        ensemble_predict(members, data.test, beam_lists=[lists, None], beam_scores=[scores])
+    with pytest.raises(ValueError, match=r"beam_scores\[1\] is given without beam_lists\[1\]"):
+        ensemble_predict(members, data.test, beam_lists=[lists, None], beam_scores=[scores, scores])
+    with pytest.raises(ValueError, match=r"beam_scores\[0\]\[0\] has 1 scores for"):
+        ensemble_predict(members, data.test, beam_lists=[lists, None], beam_scores=[[s[:1] for s in scores], None])

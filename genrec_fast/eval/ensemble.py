@@ -13,7 +13,7 @@ are not ranked; with B beams per member the list holds at least B items (when th
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,53 @@ def member_scores(member: Member, samples: Sequence, candidates: Sequence[Sequen
     return out
 
 
+def _own_scores(lists: Sequence[Sequence[int]], scores: Sequence[Sequence[float]], who: str) -> List[Dict[int, float]]:
+    """Per sample, item -> the score of its first entry in the sample's list (``INVALID_SLOT`` left out)."""
+    if len(scores) != len(lists):
+        raise ValueError(f"ensemble: {who} has {len(scores)} score lists for {len(lists)} samples")
+    out = []
+    for i, (lst, sc) in enumerate(zip(lists, scores)):
+        if len(sc) != len(lst):
+            raise ValueError(f"ensemble: {who}[{i}] has {len(sc)} scores for {len(lst)} items")
+        own: Dict[int, float] = {}
+        for item, value in zip(lst, sc):
+            if item != INVALID_SLOT and item not in own:
+                own[int(item)] = float(value)
+        out.append(own)
+    return out
+
+
+def _member_lists(members: Sequence[Member], samples: Sequence, beam_lists, beam_scores, search: dict):
+    """(per member, per sample its beams' item list; per member, per sample item -> log-probability known from its
+    beams): the given lists (and scores), the others decoded by :func:`predict` with ``search``'s options."""
+    given = [None] * len(members) if beam_lists is None else list(beam_lists)
+    if len(given) != len(members):
+        raise ValueError(f"ensemble: beam_lists has {len(given)} entries for {len(members)} members")
+    given_scores = [None] * len(members) if beam_scores is None else list(beam_scores)
+    if len(given_scores) != len(members):
+        raise ValueError(f"ensemble: beam_scores has {len(given_scores)} entries for {len(members)} members")
+    lists, known = [], []
+    for k, (m, lst, sc) in enumerate(zip(members, given, given_scores)):
+        if lst is None:
+            if sc is not None:
+                raise ValueError(f"ensemble: beam_scores[{k}] is given without beam_lists[{k}]")
+            recs = predict(m.model, m.tokenizer, m.sid_vocab, catalog_trie(m.catalog), samples, m.catalog,
+                           top_n=len(m.catalog.item_ids), prompt_style=m.prompt_style,  # all beams
+                           score="full_vocab", with_scores=True, **search)
+            lst, sc = [r["ranked"] for r in recs], [r["scores"] for r in recs]
+        elif len(lst) != len(samples):
+            raise ValueError(f"ensemble: beam_lists[{k}] has {len(lst)} lists for {len(samples)} samples")
+        lists.append(lst)
+        known.append([{}] * len(samples) if sc is None else _own_scores(lst, sc, f"beam_scores[{k}]"))
+    return lists, known
+
+
+def _merge(candidates: Sequence[int], own: Dict[int, float], todo: Sequence[int], scored: np.ndarray) -> np.ndarray:
+    """One sample's candidates' log-probabilities: those in ``own``, the others (``todo``, in order) from ``scored``."""
+    rest = dict(zip(todo, scored.tolist()))
+    return np.asarray([own[c] if c in own else rest[c] for c in candidates], dtype=np.float64)
+
+
 def _chunks(indices: Sequence[int], sizes: Sequence[int], max_rows: int) -> List[List[int]]:
     """``indices`` cut into consecutive runs of at most ``max_rows`` rows (a larger single index is its own run)."""
     runs: List[List[int]] = []
@@ -102,12 +149,17 @@ def ensemble_predict(members: Sequence[Member], samples: Sequence, num_beams: in
                      batch_size: int = 16, max_prompt_length: Optional[int] = None,
                      beam_lists: Optional[Sequence[Optional[Sequence[Sequence[int]]]]] = None,
                      max_rows: int = 1024, backend: str = "auto", cuda_graphs: bool = False,
-                     search_options: Optional[Mapping[str, Any]] = None) -> List[dict]:
+                     search_options: Optional[Mapping[str, Any]] = None,
+                     beam_scores: Optional[Sequence[Optional[Sequence[Sequence[float]]]]] = None) -> List[dict]:
     """Rank items for each sample by the members' mean log-probability (see the module doc).
 
     beam_lists: per member, its beams' item lists for ``samples`` when already decoded (e.g. member 0's, from the
     evaluation of that model alone: :func:`genrec_fast.eval.beams.predict` with ``top_n`` = the catalogue's size),
     or None to decode them here; ``INVALID_SLOT`` entries are ignored.
+    beam_scores: per member with beam_lists, the scores beside its lists' entries when they are full-vocabulary
+    log-probabilities (``predict(..., score="full_vocab", with_scores=True)``), else None. A member's log-probability
+    of a candidate its own beams hold is its beam score (the same quantity, summed in another order: the last bits
+    may differ); only the other candidates are scored (:func:`member_scores`). Members decoded here keep theirs.
     backend, cuda_graphs, search_options: how the members' beam searches run (:func:`predict`'s); the scoring pass
     keeps each prompt's K/V once too when ``search_options`` asks for ``shared_prefix``.
     Returns one record per sample, in order: {"index", "target", "ranked" (<= top_n item indices), "scores" (their
@@ -116,23 +168,16 @@ def ensemble_predict(members: Sequence[Member], samples: Sequence, num_beams: in
     _check_members(members)
     if num_beams < 1 or top_n < 1:
         raise ValueError(f"ensemble: num_beams and top_n must be >= 1, got {num_beams} and {top_n}")
-    given = [None] * len(members) if beam_lists is None else list(beam_lists)
-    if len(given) != len(members):
-        raise ValueError(f"ensemble: beam_lists has {len(given)} entries for {len(members)} members")
-    lists = []
-    for k, (m, lst) in enumerate(zip(members, given)):
-        if lst is None:
-            recs = predict(m.model, m.tokenizer, m.sid_vocab, catalog_trie(m.catalog), samples, m.catalog,
-                           num_beams=num_beams, batch_size=batch_size, top_n=len(m.catalog.item_ids),  # all beams
-                           prompt_style=m.prompt_style, max_prompt_length=max_prompt_length, backend=backend,
-                           cuda_graphs=cuda_graphs, search_options=search_options)
-            lst = [r["ranked"] for r in recs]
-        elif len(lst) != len(samples):
-            raise ValueError(f"ensemble: beam_lists[{k}] has {len(lst)} lists for {len(samples)} samples")
-        lists.append(lst)
+    lists, known = _member_lists(members, samples, beam_lists, beam_scores,
+                                 dict(num_beams=num_beams, batch_size=batch_size, max_prompt_length=max_prompt_length,
+                                      backend=backend, cuda_graphs=cuda_graphs, search_options=search_options))
     candidates = [sorted(set().union(*(set(lst[i]) for lst in lists)) - {INVALID_SLOT}) for i in range(len(samples))]
     shared = bool((search_options or {}).get("shared_prefix", False))
-    scores = [member_scores(m, samples, candidates, max_prompt_length, max_rows, shared) for m in members]
+    scores = []
+    for m, own in zip(members, known):
+        todo = [[c for c in cand if c not in own[i]] for i, cand in enumerate(candidates)]
+        got = member_scores(m, samples, todo, max_prompt_length, max_rows, shared)
+        scores.append([_merge(cand, own[i], todo[i], got[i]) for i, cand in enumerate(candidates)])
     records = []
     for i, s in enumerate(samples):
         cand = np.asarray(candidates[i], dtype=np.int64)

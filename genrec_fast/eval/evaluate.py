@@ -185,7 +185,8 @@ def evaluate_split(model, tokenizer, sid_vocab, data, split: str = "test", num_b
     trie = catalog_trie(data.catalog) if trie is None else trie
     model_metrics, records = evaluate(model, tokenizer, sid_vocab, trie, samples, data.catalog, num_beams=num_beams,
                                       batch_size=batch_size, ks=ks, return_records=True, prompt_style=prompt_style,
-                                      with_scores=want_hybrid, list_length=len(data.catalog) if ensemble else None,
+                                      with_scores=want_hybrid or bool(ensemble),
+                                      list_length=len(data.catalog) if ensemble else None,
                                       **decode_kwargs)
     ens_records = None
     if ensemble:
@@ -262,8 +263,11 @@ def _ensemble_records(members: Sequence[Member], samples: Sequence, records: Lis
     n = max(ks)
     how = {k: decode_kwargs[k] for k in ("max_prompt_length", "backend", "cuda_graphs", "search_options")
            if k in decode_kwargs}
+    # the model's beam scores are its log-probabilities of its own candidates when its search scored full_vocab
+    scores = [r["scores"] for r in records] if decode_kwargs.get("score", "full_vocab") == "full_vocab" else None
+    rest = [None] * (len(members) - 1)
     ens = ensemble_predict(members, samples, num_beams=num_beams, top_n=n, batch_size=batch_size,
-                           beam_lists=[[r["ranked"] for r in records]] + [None] * (len(members) - 1), **how)
+                           beam_lists=[[r["ranked"] for r in records], *rest], beam_scores=[scores, *rest], **how)
     return ens, [{k: (v[:n] if k in ("ranked", "scores") else v) for k, v in r.items()} for r in records]
 
 
