@@ -2,8 +2,8 @@
 
 Each stage lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them together (a subcommand's module is imported only when
-that subcommand runs). A stage whose options are a config dataclass (sids, sft, eval,
-demo, sdpo, rl; not recommend) gets them from ``genrec_fast.config_cli.add_dataclass_arguments``: one
+that subcommand runs). A stage whose options are a config dataclass (every one: sids, sft, eval,
+demo, sdpo, rl, recommend) gets them from ``genrec_fast.config_cli.add_dataclass_arguments``: one
 ``--field-name`` per field.
 Every subcommand accepts ``--config FILE`` (JSON or YAML, ``config_cli.apply_config``): its keys are the
 subcommand's option names (dashes or underscores; a ``--no-x`` switch is its dest ``x``), and flags given on

@@ -19,20 +19,25 @@ ensemble=[Recommender.from_pretrained(other_dir), ...])`` ranks by the product o
 trained on other SIDs of the same items (``genrec_fast.eval.ensemble``; an item's score is then the members' mean
 log-probability of it).
 
+``Recommender.from_pretrained(dir, search=SearchOptions(cuda_graphs=True, graph_scope="search"))`` runs its searches
+as :mod:`genrec_fast.decode.options` says (``genrec-fast recommend --cuda-graphs --graph-scope search``).
+
 CLI: ``genrec-fast recommend --model DIR --history ID [ID ...] [--k 10] [--ensemble-models DIR2 ...]`` prints a
 table.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from genrec_fast.bundle import BUNDLE_FILE, Bundle, read_bundle
+from genrec_fast.config_cli import add_dataclass_arguments, option
 from genrec_fast.data.types import Catalog, Sample
+from genrec_fast.decode.options import SearchOptions, check_search_options
 from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.eval.beams import catalog_trie, predict
 from genrec_fast.eval.ensemble import Member, check_same_items, ensemble_predict
@@ -100,31 +105,37 @@ class Recommender:
     """A model, its tokenizer and SID vocabulary, and the bundle's catalogue and trie, ready to recommend.
 
     ``prompt_style`` None: the bundle's (the style the model was trained with); a name of
-    :data:`genrec_fast.prompts.PROMPT_STYLES` overrides it.
+    :data:`genrec_fast.prompts.PROMPT_STYLES` overrides it. ``search``: how its beam searches run
+    (:class:`genrec_fast.decode.options.SearchOptions`: CUDA graphs, one graph per search, the prompt's K/V once
+    per prompt, the fused log-sum-exp; default: none of them), in an ensemble too.
     """
 
     def __init__(self, model, tokenizer, sid_vocab, bundle: Bundle, prompt_style: Optional[str] = None,
-                 score: str = "full_vocab", backend: str = "auto"):
+                 score: str = "full_vocab", backend: str = "auto", search: Optional[SearchOptions] = None):
         if tuple(sid_vocab.codebook_sizes) != tuple(bundle.codebook_sizes):
             raise ValueError(f"{bundle.directory / BUNDLE_FILE}: codebook sizes {list(bundle.codebook_sizes)}, but "
                              f"the model's SID tokens have {list(sid_vocab.codebook_sizes)}")
         self.model, self.tokenizer, self.sid_vocab, self.bundle = model, tokenizer, sid_vocab, bundle
         self.prompt_style = check_prompt_style(bundle.prompt_style if prompt_style is None else prompt_style)
         self.score, self.backend = score, backend
+        self.search = SearchOptions() if search is None else search
+        check_search_options("Recommender", self.search)
         self.catalog = bundle.catalog()
         self.trie = catalog_trie(self.catalog)
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, Path], prompt_style: Optional[str] = None,
                         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
-                        score: str = "full_vocab", backend: str = "auto") -> "Recommender":
+                        score: str = "full_vocab", backend: str = "auto",
+                        search: Optional[SearchOptions] = None) -> "Recommender":
         """Load a saved model directory that holds a bundle (FileNotFoundError naming the file without one).
         ``device`` None: CUDA when there is one; ``dtype`` None: bfloat16 on CUDA, float32 on the CPU."""
         bundle = read_bundle(model_dir)
         dev = resolve_device(device)
         model, tokenizer, sid_vocab = load_model_and_tokenizer(str(model_dir), bundle.codebook_sizes, device=dev,
                                                                torch_dtype=resolve_dtype(dtype, dev))
-        return cls(model, tokenizer, sid_vocab, bundle, prompt_style=prompt_style, score=score, backend=backend)
+        return cls(model, tokenizer, sid_vocab, bundle, prompt_style=prompt_style, score=score, backend=backend,
+                   search=search)
 
     def member(self) -> Member:
         """This model as a member of an ensemble (``genrec_fast.eval.ensemble``), on its bundle's SIDs."""
@@ -171,15 +182,17 @@ class Recommender:
             raise ValueError(f"recommend: num_beams must be an integer >= k={k}, got {num_beams!r}")
         rows = self.history_indices(histories)
         samples = [Sample(user_id=str(u), history=row, target=-1) for u, row in enumerate(rows)]
+        how = dict(backend=self.backend, cuda_graphs=self.search.cuda_graphs,
+                   search_options=self.search.search_kwargs())
         if ensemble:
             records = ensemble_predict([self.member(), *(r.member() for r in ensemble)], samples, num_beams=beams,
                                        top_n=len(self.catalog) if hybrid else k, batch_size=batch_size,
-                                       max_prompt_length=max_prompt_length)
+                                       max_prompt_length=max_prompt_length, **how)
         else:
             records = predict(self.model, self.tokenizer, self.sid_vocab, self.trie, samples, self.catalog,
                               num_beams=beams, batch_size=batch_size, top_n=beams if hybrid else k, score=self.score,
-                              backend=self.backend, max_prompt_length=max_prompt_length,
-                              prompt_style=self.prompt_style, with_scores=True)
+                              max_prompt_length=max_prompt_length, prompt_style=self.prompt_style, with_scores=True,
+                              **how)
         if hybrid:
             reranker = TransitionReranker(transitions)
             for r, row in zip(records, rows):
@@ -204,31 +217,34 @@ def format_recommendations(rec: Recommendation) -> str:
 
 # ---- ``genrec-fast recommend`` -----------------------------------------------------------------
 
+@dataclass
+class RecommendConfig(SearchOptions):
+    """The options of ``genrec-fast recommend`` (flags generated by ``genrec_fast.config_cli``); the beam-search ones
+    from :class:`genrec_fast.decode.options.SearchOptions`."""
+
+    model: str = option("", "saved model directory holding a bundle (genrec_bundle.json, sid_index/); no data folder "
+                            "is needed")
+    history: Tuple[str, ...] = option((), "the user's item ids as in the catalogue, oldest first")
+    k: int = option(10, "items to recommend")
+    ensemble_models: Tuple[str, ...] = option((), "other saved models of the same items, each on its own SIDs (its "
+                                                  "bundle): rank by the models' product of experts "
+                                                  "(genrec_fast.eval.ensemble) (default: none: this model alone)")
+    num_beams: Optional[int] = option(None, "beams of the constrained beam search, at least --k (default: --k)")
+    prompt_style: Optional[str] = option(None, "prompt template (default: the one the model was trained with, from "
+                                               "its bundle)", choices=PROMPT_STYLES)
+    max_prompt_length: Optional[int] = option(None, "keep the prompt's last this many tokens (default: the whole "
+                                                    "prompt; one that does not fit the model's positions is an error)")
+    score: str = option("full_vocab", "beam scores: log-softmax over the full vocabulary or over the SID tokens only",
+                        choices=("full_vocab", "sid"))
+    backend: str = option("auto", "beam-step kernels (auto: Triton on CUDA, torch otherwise)",
+                          choices=("auto", "triton", "torch"))
+    device: str = option("auto", "torch device (auto: cuda when there is one, else cpu)")
+    dtype: str = option("auto", "model dtype (auto: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="saved model directory holding a bundle (genrec_bundle.json, sid_index/); no data "
-                             "folder is needed")
-    parser.add_argument("--history", required=True, nargs="+", metavar="ID",
-                        help="the user's item ids as in the catalogue, oldest first")
-    parser.add_argument("--k", type=int, default=10, help="items to recommend")
-    parser.add_argument("--ensemble-models", nargs="+", default=[], metavar="DIR",
-                        help="other saved models of the same items, each on its own SIDs (its bundle): rank by "
-                             "the models' product of experts (genrec_fast.eval.ensemble) (default: none: this model "
-                             "alone)")
-    parser.add_argument("--num-beams", type=int, default=None,
-                        help="beams of the constrained beam search, at least --k (default: --k)")
-    parser.add_argument("--prompt-style", default=None, choices=list(PROMPT_STYLES),
-                        help="prompt template (default: the one the model was trained with, from its bundle)")
-    parser.add_argument("--max-prompt-length", type=int, default=None,
-                        help="keep the prompt's last this many tokens (default: the whole prompt; one that does "
-                             "not fit the model's positions is an error)")
-    parser.add_argument("--score", default="full_vocab", choices=["full_vocab", "sid"],
-                        help="beam scores: log-softmax over the full vocabulary or over the SID tokens only")
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
-                        help="beam-step kernels (auto: Triton on CUDA, torch otherwise)")
-    parser.add_argument("--device", default="auto", help="torch device (auto: cuda when there is one, else cpu)")
-    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    """One ``--option`` per :class:`RecommendConfig` field; model and history required."""
+    add_dataclass_arguments(parser, RecommendConfig, required=("model", "history"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,13 +254,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-beams must be >= --k ({args.k}), got {args.num_beams}")
     if args.max_prompt_length is not None and args.max_prompt_length < 1:
         raise ValueError(f"--max-prompt-length must be >= 1, got {args.max_prompt_length}")
+    search = SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)})
+    check_search_options("recommend", search)
     bundle = read_bundle(args.model)  # the history and the members' items are checked before a model is loaded
     history_indices(bundle.catalog(), [args.history], bundle.directory / BUNDLE_FILE)
     for other in args.ensemble_models:
         check_same_items(read_bundle(other).item_ids, bundle.item_ids, f"--ensemble-models {other}: its bundle",
                          f"--model {args.model}'s")
     load = dict(prompt_style=args.prompt_style, device=args.device, dtype=args.dtype, score=args.score,
-                backend=args.backend)
+                backend=args.backend, search=search)
     rec = Recommender.from_pretrained(args.model, **load)
     members = [Recommender.from_pretrained(other, **load) for other in args.ensemble_models]
     out = rec.recommend([args.history], k=args.k, num_beams=args.num_beams, batch_size=1,

@@ -22,15 +22,16 @@ from test_sft import SMALL, _data  # noqa: E402
 def _dataclass_commands():
     from genrec_fast.demo import DemoConfig
     from genrec_fast.eval.cli import EvalConfig
+    from genrec_fast.recommend import RecommendConfig
     from genrec_fast.sid.cli import SidsConfig
     from genrec_fast.train.grpo import GRPOConfig
     from genrec_fast.train.sdpo import SDPOConfig
     from genrec_fast.train.sft import SFTConfig
 
     return {"sft": SFTConfig, "sdpo": SDPOConfig, "rl": GRPOConfig, "demo": DemoConfig, "eval": EvalConfig,
-            "sids": SidsConfig}
+            "sids": SidsConfig, "recommend": RecommendConfig}
 
-DATACLASS_COMMANDS = ["sft", "sdpo", "rl", "demo", "eval", "sids"]
+DATACLASS_COMMANDS = ["sft", "sdpo", "rl", "demo", "eval", "sids", "recommend"]
 
 
 # ---- every field has its flag; every option's help states its default ---------------------------------------
@@ -157,6 +158,9 @@ SAMPLES = {
                  max_prompt_length=64, prompt_style="compact", hybrid_weight=2.0,
                  hybrid_grid=(1.0, 2.5), levels=True, ensemble_models=("m1", "m2"), ensemble_data=("d1", "d2"),
                  out="r.json"),
+    "recommend": dict(model="m", history=("3", "4"), k=5, ensemble_models=("m1",), num_beams=8,
+                      prompt_style="compact", max_prompt_length=64, score="sid", backend="torch", device="cpu",
+                      dtype="float32", cuda_graphs=True, graph_scope="search", shared_prefix=True, lse_backend="auto"),
     "sids": dict(items="i.json", data="d", out="o", log="l.csv", meta="m.csv", sep=";", user_col="u", item_col="i",
                  time_col="t", title_col="name", split="temporal", max_history=4, max_users=10,
                  max_interactions_per_user=6, method="rqvae", embedding="text+cf", cf_fit="train+valid",
@@ -189,6 +193,7 @@ def test_a_yaml_file_of_every_field_gives_the_config_the_flags_give(command, tmp
     want = cls(**sample)
     given = {"model": "m0", "data": "d0", "out": "o0"} if command in ("sdpo", "rl") else {}  # the required ones
     given = {"model": "m0", "data": "d0"} if command == "eval" else {"out": "o0"} if command == "sids" else given
+    given = {"model": "m0", "history": ("1",)} if command == "recommend" else given
     default = config_from_args(cls, apply_config(cli.build_parser(command), _argv(given)))
     same = [k for k in sample if sample[k] == getattr(default, k)]
     left = {"sft": ["compile"], "sdpo": ["prompt_split"], "rl": ["prompt_split"]}.get(command, [])

@@ -231,3 +231,28 @@ def test_recommend_ensemble_ranks_by_the_members_mean(trained, tmp_path, capsys)
                                 codebook_sizes=cat.codebook_sizes), "minionerec")
     with pytest.raises(ValueError, match=rf"--ensemble-models {fewer}: its bundle lists other items"):
         cli.main([*argv, "--ensemble-models", str(fewer)])
+
+
+def test_recommend_takes_the_search_options(trained, capsys):
+    """The search options reach the recommender's searches (its own and an ensemble's): the emulated graph protocol
+    as one graph per search with the shared-prefix K/V recommends what the default search does (fp32); the CLI takes
+    the same flags; graph_scope without cuda_graphs is refused by name."""
+    from genrec_fast.decode.options import SearchOptions
+
+    _, model_dir = trained
+    fast = SearchOptions(cuda_graphs="emulate", graph_scope="search", shared_prefix=True)
+    rec, quick = Recommender.from_pretrained(model_dir), Recommender.from_pretrained(model_dir, search=fast)
+    for kw in ({}, {"ensemble": [rec]}):
+        want, got = rec.recommend(HISTORIES, k=4, **kw), quick.recommend(HISTORIES, k=4, **kw)
+        assert [r.item_ids for r in got] == [r.item_ids for r in want]
+        for a, b in zip(got, want):
+            assert a.scores == pytest.approx(b.scores, abs=1e-4)
+    argv = ["recommend", "--model", str(model_dir), "--history", "3", "4", "--k", "3"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*argv, "--shared-prefix"]) == 0
+    assert capsys.readouterr().out == plain
+    assert cli.entry([*argv, "--graph-scope", "search"]) == 2
+    assert "recommend: graph_scope 'search' needs cuda_graphs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Recommender: shared_prefix must be true or false, got 'yes'"):
+        Recommender.from_pretrained(model_dir, search=SearchOptions(shared_prefix="yes"))

@@ -42,9 +42,11 @@ class SearchOptions:
 def check_search_options(who: str, opts) -> None:
     """ValueError naming ``who`` and the option when ``opts`` (a :class:`SearchOptions`, or any object with its
     fields, e.g. parsed flags) holds a value the search does not take."""
-    if not isinstance(opts.cuda_graphs, bool) or not isinstance(opts.shared_prefix, bool):
-        raise ValueError(f"{who}: cuda_graphs and shared_prefix must be true or false, got {opts.cuda_graphs!r} "
-                         f"and {opts.shared_prefix!r}")
+    if not (isinstance(opts.cuda_graphs, bool) or opts.cuda_graphs == "emulate"):
+        raise ValueError(f"{who}: cuda_graphs must be true or false (or 'emulate', the Python API's CPU test of the "
+                         f"graph protocol), got {opts.cuda_graphs!r}")
+    if not isinstance(opts.shared_prefix, bool):
+        raise ValueError(f"{who}: shared_prefix must be true or false, got {opts.shared_prefix!r}")
     if opts.graph_scope not in GRAPH_SCOPES:
         raise ValueError(f"{who}: graph_scope must be one of {GRAPH_SCOPES}, got {opts.graph_scope!r}")
     if opts.graph_scope != "forward" and not opts.cuda_graphs:
