@@ -3,7 +3,9 @@ with the Python dict callback (how MiniOneRec and ReRe roll out), measured in th
 
 A step = rollout (one constrained beam search per prompt, B beams = the group) + rewards and
 group advantages + update (reference log-probs, policy log-probs with gradient, clipped policy
-loss + β·k3 KL, backward, AdamW step). The HF rollout is
+loss + β·k3 KL, backward, AdamW step). The update runs as the trainer's does (each prompt once, its
+K/V repeated for its group: ``grouped_sequence_logprobs``) and, timed beside it, with each prompt
+repeated for every beam (``update_s_repeated_prompts``; ``update_speedup_grouped`` the ratio). The HF rollout is
 ``generate(num_beams=B, num_return_sequences=B, prefix_allowed_tokens_fn=dict lookup)``; the
 rows report both rollouts, the update, and the step time each rollout engine gives; also our rollout
 with ``shared_prefix=True`` (the prompt's K/V once per group, not per beam) and, on GPU, with
@@ -22,7 +24,8 @@ the B SIDs per group that both hold (bench_decode's metric). Checks (a missed on
 line, is in the JSON's "failed" and makes the exit status 1): invalid_rate == 0 (our rollouts are
 SIDs of the catalogue); fp32: same_set_groups_as_hf == 1; bf16: same_set_as_hf >= 0.95 (near-ties:
 one swapped SID changes a whole group, and 8 groups leave no room under 1); the same for each of
-our other rollouts.
+our other rollouts; the grouped and the repeated-prompt sequence log-probs of the last rollout within
+1e-4 (fp32) / 0.25 (bf16) of each other (grouped_logp_max_abs_diff).
 
   python benches/bench_rl.py [--device cpu|cuda] [--json PATH] [--threads N]
 """
@@ -44,6 +47,7 @@ from genrec_fast.train import (  # noqa: E402
     clipped_policy_loss,
     group_advantages,
     group_rewards,
+    grouped_sequence_logprobs,
     k3_kl,
     make_reward,
     sequence_logprobs,
@@ -119,15 +123,21 @@ def run(device: torch.device) -> dict:
         return {f"{prefix}same_set_groups_as_hf": same_set_prompts(ours, hf),
                 f"{prefix}same_set_as_hf": same_set(ours, hf), f"{prefix}invalid_rate": float(1.0 - valid.mean())}
 
-    def update():
+    def update(grouped=True):
         res = state["res"]
         rewards = group_rewards(reward_fn, res.item_ids, targets)
         adv = group_advantages(rewards).flatten().to(device)
         responses = vocab.token_ids(res.codes.reshape(-1, L).cpu()).to(device)
-        rep_ids, rep_mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
-        with torch.no_grad():
-            ref = sequence_logprobs(reference, rep_ids, rep_mask, responses)
-        logps = sequence_logprobs(policy, rep_ids, rep_mask, responses)
+        if grouped:  # as the trainer: each prompt once, its K/V repeated for its group
+            responses = responses.view(groups, beams, L)
+            with torch.no_grad():
+                ref = grouped_sequence_logprobs(reference, ids, mask, responses).flatten()
+            logps = grouped_sequence_logprobs(policy, ids, mask, responses).flatten()
+        else:  # each prompt repeated for every beam of its group
+            rep_ids, rep_mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
+            with torch.no_grad():
+                ref = sequence_logprobs(reference, rep_ids, rep_mask, responses)
+            logps = sequence_logprobs(policy, rep_ids, rep_mask, responses)
         pg, _ = clipped_policy_loss(logps, logps.detach(), adv, 0.2)
         loss = (pg + 0.04 * k3_kl(logps, ref)).mean()
         loss.backward()
@@ -137,9 +147,12 @@ def run(device: torch.device) -> dict:
 
     t_ours = timeit(rollout, device, repeat=our_repeat, warmup=2)
     t_update = timeit(update, device, repeat=our_repeat, warmup=1)
+    t_update_repeated = timeit(functools.partial(update, grouped=False), device, repeat=our_repeat, warmup=1)
     t_hf = timeit(hf_rollout, device, repeat=hf_repeat, warmup=1)
     rollout()
     same = compare("")
+    same["grouped_logp_max_abs_diff"] = grouped_logp_diff(policy, ids, mask, vocab.token_ids(
+        state["res"].codes.reshape(-1, L).cpu()).to(device).view(groups, beams, L))
     seqs = groups * beams
     variants = {}
     for name, options in VARIANTS[device.type].items():
@@ -152,15 +165,29 @@ def run(device: torch.device) -> dict:
         "dtype": str(dtype).replace("torch.", ""), "prompts": groups, "beams": beams, "items": items,
         "prompt_len": length,
         "rollout_s_ours": t_ours, "rollout_s_hf_callback": t_hf, "update_s": t_update,
+        "update_s_repeated_prompts": t_update_repeated, "update_speedup_grouped": t_update_repeated / t_update,
         "step_s_ours": t_ours + t_update, "step_s_hf_callback": t_hf + t_update,
         "rollouts_per_s_ours": seqs / t_ours, "rollouts_per_s_hf_callback": seqs / t_hf,
         "rollout_speedup": t_hf / t_ours, "step_speedup": (t_hf + t_update) / (t_ours + t_update),
     }
 
 
+def grouped_logp_diff(model, ids, mask, responses) -> float:
+    """max |grouped - repeated-prompt| sequence log-prob of the [G, B, L] responses (no grad): the update's two
+    forms compute the same thing."""
+    G, B, L = responses.shape
+    with torch.no_grad():
+        grouped = grouped_sequence_logprobs(model, ids, mask, responses).flatten()
+        repeated = sequence_logprobs(model, ids.repeat_interleave(B, 0), mask.repeat_interleave(B, 0),
+                                     responses.reshape(G * B, L))
+    return float((grouped - repeated).abs().max())
+
+
 def check_row(row) -> Checks:
     """The gates of the module doc."""
     checks, setting = Checks(), f"rl_{row['prompts']}x{row['beams']}_{row['dtype']}"
+    limit = 1e-4 if row["dtype"] == "float32" else 0.25  # bf16: the two forward shapes round differently
+    checks.check(setting, "grouped_logp_max_abs_diff", row["grouped_logp_max_abs_diff"], "<=", limit)
     for prefix in ("", *(f"{name}_" for name in ALL_VARIANTS)):
         if f"{prefix}invalid_rate" not in row:
             continue
@@ -184,11 +211,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     row = run(device)
     sync(device)
-    cols = ["prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback", "update_s", "step_s_ours",
+    cols = ["prompts", "beams", "items", "rollout_s_ours", "rollout_s_hf_callback", "update_s",
+            "update_s_repeated_prompts", "update_speedup_grouped", "step_s_ours",
             "step_s_hf_callback", "rollouts_per_s_ours", "rollouts_per_s_hf_callback", "rollout_speedup",
             "step_speedup"]
     cols += [k for name in ALL_VARIANTS for k in (f"rollout_s_ours_{name}", f"rollout_speedup_{name}",
                                                    f"step_speedup_{name}", f"{name}_over_ours") if k in row]
+    cols += ["grouped_logp_max_abs_diff"]
     cols += [f"{prefix}{k}" for prefix in ("", *(f"{name}_" for name in ALL_VARIANTS))
              for k in ("same_set_groups_as_hf", "same_set_as_hf", "invalid_rate") if f"{prefix}{k}" in row]
     print_table([{k: row[k] for k in cols}],

@@ -9,6 +9,7 @@ catalogue titles and the prompt template, for CPU runs and tests.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -319,6 +320,64 @@ def token_logprobs(
     logits = out.logits[:, -(num_resp + 1) : -1].float()  # positions predicting the response tokens
     targets = response_ids.to(logits.device).long().unsqueeze(-1)
     return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The name of an HF causal LM's cache argument and output: ``cache`` from transformers 5.2x, earlier
+    ``past_key_values`` (read off the model's own forward, under DDP / DeepSpeed / PEFT wrappers)."""
+    while True:
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeed engine
+            model = model.module
+        else:
+            break
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def grouped_token_logprobs(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+) -> torch.Tensor:
+    """:func:`token_logprobs` of C responses per prompt, each prompt computed once: [P, C, L] float32.
+
+    prompt_ids / prompt_mask: [P, T] LEFT-padded prompts; response_ids: [P, C, L], C responses of each prompt (a
+    GRPO group's beams, an S-DPO sample's chosen + negatives). The prompts run once (with their K/V cache), the
+    cache is repeated for the C responses (``repeat_interleave``: gradients from every response flow back into the
+    one prompt pass), then the responses' first L - 1 tokens run on it. What ``token_logprobs`` gives on each prompt
+    repeated C times, up to float rounding (the same positions, masks and float32 log-sum-exp), in (T + C·L)/(C·(T +
+    L)) of its tokens. Gradients flow to ``model`` unless called under ``torch.no_grad()``.
+    """
+    if response_ids.dim() != 3 or response_ids.shape[0] != prompt_ids.shape[0] or 0 in response_ids.shape:
+        raise ValueError(f"grouped_token_logprobs: response_ids must be [P={prompt_ids.shape[0]}, C, L] with "
+                         f"C, L >= 1, got {tuple(response_ids.shape)}")
+    P, C, L = response_ids.shape
+    _, _, positions = join_prompt_response(prompt_ids, prompt_mask, response_ids[:, 0])  # the prompt checks
+    T = prompt_ids.shape[1]
+    name = _cache_kwarg(model)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[:, :T], use_cache=True,
+                logits_to_keep=1)
+    responses = response_ids.to(out.logits.device).long()
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [P, V]: every response's first token
+    lp = [first.gather(1, responses[:, :, 0])[..., None]]  # [P, C, 1]
+    if L > 1:
+        cache = getattr(out, name)
+        cache.batch_repeat_interleave(C)
+        inputs = responses[:, :, :-1].reshape(P * C, L - 1)
+        mask = torch.cat([prompt_mask.repeat_interleave(C, dim=0), prompt_mask.new_ones((P * C, L - 1))], dim=1)
+        pos = positions[:, T:T + L - 1].repeat_interleave(C, dim=0)
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=pos, use_cache=True,
+                       logits_to_keep=L - 1, **{name: cache}).logits.float()  # [P*C, L-1, V]
+        targets = responses[:, :, 1:].reshape(P * C, L - 1, 1)
+        rest = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        lp.append(rest.view(P, C, L - 1))
+    return torch.cat(lp, dim=2)
+
+
+def grouped_sequence_logprobs(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+) -> torch.Tensor:
+    """:func:`sequence_logprobs` of C responses per prompt [P, C, L], each prompt computed once: [P, C] float32."""
+    return grouped_token_logprobs(model, prompt_ids, prompt_mask, response_ids).sum(dim=2)
 
 
 def lm_modules(model):

@@ -30,7 +30,10 @@ def test_bench_rl_cpu_same_groups_as_hf(tmp_path, monkeypatch):
     # the shared-prefix rollout: timed beside ours, the same groups, gated as ours
     assert r["rollout_s_ours_shared"] > 0 and r["shared_over_ours"] == r["rollout_s_ours"] / r["rollout_s_ours_shared"]
     assert r["shared_same_set_groups_as_hf"] == 1.0 and r["shared_invalid_rate"] == 0.0
+    # the update as the trainer runs it (each prompt once) and with repeated prompts, timed, the same log-probs
+    assert r["update_s"] > 0 and r["update_speedup_grouped"] == r["update_s_repeated_prompts"] / r["update_s"]
+    assert r["grouped_logp_max_abs_diff"] <= 1e-4
     assert payload["failed"] == []
     assert [(c["metric"], c["ok"]) for c in payload["checks"]] == [
-        ("invalid_rate", True), ("same_set_groups_as_hf", True),
+        ("grouped_logp_max_abs_diff", True), ("invalid_rate", True), ("same_set_groups_as_hf", True),
         ("shared_invalid_rate", True), ("shared_same_set_groups_as_hf", True)]

@@ -3,7 +3,13 @@ log-prob helpers and the shared stage runtime (runtime)."""
 from __future__ import annotations
 
 from .grpo import GRPOConfig, GRPOTrainer, train_grpo
-from .logprobs import ReferenceModel, sequence_logprobs, token_logprobs
+from .logprobs import (
+    ReferenceModel,
+    grouped_sequence_logprobs,
+    grouped_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 from .losses import clipped_policy_loss, dpo_loss, grpo_loss, k3_kl, sdpo_loss
 from .rewards import (
     REWARDS,
@@ -29,6 +35,8 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "group_rewards",
+    "grouped_sequence_logprobs",
+    "grouped_token_logprobs",
     "hit_rank",
     "k3_kl",
     "make_reward",

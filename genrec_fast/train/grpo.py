@@ -25,7 +25,7 @@ import torch
 from genrec_fast.eval.baselines import TransitionTable
 from genrec_fast.eval.hybrid import check_weight
 from genrec_fast.sid import embed_items
-from genrec_fast.train.logprobs import sequence_logprobs, token_logprobs
+from genrec_fast.train.logprobs import grouped_sequence_logprobs, grouped_token_logprobs, sequence_logprobs
 from genrec_fast.train.losses import GRPO_LOSS_LEVELS, grpo_loss
 from genrec_fast.train.post_training import PostTrainConfig, PostTrainer, Session, add_config_arguments, run_cli
 from genrec_fast.train.rewards import group_advantages, group_rewards, hit_rank, make_reward, no_signal_share
@@ -93,19 +93,22 @@ def grpo_step(session: Session, reward_fn: Callable, samples: List) -> Dict[str,
     rewards = group_rewards(reward_fn, ro.beam_items, [s.target for s in samples],
                             [s.history for s in samples])  # [G, B]
     adv = group_advantages(rewards).flatten().to(session.device)
-    B = cfg.group_size
-    responses = session.response_tokens(ro.codes)  # [G*B, L]
-    rep_ids, rep_mask = ids.repeat_interleave(B, dim=0), mask.repeat_interleave(B, dim=0)
+    responses = session.response_tokens(ro.codes).view(*ro.codes.shape)  # [G, B, L]
     per_token = cfg.loss_level == "token"
-    logprobs = token_logprobs if per_token else sequence_logprobs
-    ref = session.reference_logprobs(rep_ids, rep_mask, responses, per_token=per_token)
+    # each prompt runs once for its group (its K/V repeated for the B beams): [G*B] or [G*B, L]
+    grouped = grouped_token_logprobs if per_token else grouped_sequence_logprobs
+
+    def logprobs(model, *args):
+        return grouped(model, *args).flatten(0, 1)
+
+    ref = session.reference_logprobs(ids, mask, responses, per_token=per_token).flatten(0, 1)
     targets = None
     if cfg.sft_weight:
         targets = session.response_tokens(session.item_codes[[s.target for s in samples]])  # [G, L]
     old = None
     stats: Dict[str, float] = {}
     for it in range(cfg.num_updates):
-        logps = logprobs(session.model, rep_ids, rep_mask, responses)
+        logps = logprobs(session.model, ids, mask, responses)
         if old is None:
             old = logps.detach()  # the rollout's log-probs: ratio 1 on the first update
         loss, kl, clipped = grpo_loss(logps, old, ref, adv, cfg.beta, cfg.clip_eps, cfg.loss_level)

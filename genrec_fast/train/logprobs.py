@@ -4,7 +4,9 @@ A response is the L SID tokens that follow a (left-padded) prompt; its log-prob 
 over those L tokens of log softmax over the whole vocabulary — the same quantity a
 ``score="full_vocab"`` beam search ranks by, so a beam's score equals the log-prob this
 module recomputes for it. Shared by S-DPO and GRPO. ``sequence_logprobs`` / ``token_logprobs`` live in
-``genrec_fast.model`` (evaluation scores with them too) and are re-exported here.
+``genrec_fast.model`` (evaluation scores with them too) and are re-exported here, with their grouped forms
+(``grouped_sequence_logprobs`` / ``grouped_token_logprobs``: C responses per prompt [P, C, L], each prompt run once
+and its K/V repeated for its responses), which both stages train with.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import copy
 
 import torch
 
-from genrec_fast.model import sequence_logprobs, token_logprobs
+from genrec_fast.model import grouped_sequence_logprobs, grouped_token_logprobs, sequence_logprobs, token_logprobs
 
-__all__ = ["ReferenceModel", "sequence_logprobs", "token_logprobs"]
+__all__ = ["ReferenceModel", "grouped_sequence_logprobs", "grouped_token_logprobs", "sequence_logprobs",
+           "token_logprobs"]
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -40,8 +43,12 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                  per_token: bool = False) -> torch.Tensor:
-        """Reference log-probs of the responses: [R] summed, or [R, L] per token."""
-        fn = token_logprobs if per_token else sequence_logprobs
+        """Reference log-probs of the responses: [R, L] responses of the R prompts -> [R] summed, or [R, L] per token;
+        [P, C, L] responses (C per prompt, each prompt run once: ``grouped_*``) -> [P, C], or [P, C, L]."""
+        if response_ids.dim() == 3:
+            fn = grouped_token_logprobs if per_token else grouped_sequence_logprobs
+        else:
+            fn = token_logprobs if per_token else sequence_logprobs
         if self.uses_adapter:
             with self.policy.disable_adapter():
                 return fn(self.policy, prompt_ids, prompt_mask, response_ids)

@@ -243,7 +243,8 @@ class Session:
 
     def reference_logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            response_ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-        """Reference log-probs ([R], or [R, L] per token) under the same autocast as the policy's forward (no grad)."""
+        """Reference log-probs (:meth:`ReferenceModel.logprobs`: [R] or [R, L] per token for [R, L] responses, [P, C]
+        or [P, C, L] for [P, C, L]) under the same autocast as the policy's forward (no grad)."""
         with self.accelerator.autocast():
             return self.reference.logprobs(prompt_ids, prompt_mask, response_ids, per_token=per_token)
 

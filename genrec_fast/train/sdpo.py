@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from genrec_fast.train.logprobs import sequence_logprobs
+from genrec_fast.train.logprobs import grouped_sequence_logprobs
 from genrec_fast.train.losses import sdpo_loss
 from genrec_fast.train.post_training import PostTrainConfig, PostTrainer, Session, add_config_arguments, run_cli
 from genrec_fast.train.runtime import check_finite, is_main_process, opt, run_lock
@@ -88,10 +88,11 @@ def sdpo_step(session: Session, samples: List) -> Dict[str, float]:
         rejected = catalog_codes[torch.as_tensor(random_negatives(session.rng, session.item_leaf, samples, n))]
     else:
         rejected = mined_negative_codes(session, ids, mask, samples, n)
-    responses = session.response_tokens(torch.cat([chosen.unsqueeze(1), rejected], dim=1))  # [G*(1+n), L]
-    rep_ids, rep_mask = ids.repeat_interleave(n + 1, dim=0), mask.repeat_interleave(n + 1, dim=0)
-    logps = sequence_logprobs(session.model, rep_ids, rep_mask, responses).view(len(samples), n + 1)
-    ref = session.reference_logprobs(rep_ids, rep_mask, responses).view(len(samples), n + 1)
+    codes = torch.cat([chosen.unsqueeze(1), rejected], dim=1)  # [G, 1+n, L]
+    responses = session.response_tokens(codes).view(*codes.shape)
+    # each prompt runs once for its 1 + n responses (its K/V repeated for them): [G, 1+n]
+    logps = grouped_sequence_logprobs(session.model, ids, mask, responses)
+    ref = session.reference_logprobs(ids, mask, responses)
     loss = sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], cfg.beta).mean()
     if cfg.sft_weight:
         loss = loss - cfg.sft_weight * logps[:, 0].mean() / chosen.shape[1]
