@@ -5,8 +5,8 @@ differ, e.g. two residual k-means runs with other seeds, each with its own SFT. 
 1. every member's constrained beam search (:func:`genrec_fast.eval.evaluate.predict`) gives its ranked items;
 2. the union of those lists is the candidate set;
 3. each member scores every candidate exactly: the full-vocabulary log-probability of the candidate's SID in that
-   member's catalogue, given the member's prompt (teacher forced; the quantity its ``score="full_vocab"`` beam
-   search ranks by);
+   member's catalogue, given the member's prompt (the quantity its ``score="full_vocab"`` beam search ranks by):
+   the beam score for a candidate its own beams hold, else teacher forced (:func:`member_scores`);
 4. candidates are ranked by the mean of the members' log-probabilities (ties: lower item index first).
 A one-member "ensemble" reproduces that member's beam ranking over its own list. Items no member's beams reach
 are not ranked; with B beams per member the list holds at least B items (when the catalogue has them).
