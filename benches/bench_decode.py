@@ -420,14 +420,71 @@ SUMMARY = (  # (column, key in a row) of the one-table summary
 )
 
 
+# issue 14's targets: setting -> (users/s over today's graph path, % of the compute roofline or None); every fast
+# path's bf16 SID sets >= 99 % the eager search's
+TARGETS = {"gpu_8x50_3.7k": (2.0, None), "gpu_64x16_3.7k": (3.0, 40.0), "gpu_256x20_200k": (3.0, None)}
+FAST_PATHS = ("ours_shared_graphs", "ours_search_graphs", "ours_shared_search_graphs")  # each over "ours_graphs"
+
+
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def target_rows(rows) -> list:
+    """Per setting with a target: the fast path with the most users/s over the graph path, that ratio, its % of
+    roofline and SID agreement, and whether the targets are met ("-" where the run has no such number)."""
+    out = []
+    for r in rows:
+        if r["setting"] not in TARGETS:
+            continue
+        speed_target, roof_target = TARGETS[r["setting"]]
+        ratios = {m: _number(r.get(f"{m}_over_ours_graphs")) for m in FAST_PATHS}
+        ratios = {m: v for m, v in ratios.items() if v is not None}
+        row = {"setting": r["setting"], "best fast path": "-", "over graphs": "-", "target": speed_target,
+               "% roofline": "-", "roofline target": "-" if roof_target is None else roof_target,
+               "same set as eager": "-", "met": "no numbers"}
+        if ratios:
+            best = max(ratios, key=ratios.get)
+            same = _number(r.get(f"{VARIANTS[best][0]}_same_set_as_ours"))
+            pct = _number(r.get(f"pct_roofline_{best}"))
+            met = ratios[best] >= speed_target and same is not None and same >= 0.99
+            if roof_target is not None:
+                met = met and pct is not None and pct >= roof_target
+            row.update({"best fast path": best, "over graphs": ratios[best], "met": "yes" if met else "no"})
+            row.update({k: v for k, v in (("% roofline", pct), ("same set as eager", same)) if v is not None})
+        out.append(row)
+    return out
+
+
+def default_candidates(rows) -> list:
+    """Per fast path: faster than the graph path and >= 99 % the eager search's SID sets in every GPU setting of the
+    run (a candidate for the default), or not."""
+    gpu = [r for r in rows if r["setting"] in TARGETS]
+    out = []
+    for m in FAST_PATHS:
+        ratios = [_number(r.get(f"{m}_over_ours_graphs")) for r in gpu]
+        sames = [_number(r.get(f"{VARIANTS[m][0]}_same_set_as_ours")) for r in gpu]
+        if not gpu or None in ratios or None in sames:
+            out.append({"fast path": m, "min over graphs": "-", "min same set": "-", "default candidate": "no numbers"})
+            continue
+        ok = min(ratios) > 1.0 and min(sames) >= 0.99
+        out.append({"fast path": m, "min over graphs": min(ratios), "min same set": min(sames),
+                    "default candidate": "yes" if ok else "no"})
+    return out
+
+
 def print_summary(path: str) -> int:
-    """One table (users/s, ratios, SID agreement, % of roofline) of a finished run; 1 when its checks failed."""
+    """One table (users/s, ratios, SID agreement, % of roofline) of a finished run, then issue 14's targets and the
+    fast paths that could become defaults (GPU settings); 1 when its checks failed."""
     import json
 
     payload = json.loads(Path(path).read_text())
     rows = payload["rows"]
     print_table([{col: r.get(key, "-") for col, key in SUMMARY} for r in rows],
                 title=f"decode summary (users/s; {rows[0]['device'] if rows else '-'})")
+    if any(r["setting"] in TARGETS for r in rows):
+        print_table(target_rows(rows), title="issue 14 targets (best fast path over today's graph path)")
+        print_table(default_candidates(rows), title="default candidates (every GPU setting of this run)")
     for line in payload.get("failed", []):
         print(line)
     return 1 if payload.get("failed") else 0

@@ -55,6 +55,48 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
     assert "cpu_32x20_3k | float32" in summary and "n/a" in summary
 
 
+def test_summary_reads_issue_14_targets_and_default_candidates(monkeypatch, tmp_path, capsys):
+    """The summary's targets table picks each GPU setting's fastest path over the graph path and says whether the
+    speed, roofline and SID targets are met; a fast path is a default candidate only when faster with >= 99 % the
+    same SIDs in every setting; missing numbers say so."""
+    monkeypatch.syspath_prepend(str(BENCHES))
+    import bench_decode
+
+    def row(setting, shared, search, both, pct, same=1.0):
+        return {"setting": setting, "dtype": "bfloat16", "device": "H100",
+                "ours_shared_graphs_over_ours_graphs": shared, "ours_search_graphs_over_ours_graphs": search,
+                "ours_shared_search_graphs_over_ours_graphs": both, "shared_graphs_same_set_as_ours": same,
+                "search_graphs_same_set_as_ours": 1.0, "shared_search_graphs_same_set_as_ours": same,
+                "pct_roofline_ours_shared_search_graphs": pct, "pct_roofline_ours_search_graphs": pct / 2,
+                "pct_roofline_ours_shared_graphs": pct / 3}
+
+    try:
+        rows = [row("gpu_8x50_3.7k", 1.5, 1.2, 2.5, 20.0), row("gpu_64x16_3.7k", 2.0, 1.4, 3.2, 38.0),
+                row("gpu_256x20_200k", 1.1, 0.9, 3.5, 30.0, same=0.985)]
+        got = {t["setting"]: t for t in bench_decode.target_rows(rows)}
+        assert {k: (t["best fast path"], t["met"]) for k, t in got.items()} == {
+            "gpu_8x50_3.7k": ("ours_shared_search_graphs", "yes"),
+            "gpu_64x16_3.7k": ("ours_shared_search_graphs", "no"),  # 38 % < 40 % of the roofline
+            "gpu_256x20_200k": ("ours_shared_search_graphs", "no")}  # 98.5 % same SIDs
+        cands = {c["fast path"]: c["default candidate"] for c in bench_decode.default_candidates(rows)}
+        assert cands == {"ours_shared_graphs": "no", "ours_search_graphs": "no", "ours_shared_search_graphs": "no"}
+        rows[2]["shared_graphs_same_set_as_ours"] = rows[2]["shared_search_graphs_same_set_as_ours"] = 0.995
+        rows[1]["pct_roofline_ours_shared_search_graphs"] = 41.0
+        assert all(t["met"] == "yes" for t in bench_decode.target_rows(rows))
+        cands = {c["fast path"]: c["default candidate"] for c in bench_decode.default_candidates(rows)}
+        assert cands == {"ours_shared_graphs": "yes", "ours_search_graphs": "no", "ours_shared_search_graphs": "yes"}
+        del rows[0]["ours_search_graphs_over_ours_graphs"]
+        assert bench_decode.default_candidates(rows)[1]["default candidate"] == "no numbers"
+        path = tmp_path / "decode.json"
+        path.write_text(json.dumps({"rows": rows, "failed": []}))
+        capsys.readouterr()
+        assert bench_decode.main(["--summary", str(path)]) == 0
+        text = capsys.readouterr().out
+        assert "issue 14 targets" in text and "default candidates" in text
+    finally:
+        sys.modules.pop("bench_decode", None)
+
+
 def test_bench_decode_gates_fire(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHES))
     import bench_decode
