@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # on a GPU, the fused RQ kernel takes one fixed tile config instead of compiling and timing eight per shape
 # (tests check results; benches/bench_rq.py measures the autotuned kernel)
 os.environ.setdefault("GENREC_FAST_AUTOTUNE", "0")
+# every test fits its own SASRec baselines (no fits kept between runs; tests/test_sasrec.py checks the disk cache)
+os.environ.setdefault("GENREC_FAST_SASREC_CACHE", "off")
 
 import torch  # noqa: E402
 

@@ -136,3 +136,54 @@ def test_baseline_ranks_sasrec_option_and_errors():
         baseline_ranks(data, "test", sasrec=dict(hidden=30, num_heads=4))
     with pytest.raises(ValueError, match="SASRec fit sample 0: item index 99"):
         fit_sasrec([Sample("a", [1], 99)], [], 20)
+
+
+def test_fits_are_kept_on_disk_and_reloaded_as_they_were(tmp_path, monkeypatch):
+    """With a cache folder, a second process (here: the in-process memo emptied) loads the fit instead of training:
+    the same logits and info as the fresh fit, plus the file it came from; another config or thread count is another
+    entry; an unreadable entry is warned about and refitted; "off" writes nothing."""
+    from genrec_fast.eval import sasrec
+
+    data = cycle_data(noise=0.2)
+    cfg = SASRecConfig(**dict(FAST, max_epochs=3))
+    monkeypatch.setenv(sasrec.DISK_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(sasrec, "_CACHE", {})
+    fits = []
+    real_fit = sasrec.fit_sasrec
+
+    def counting_fit(*args, **kwargs):
+        fits.append(1)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(sasrec, "fit_sasrec", counting_fit)
+    fresh = fitted_for_split(data, "test", cfg)
+    files = list((tmp_path / "cache").glob("*.pt"))
+    assert len(fits) == 1 and len(files) == 1 and "cache" not in fresh.info
+    sasrec._CACHE.clear()
+    loaded = fitted_for_split(data, "test", cfg)
+    assert len(fits) == 1 and loaded is not fresh
+    assert np.array_equal(loaded.logits(data.test), fresh.logits(data.test))
+    assert loaded.info == {**fresh.info, "cache": str(files[0])}
+    sasrec._CACHE.clear()
+    fitted_for_split(data, "test", SASRecConfig(**dict(FAST, max_epochs=3, seed=1)))  # another config
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        sasrec._CACHE.clear()
+        fitted_for_split(data, "test", cfg)  # another thread count: other float sums, another entry
+    finally:
+        torch.set_num_threads(threads)
+    assert len(fits) == 3 and len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    files[0].write_bytes(b"not a torch file")
+    sasrec._CACHE.clear()
+    with pytest.warns(UserWarning, match="unreadable .* fitting again"):
+        again = fitted_for_split(data, "test", cfg)
+    assert len(fits) == 4 and np.array_equal(again.logits(data.test), fresh.logits(data.test))
+    sasrec._CACHE.clear()
+    assert "cache" in fitted_for_split(data, "test", cfg).info  # the entry was rewritten
+    monkeypatch.setenv(sasrec.DISK_CACHE_ENV, "off")
+    assert sasrec.disk_cache_dir() is None
+    sasrec._CACHE.clear()
+    fitted_for_split(data, "test", cfg)
+    assert len(fits) == 5 and len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    assert not list((tmp_path / "cache").glob(".*.tmp"))

@@ -34,8 +34,12 @@ import copy
 import dataclasses
 import hashlib
 import math
+import os
+import platform
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -379,6 +383,57 @@ def fit_sasrec(fit: Sequence, stop: Sequence, num_items: int, cfg: Optional[SASR
 
 _CACHE: Dict[str, FittedSASRec] = {}
 _CACHE_SIZE = 4
+# the folder fitted models are kept in between processes; "off" (or 0, none, empty) keeps none
+DISK_CACHE_ENV = "GENREC_FAST_SASREC_CACHE"
+_SOURCE_SHA = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()  # a change to this module refits
+
+
+def disk_cache_dir() -> Optional[Path]:
+    """Where fitted SASRec baselines are kept between runs: ``$GENREC_FAST_SASREC_CACHE``, else
+    ``$GENREC_FAST_CACHE/sasrec`` (default ``~/.cache/genrec_fast/sasrec``); None when the variable says off."""
+    value = os.environ.get(DISK_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none") else Path(value).expanduser()
+    return Path(os.environ.get("GENREC_FAST_CACHE", Path.home() / ".cache" / "genrec_fast")) / "sasrec"
+
+
+def _machine(cfg: SASRecConfig) -> tuple:
+    """What a seeded fit's floats depend on besides the data and the config: this module's code, torch, the
+    device and (on CPU) the kernels' ISA and the thread count, (on CUDA) the GPU."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        where = (torch.cuda.get_device_name(device), torch.version.cuda)
+    else:
+        where = (platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    return _SOURCE_SHA, torch.__version__, device.type, where
+
+
+def _load_fitted(path: Path, num_items: int, max_len: int, cfg: SASRecConfig) -> Optional[FittedSASRec]:
+    """The fit saved at ``path`` (None when there is none; an unreadable one is warned about and refitted)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location=cfg.device, weights_only=True)
+        model = SASRec(num_items, max_len - 1, cfg).to(cfg.device)
+        model.load_state_dict(saved["state"])
+    except Exception as e:  # a cache entry is never a reason to fail: fit again and replace it
+        first = (str(e).splitlines() or [""])[0]
+        warnings.warn(f"SASRec cache {path}: unreadable ({type(e).__name__}: {first}); fitting again", stacklevel=3)
+        return None
+    model.eval()
+    return FittedSASRec(model, cfg, {**saved["info"], "cache": str(path)})
+
+
+def _save_fitted(path: Path, fitted: FittedSASRec) -> None:
+    """Write the fit to ``path`` atomically (temp file + rename); a folder that cannot be written is warned about."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": fitted.model.state_dict(), "info": fitted.info}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"SASRec cache {path}: not written ({e})", stacklevel=3)
 
 
 def _fingerprint(num_items: int, max_history: int, cfg: SASRecConfig, fit: Sequence, stop: Sequence) -> str:
@@ -391,7 +446,10 @@ def _fingerprint(num_items: int, max_history: int, cfg: SASRecConfig, fit: Seque
 
 
 def fitted_for_split(data, split: str, cfg=None) -> FittedSASRec:
-    """SASRec fitted for evaluating ``split`` of a RecData (memoised on the data's content and the config)."""
+    """SASRec fitted for evaluating ``split`` of a RecData, memoised on the data's content and the config: in this
+    process, and on disk (:func:`disk_cache_dir`) for the same code, torch, device, CPU ISA and thread count, so a
+    later evaluation of the same split loads the fit a fresh one would give instead of training again (its info
+    then holds "cache": the file; its "fit_seconds" are the original fit's)."""
     cfg = as_config(cfg)
     fit, stop = stopping_split(data, split, cfg)
     max_history = max([len(s.history) for sp in (data.train, data.valid, data.test) for s in sp] + [1])
@@ -400,7 +458,17 @@ def fitted_for_split(data, split: str, cfg=None) -> FittedSASRec:
     if key not in _CACHE:
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = fit_sasrec(fit, stop, n, cfg, max_history=max_history)
+        folder = disk_cache_dir()
+        path = None
+        if folder is not None:
+            path = folder / f"{hashlib.sha1(repr((key, _machine(cfg))).encode()).hexdigest()}.pt"
+        max_len = cfg.max_len or max_history + 1
+        fitted = _load_fitted(path, n, max_len, cfg) if path is not None else None
+        if fitted is None:
+            fitted = fit_sasrec(fit, stop, n, cfg, max_history=max_history)
+            if path is not None:
+                _save_fitted(path, fitted)
+        _CACHE[key] = fitted
     return _CACHE[key]
 
 
