@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec_fast.data import interactions
 from genrec_fast.data.interactions import sequence_windows, user_sequences
 
 
@@ -385,7 +386,8 @@ _CACHE: Dict[str, FittedSASRec] = {}
 _CACHE_SIZE = 4
 # the folder fitted models are kept in between processes; "off" (or 0, none, empty) keeps none
 DISK_CACHE_ENV = "GENREC_FAST_SASREC_CACHE"
-_SOURCE_SHA = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()  # a change to this module refits
+# a change to this module or to how samples become training sequences (data.interactions) refits
+_SOURCE_SHA = hashlib.sha1(Path(__file__).read_bytes() + Path(interactions.__file__).read_bytes()).hexdigest()
 
 
 def disk_cache_dir() -> Optional[Path]:
