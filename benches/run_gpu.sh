@@ -2,7 +2,8 @@
 # The GPU checks of the constrained decoder in one device call (meant for a lent H100/H200), under ~8 minutes
 # on one H100: install the package (C++ trie built for this Python), the tests that exercise the Triton kernels
 # and the decode paths on the GPU (the beam ops, the fused LM-head log-sum-exp, the shared-prefix attention, the
-# eager / graph / whole-search-graph / shared-prefix searches: tests that run in the Triton interpreter on CPU),
+# eager / graph / whole-search-graph / shared-prefix searches: tests that run in the Triton interpreter on CPU; the
+# post-training log-probs with each prompt once per group, in bf16 autocast),
 # then benches/bench_beam.py (one level op by op; each kernel, the fused log-sum-exp included, against its torch
 # reference) and benches/bench_decode.py at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), and at the
 # end ONE summary table (the decode
@@ -36,7 +37,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PAR
 unset TRITON_INTERPRET
 export OUT=${OUT:-runs/gpu}
 DRY=${DRY_RUN:-0}
-TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_decode_search_graph.py tests/test_lse.py tests/test_rq.py}
+TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_sdpo_logprobs.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_decode_search_graph.py tests/test_lse.py tests/test_rq.py}
 steps=${BENCHES:-tests beam decode}
 [ "$steps" = all ] && steps="tests rq beam decode sft rl"
 status=0

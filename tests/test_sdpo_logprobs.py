@@ -155,3 +155,26 @@ def test_grouped_logprobs_through_a_lora_adapter_and_its_reference():
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()))
     torch.testing.assert_close(ref.logprobs(ids, mask, resp), base_lp, rtol=0, atol=1e-5)
     assert (got.detach() - base_lp).abs().max() > 1e-3  # the adapter changes the policy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_logprobs_on_gpu(dtype):
+    """On a GPU (the trainers' bf16 autocast included): the grouped log-probs and gradients equal the repeated
+    prompts' (fp32 as on CPU; bf16 autocast within its rounding)."""
+    model = tiny_model("qwen2", 3).cuda()
+    ids, mask = left_padded_prompts(3, 9, 5)
+    ids, mask = ids.cuda(), mask.cuda()
+    resp = torch.randint(4, 50, (3, 4, 3), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = grouped_token_logprobs(model, ids, mask, resp)
+        got.sum().backward()
+        got_grads = _grads(model)
+        model.zero_grad()
+        want = token_logprobs(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), resp.reshape(12, 3))
+        want.sum().backward()
+    tol = 2e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(got, want.view(3, 4, 3), rtol=0, atol=tol)
+    for a, b in zip(got_grads, _grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-3 if dtype == torch.float32 else 0.1,
+                                   atol=(1e-4 if dtype == torch.float32 else 0.05) * float(b.abs().max()))
