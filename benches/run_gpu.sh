@@ -5,17 +5,17 @@
 # eager / graph / whole-search-graph / shared-prefix searches: tests that run in the Triton interpreter on CPU; the
 # post-training log-probs with each prompt once per group, in bf16 autocast),
 # then benches/bench_beam.py (one level op by op; each kernel, the fused log-sum-exp included, against its torch
-# reference) and benches/bench_decode.py at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), and at the
-# end ONE summary table (the decode
-# columns, % of roofline, each step's verdict). JSON and logs under $OUT (default runs/gpu).
+# reference), benches/bench_decode.py at 8 x 50, 64 x 16 (3.7k items) and 256 x 20 (200k items), benches/bench_rl.py
+# (one GRPO step: rollouts, the grouped update against the repeated-prompt one), and at the end ONE summary table (the
+# decode columns, % of roofline, issue 14's targets, each step's verdict). JSON and logs under $OUT (default runs/gpu).
 # Usage: bash benches/run_gpu.sh            (PYTHON=python3 by default)
 #   DRY_RUN=1 prints the steps and their commands without running anything (any machine; a test runs it).
 #   TESTS="tests/test_rq.py ..." (or "-" for none) BENCHES="decode tests beam" pick and order the steps
-#   ("tests" is the pytest step; default: tests beam decode; BENCHES=all: tests rq beam decode sft rl, which takes
+#   ("tests" is the pytest step; default: tests beam decode rl; BENCHES=all: tests rq beam decode sft rl, which takes
 #   longer than one 10-minute device call with sft); ARGS_<bench>="..." adds arguments to one bench (e.g.
-#   ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else BENCH_TIMEOUT, 300 s; decode: 240 s, beam: 60 s)
-#   and TEST_TIMEOUT (240 s) cap each step (worst case of the default run: 15 + 240 + 60 + 240 s, under one 10-minute
-#   device call); TEST_WORKERS (4) pytest-xdist processes.
+#   ARGS_sft="--compile-modes reduce-overhead"); TIMEOUT_<bench> (else BENCH_TIMEOUT, 300 s; decode: 240 s, beam: 60 s,
+#   rl: 40 s) and TEST_TIMEOUT (230 s) cap each step (worst case of the default run: 15 + 230 + 60 + 240 + 40 s, under
+#   one 10-minute device call); TEST_WORKERS (4) pytest-xdist processes.
 # Step times on a fresh H100 (measured 2026-11-26): install 15 s, bench_beam 13 s, bench_rl 11-16 s, bench_sft
 # 130 s with both compile modes (each a ~50 s compile of 24 layers), bench_decode 47-52 s without its
 # shared-prefix columns (eager and graphs: two more searches per setting and one Triton compile per attention
@@ -38,7 +38,7 @@ unset TRITON_INTERPRET
 export OUT=${OUT:-runs/gpu}
 DRY=${DRY_RUN:-0}
 TESTS=${TESTS:-tests/test_trie.py tests/test_beam_ops.py tests/test_sdpo_logprobs.py tests/test_cascade_attention.py tests/test_decode.py tests/test_decode_graphs.py tests/test_decode_shared_prefix.py tests/test_decode_search_graph.py tests/test_lse.py tests/test_rq.py}
-steps=${BENCHES:-tests beam decode}
+steps=${BENCHES:-tests beam decode rl}  # rl last: the step a tight call loses first
 [ "$steps" = all ] && steps="tests rq beam decode sft rl"
 status=0
 
@@ -47,9 +47,10 @@ if [ "$DRY" = 1 ]; then
   echo "DRY RUN: steps: install $steps summary"
   for b in $steps; do
     if [ "$b" = tests ]; then
-      echo "tests: timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $TESTS"
+      echo "tests: timeout ${TEST_TIMEOUT:-230} $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $TESTS"
     elif [ -f "benches/bench_$b.py" ]; then
       limit_var="TIMEOUT_$b"; default=300; [ "$b" = decode ] && default=240; [ "$b" = beam ] && default=60
+      [ "$b" = rl ] && default=40
       echo "bench_$b: timeout ${!limit_var:-${BENCH_TIMEOUT:-$default}} $PY benches/bench_$b.py --device cuda --json $OUT/bench_$b.json"
     else
       echo "FAILED bench_$b (no such bench)"; status=1
@@ -94,7 +95,7 @@ for b in $steps; do
     workers=${TEST_WORKERS:-4} xdist=""
     if [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then xdist="-n $workers"; fi
     stamp "GPU tests (kernels compiled for the device, not the interpreter) ${xdist:-in one process}"
-    limit=${TEST_TIMEOUT:-240}
+    limit=${TEST_TIMEOUT:-230}
     # shellcheck disable=SC2086
     timeout "$limit" $PY -m pytest -q -p no:cacheprovider --maxfail=5 --durations=12 $xdist $TESTS 2>&1 \
       | tee -a "$LOG" | tail -30
@@ -109,6 +110,7 @@ for b in $steps; do
   [ "$b" = sft ] && [ -z "${ARGS_sft+x}" ] && ARGS_sft="--compile-modes default"
   default=300; [ "$b" = decode ] && default=240  # bench_decode: 47-52 s before the shared-prefix columns
   [ "$b" = beam ] && default=60  # bench_beam: 13 s before its lm_head_lse row
+  [ "$b" = rl ] && default=40  # bench_rl: 11-16 s before the grouped update and the shared-prefix rollouts
   limit=${!timeout_var:-${BENCH_TIMEOUT:-$default}}
   # shellcheck disable=SC2086  # ARGS_<bench> is a list of arguments
   timeout "$limit" $PY "benches/bench_$b.py" --device cuda --json "$OUT/bench_$b.json" ${!args_var:-} 2>&1 \

@@ -170,13 +170,16 @@ def test_run_gpu_script_parses_and_dry_runs(tmp_path):
     res = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out)},
                          capture_output=True, text=True, check=True)
     lines = res.stdout.splitlines()
-    assert lines[0] == "DRY RUN: steps: install tests beam decode summary"
+    assert lines[0] == "DRY RUN: steps: install tests beam decode rl summary"
     assert all(f"tests/test_{name}.py" in lines[1] for name in ("cascade_attention", "decode_shared_prefix",
-                                                                "decode_search_graph", "lse"))
-    assert lines[1].startswith("tests: timeout 240 ")
+                                                                "decode_search_graph", "lse", "sdpo_logprobs"))
+    assert lines[1].startswith("tests: timeout 230 ")
     assert lines[2].startswith("bench_beam: timeout 60 ") and "--device cuda" in lines[2]
     assert lines[3].startswith("bench_decode: timeout 240 ") and "--device cuda" in lines[3]
-    assert lines[4].startswith("summary:") and not out.exists()
+    assert lines[4].startswith("bench_rl: timeout 40 ") and "--device cuda" in lines[4]
+    assert lines[5].startswith("summary:") and not out.exists()
+    caps = [int(line.split("timeout ")[1].split()[0]) for line in lines[1:5]]
+    assert 15 + sum(caps) <= 590  # the default run's worst case fits one 10-minute device call
     bad = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out),
                                                     "BENCHES": "nope"}, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAILED bench_nope (no such bench)" in bad.stdout
