@@ -9,6 +9,7 @@ catalogue titles and the prompt template, for CPU runs and tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -322,9 +323,15 @@ def token_logprobs(
     return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def cache_arg(model_class: type) -> str:
+    """The name of an HF model class's cache argument and output: transformers 5.2x names it ``cache``, earlier
+    releases ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The name of an HF causal LM's cache argument and output: ``cache`` from transformers 5.2x, earlier
-    ``past_key_values`` (read off the model's own forward, under DDP / DeepSpeed / PEFT wrappers)."""
+    """:func:`cache_arg` of the HF model under DDP / DeepSpeed / PEFT wrappers."""
     while True:
         if hasattr(model, "get_base_model"):  # peft.PeftModel
             model = model.get_base_model()
@@ -332,7 +339,7 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
             model = model.module
         else:
             break
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return cache_arg(type(model))
 
 
 def grouped_token_logprobs(

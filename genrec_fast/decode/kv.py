@@ -16,12 +16,11 @@ prompt, merged with each row's tail by log-sum-exp).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import List, Optional
 
 import torch
 
+from genrec_fast.model import cache_arg
 from genrec_fast.ops.cascade import cascade_attention
 
 try:  # transformers >= 4.54: per-layer cache objects
@@ -197,12 +196,6 @@ def reorder_cache(cache, index: torch.Tensor) -> None:
         cache.reorder_cache(index)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_arg(model_class: type) -> str:
-    """transformers 5.2x names the cache argument/output ``cache``, earlier releases ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
 def right_aligned(input_ids: torch.Tensor, mask: torch.Tensor):
     """Padded prompts [P, T] (left padded, or with holes) -> (ids with each prompt's tokens first, in order, then
     the padding; valid [P, T] bool, True on those first n_p positions; n_p = lengths [P]).
@@ -228,7 +221,7 @@ def forward(base, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     An sdpa (or flash-attention) model runs with :func:`decode_sdpa` as its attention for this call (see there);
     on a cache of :class:`SharedPrefixLayer` every layer runs :func:`shared_prefix_attention` instead and
     ``attention_mask`` is replaced by a placeholder (the layers hold the prompt mask)."""
-    name = _cache_arg(type(base))
+    name = cache_arg(type(base))
     if is_shared_prefix(cache):  # every layer attends through shared_prefix_attention; the mask is the layers'
         ctx = shared_prefix_forward(base.config, cache)
         attention_mask = _placeholder_mask(cache)
