@@ -27,6 +27,20 @@ import triton.language as tl
 _MIN_BLOCK = 64
 
 
+def log_softmax_launch(K: int):
+    """(BLOCK_K, num_warps) of a trie_log_softmax launch over K codes per row."""
+    block = max(_MIN_BLOCK, triton.next_power_of_2(K))
+    return block, 4 if block <= 1024 else 8
+
+
+def topk_launch(candidates: int):
+    """(BLOCK, num_warps) of a grouped_topk launch over NB * K candidates per prompt. On an H100 the block holds
+    its candidates in registers without spilling up to 16,384 (50 beams x 256 codes); above, up to
+    MAX_TOPK_CANDIDATES, it spills (tests/test_beam_ops.py compiles these launches for sm_90)."""
+    block = max(_MIN_BLOCK, triton.next_power_of_2(candidates))
+    return block, 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
 @triton.jit(do_not_specialize=["K"])
 def _trie_log_softmax_kernel(logits_ptr, allowed_ptr, parent_ptr, lse_ptr, out_ptr, K,
                              stride_x, stride_a, stride_o,
@@ -66,11 +80,11 @@ def trie_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, parent_scores:
         return out.fill_(float("-inf"))
     has_lse = lse is not None
     lse_arg = lse.float().contiguous() if has_lse else parent_scores  # unused when HAS_LSE is False
-    block = max(_MIN_BLOCK, triton.next_power_of_2(K))
+    block, num_warps = log_softmax_launch(K)
     _trie_log_softmax_kernel[(R,)](
         logits, allowed, parent_scores, lse_arg, out, K,
         logits.stride(0), allowed.stride(0), out.stride(0),
-        HAS_LSE=has_lse, BLOCK_K=block, num_warps=4 if block <= 1024 else 8,
+        HAS_LSE=has_lse, BLOCK_K=block, num_warps=num_warps,
     )
     return out
 
@@ -105,7 +119,7 @@ def _grouped_topk_kernel(scores_ptr, child_ptr, parent_out, code_out, score_out,
 
 def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
     P, NB, K = scores.shape
-    block = max(_MIN_BLOCK, triton.next_power_of_2(NB * K))  # the caller keeps NB * K <= MAX_TOPK_CANDIDATES
+    block, num_warps = topk_launch(NB * K)  # the caller keeps NB * K <= MAX_TOPK_CANDIDATES
     scores = scores.contiguous()
     child = child.contiguous()
     dev = scores.device
@@ -115,7 +129,6 @@ def grouped_topk(scores: torch.Tensor, child: torch.Tensor, k: int) -> Tuple[tor
     node = torch.empty((P, k), dtype=torch.int32, device=dev)
     if P == 0:
         return parent, code, best, node
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     _grouped_topk_kernel[(P,)](scores, child, parent, code, best, node, NB, K, k,
                                BLOCK=block, num_warps=num_warps)
     return parent, code, best, node

@@ -3,7 +3,9 @@ their definitions (full-vocabulary log-softmax; brute-force sorted candidate lis
 import pytest
 import torch
 
-from genrec_fast.ops.beam import grouped_topk, trie_log_softmax, trie_log_softmax_ref
+from genrec_fast.ops.beam import MAX_TOPK_CANDIDATES, grouped_topk, trie_log_softmax, trie_log_softmax_ref
+
+from sm90_aot import compile_sm90
 
 NEG_INF = float("-inf")
 TOL = 1e-5  # kernel and reference both upcast the same inputs and compute in fp32, whatever the input dtype
@@ -209,3 +211,34 @@ def test_grouped_topk_over_the_kernel_limit(device, monkeypatch):
     got = grouped_topk(scores, child, 4, backend="auto")
     for a, b in zip(got, grouped_topk(scores, child, 4, backend="torch")):
         assert torch.equal(a, b)
+
+
+def test_kernels_compile_for_sm90(device):
+    """Both beam kernels compiled ahead of time for an H100 (sm_90) at their launches' configs: trie_log_softmax
+    for fp32 and bf16 logits, with and without the full-vocabulary log-sum-exp, over 256 codes (the benches'
+    codebooks) and 4,096; grouped_topk for 16 x 256 and 50 x 256 candidates per prompt, which must keep them in
+    registers (no spill), and the largest block the op sends to the kernel (MAX_TOPK_CANDIDATES), which must
+    compile."""
+    from genrec_fast.kernels import beam
+
+    configs = []
+    for ty, has_lse, codes in (("fp32", False, 256), ("bf16", True, 256), ("bf16", False, 4096)):
+        block, warps = beam.log_softmax_launch(codes)
+        configs.append({"const": {"HAS_LSE": has_lse, "BLOCK_K": block},
+                        "types": {"logits_ptr": "*" + ty, "allowed_ptr": "*u8", "parent_ptr": "*fp32",
+                                  "lse_ptr": "*fp32", "out_ptr": "*fp32"},
+                        "options": {"num_warps": warps, "num_stages": 3},
+                        "aligned": ["logits_ptr", "allowed_ptr", "parent_ptr", "lse_ptr", "out_ptr"]})
+    got = compile_sm90("genrec_fast.kernels.beam", "_trie_log_softmax_kernel", configs, device)
+    assert len(got) == 3 and all(g["stack"] == 0 for g in got), got
+
+    configs = []
+    for candidates in (16 * 256, 50 * 256, MAX_TOPK_CANDIDATES):
+        block, warps = beam.topk_launch(candidates)
+        configs.append({"const": {"BLOCK": block},
+                        "types": {"scores_ptr": "*fp32", "child_ptr": "*i32", "parent_out": "*i64",
+                                  "code_out": "*i64", "score_out": "*fp32", "node_out": "*i32"},
+                        "options": {"num_warps": warps, "num_stages": 3}, "aligned": ["scores_ptr", "child_ptr"]})
+    got = compile_sm90("genrec_fast.kernels.beam", "_grouped_topk_kernel", configs, device)
+    assert [c["const"]["BLOCK"] for c in configs] == [4096, 16384, 65536]
+    assert len(got) == 3 and got[0]["stack"] == 0 and got[1]["stack"] == 0, got

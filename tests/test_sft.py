@@ -508,9 +508,15 @@ def test_packed_batch_under_flash_attention_keeps_examples_apart(monkeypatch):
     def process_kwargs(**kw):
         return {"causal": kw.get("is_causal", True)}
 
+    class KwargsFns(tuple):
+        """transformers >= 5.2x unpacks (varlen kwargs fn, kvcache kwargs fn); 5.17 (the GPU image's) calls it."""
+
+        def __call__(self, **kw):
+            return process_kwargs(**kw)
+
     monkeypatch.setattr(fau, "lazy_import_flash_attention",
                         lambda *a, **k: ((flash_fn, flash_varlen_fn, None, None, None),
-                                         (process_kwargs, process_kwargs)))
+                                         KwargsFns((process_kwargs, process_kwargs))))
     data = _data()
     model, tok, _ = _tiny(data)
     model.eval()
