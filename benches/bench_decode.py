@@ -231,47 +231,44 @@ def roofline(config, prompt_lens, beams: int, levels: int, value_bytes: int, pea
     return {"flops": flops, "bytes": nbytes, "seconds": seconds}
 
 
-def run_setting(name: str, device: torch.device, model_spec: dict, emulate_graphs: bool = False) -> dict:
-    _, users, beams, items, length, hf_repeat, our_repeat = SETTINGS[name]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    model, vocab = build_model(model_spec, device, dtype)
-    codes = random_catalogue(items, seed=1)
-    trie = SIDTrie(codes, SIZES)
-    allowed = prefix_dict(codes, vocab)
-    ids, mask = prompts(users, length, model_spec["base_vocab"], device, seed=2)
+def build_methods(model, ids, mask, trie, vocab, allowed: dict, beams: int, repeats: tuple, graph_mode):
+    """(name -> (fn, timed repeats), results): each search stores its output in ``results`` under its key.
+    The graph variants are left out when ``graph_mode`` is None."""
+    hf_repeat, our_repeat = repeats
     L = len(SIZES)
-
     results = {}
 
-    def ours():
-        results["ours"] = beam_search(model, ids, mask, trie, vocab, beams, score="full_vocab")
-
-    def hf_constrained():
-        results["hf"] = hf_generate(model, ids, mask, beams, L, allowed)
-
-    methods = {  # name -> (fn, timed repeats); rounds interleave the methods so load drifts hit all alike
-        "hf_constrained": (hf_constrained, hf_repeat),
-        "hf_unconstrained": (lambda: hf_generate(model, ids, mask, beams, L), hf_repeat),
-        "floor": (lambda: floor_forward(model, ids, mask, beams, L), our_repeat),
-        "floor_search_steps": (lambda: floor_forward(model, ids, mask, beams, L - 1), our_repeat),
-        "ours": (ours, our_repeat),
-        "ours_sid": (lambda: beam_search(model, ids, mask, trie, vocab, beams, score="sid"), our_repeat),
-    }
-    def variant(key, **kwargs):
+    def search(key, **kwargs):
         def run():
             results[key] = beam_search(model, ids, mask, trie, vocab, beams, score="full_vocab", **kwargs)
         return run
 
-    graph_mode = True if device.type == "cuda" else ("emulate" if emulate_graphs else None)
+    def hf_constrained():
+        results["hf"] = hf_generate(model, ids, mask, beams, L, allowed)
+
+    methods = {  # rounds interleave the methods so load drifts hit all alike
+        "hf_constrained": (hf_constrained, hf_repeat),
+        "hf_unconstrained": (lambda: hf_generate(model, ids, mask, beams, L), hf_repeat),
+        "floor": (lambda: floor_forward(model, ids, mask, beams, L), our_repeat),
+        "floor_search_steps": (lambda: floor_forward(model, ids, mask, beams, L - 1), our_repeat),
+        "ours": (search("ours"), our_repeat),
+        "ours_sid": (lambda: beam_search(model, ids, mask, trie, vocab, beams, score="sid"), our_repeat),
+    }
     for method, (key, kwargs) in VARIANTS.items():
         if GRAPHS in kwargs.values() and graph_mode is None:
             continue
         kwargs = {k: (graph_mode if v is GRAPHS else v) for k, v in kwargs.items()}
-        methods[method] = (variant(key, **kwargs), our_repeat)
+        methods[method] = (search(key, **kwargs), our_repeat)
+    return methods, results
+
+
+def time_methods(name: str, methods: dict, device: torch.device) -> tuple:
+    """(method -> seconds of each timed run, method -> error): one warm-up each (Triton compiles, allocator,
+    caches), then interleaved rounds. An OPTIONAL method that fails its warm-up is reported and dropped."""
     errors = {}
+    methods = dict(methods)
     with torch.inference_mode():
-        for method, (fn, _) in list(methods.items()):  # warm-up (Triton compiles, allocator, caches)
+        for method, (fn, _) in list(methods.items()):
             if method not in OPTIONAL:
                 fn()
                 continue
@@ -291,41 +288,73 @@ def run_setting(name: str, device: torch.device, model_spec: dict, emulate_graph
                     fn()
                     sync(device)
                     times[method].append(time.perf_counter() - t0)
+    return times, errors
 
-    hf = hf_codes(results["hf"].reshape(users, beams, L), vocab, L)
-    our_codes = results["ours"].codes.cpu()
-    # same ranking: every HF beam a valid SID, in our order
-    same = [bool((hf[u] >= 0).all()) and torch.equal(hf[u], our_codes[u]) for u in range(users)]
 
-    valid = trie.contains(our_codes.reshape(-1, L).numpy()) | (our_codes.reshape(-1, L) < 0).all(1).numpy()
-    ups = {method: users / statistics.median(ts) for method, ts in times.items()}
-    graphs = {}
+def same_ranking(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of prompts whose [beams, L] codes are equal, in order."""
+    return float(np.mean([torch.equal(a[u], b[u]) for u in range(a.shape[0])]))
+
+
+def same_ranking_as_hf(hf: torch.Tensor, codes: torch.Tensor) -> float:
+    """Share of prompts where every HF beam is a valid SID and HF's beams equal ``codes`` in order."""
+    hf_valid = (hf >= 0).flatten(1).all(1)
+    return float(np.mean([bool(hf_valid[u]) and torch.equal(hf[u], codes[u]) for u in range(hf.shape[0])]))
+
+
+def invalid_rate(codes: torch.Tensor, trie: SIDTrie) -> float:
+    """Share of returned rows that are neither a catalogue SID nor an all-(-1) empty beam."""
+    flat = codes.reshape(-1, len(SIZES))
+    ok = trie.contains(flat.numpy()) | (flat < 0).all(1).numpy()
+    return float(1.0 - ok.mean())
+
+
+def compare_variants(results: dict, ups: dict, our_codes: torch.Tensor, hf: torch.Tensor, trie: SIDTrie) -> dict:
+    """Each fast path's speed-ups and agreement with ours (and HF), keyed as in the JSON rows."""
+    out = {}
     if "graphs" in results:
         graph_codes = results["graphs"].codes.cpu()
-        graphs = {"ours_graphs_over_hf_constrained": ups["ours_graphs"] / ups["hf_constrained"],
-                  "ours_graphs_over_floor": ups["ours_graphs"] / ups["floor"],
-                  "ours_graphs_over_floor_search_steps": ups["ours_graphs"] / ups["floor_search_steps"],
-                  "graphs_same_set_as_ours": same_set(graph_codes, our_codes),
-                  "graphs_same_ranking_as_ours": float(np.mean([torch.equal(graph_codes[u], our_codes[u])
-                                                                for u in range(users)]))}
+        out = {"ours_graphs_over_hf_constrained": ups["ours_graphs"] / ups["hf_constrained"],
+               "ours_graphs_over_floor": ups["ours_graphs"] / ups["floor"],
+               "ours_graphs_over_floor_search_steps": ups["ours_graphs"] / ups["floor_search_steps"],
+               "graphs_same_set_as_ours": same_set(graph_codes, our_codes),
+               "graphs_same_ranking_as_ours": same_ranking(graph_codes, our_codes)}
     for key in COMPARED:
         method = f"ours_{key}"
         if key not in results:
             continue
         c = results[key].codes.cpu()
-        ok = trie.contains(c.reshape(-1, L).numpy()) | (c.reshape(-1, L) < 0).all(1).numpy()
-        graphs.update({
+        out.update({
             f"{method}_over_hf_constrained": ups[method] / ups["hf_constrained"],
             f"{method}_over_floor_search_steps": ups[method] / ups["floor_search_steps"],
-            f"{key}_same_ranking_as_ours": float(np.mean([torch.equal(c[u], our_codes[u]) for u in range(users)])),
+            f"{key}_same_ranking_as_ours": same_ranking(c, our_codes),
             f"{key}_same_set_as_ours": same_set(c, our_codes),
-            f"{key}_same_ranking_as_hf": float(np.mean([bool((hf[u] >= 0).all()) and torch.equal(hf[u], c[u])
-                                                        for u in range(users)])),
-            f"{key}_invalid_rate": float(1.0 - ok.mean()),
+            f"{key}_same_ranking_as_hf": same_ranking_as_hf(hf, c),
+            f"{key}_invalid_rate": invalid_rate(c, trie),
         })
     for method in ("ours_shared_graphs", "ours_search_graphs", "ours_shared_search_graphs"):
         if method in ups and "ours_graphs" in ups:  # over the per-forward graph path of the same run
-            graphs[f"{method}_over_ours_graphs"] = ups[method] / ups["ours_graphs"]
+            out[f"{method}_over_ours_graphs"] = ups[method] / ups["ours_graphs"]
+    return out
+
+
+def run_setting(name: str, device: torch.device, model_spec: dict, emulate_graphs: bool = False) -> dict:
+    _, users, beams, items, length, hf_repeat, our_repeat = SETTINGS[name]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model, vocab = build_model(model_spec, device, dtype)
+    codes = random_catalogue(items, seed=1)
+    trie = SIDTrie(codes, SIZES)
+    ids, mask = prompts(users, length, model_spec["base_vocab"], device, seed=2)
+    L = len(SIZES)
+    graph_mode = True if device.type == "cuda" else ("emulate" if emulate_graphs else None)
+    methods, results = build_methods(model, ids, mask, trie, vocab, prefix_dict(codes, vocab), beams,
+                                     (hf_repeat, our_repeat), graph_mode)
+    times, errors = time_methods(name, methods, device)
+
+    hf = hf_codes(results["hf"].reshape(users, beams, L), vocab, L)
+    our_codes = results["ours"].codes.cpu()
+    ups = {method: users / statistics.median(ts) for method, ts in times.items()}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     roof = roofline(model.config, mask.sum(-1).tolist(), beams, L, torch.finfo(dtype).bits // 8,
                     device_peaks(device_name, dtype))
@@ -339,10 +368,10 @@ def run_setting(name: str, device: torch.device, model_spec: dict, emulate_graph
         "ours_over_hf_constrained": ups["ours"] / ups["hf_constrained"],
         "ours_over_floor": ups["ours"] / ups["floor"],
         "ours_over_floor_search_steps": ups["ours"] / ups["floor_search_steps"],
-        "same_ranking_as_hf": float(np.mean(same)),
+        "same_ranking_as_hf": same_ranking_as_hf(hf, our_codes),
         "same_set_as_hf": same_set(hf, our_codes),
-        "invalid_rate": float(1.0 - valid.mean()),
-        **graphs,
+        "invalid_rate": invalid_rate(our_codes, trie),
+        **compare_variants(results, ups, our_codes, hf, trie),
         "roofline_gflop": roof["flops"] / 1e9, "roofline_mbytes": roof["bytes"] / 1e6,
         "roofline_ms": roof["seconds"] * 1e3 if roof["seconds"] else "n/a",
         **pct,

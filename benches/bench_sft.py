@@ -86,7 +86,7 @@ def padded_batch(examples, pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = bench_parser(__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +98,130 @@ def main(argv=None) -> int:
     p.add_argument("--compile-modes", nargs="*", default=None, choices=("default", "reduce-overhead"),
                    help="torch.compile variants of ours to time (default: 'default' on CPU, both on CUDA; none: "
                         "eager only)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def build_model(s: dict, device: torch.device):
+    """A randomly initialised Qwen2 of the setting's shape in train mode, and its (padded) vocabulary size."""
+    vocab = s["base_vocab"] + SID_TOKENS
+    vocab += (-vocab) % 64  # embeddings resized to a multiple of 64, as load_model_and_tokenizer does
+    cfg = transformers.Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+                                   bos_token_id=None, use_cache=False, **s["model"])
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(cfg)
+    model.train()
+    return model, vocab
+
+
+def build_batches(s: dict, vocab: int, device: torch.device, rng: np.random.Generator) -> dict:
+    """The same examples as the baseline's padded batches, our packed batches and, for the compiled variants,
+    packed batches padded to one [rows, pack] shape (SFTConfig.compile pads to batch_tokens // pack_length)."""
+    data = [make_examples(rng, s["batch"], s["max_len"], vocab, s["base_vocab"]) for _ in range(s["steps"])]
+    pack = 2 * s["max_len"]
+    packed_rows = []
+    for ex in data:
+        lengths = [len(ids) for ids, _ in ex]
+        packed_rows.append([row for b in epoch_batches(lengths, 0, 0, batch_tokens=pack * len(ex), pack_length=pack,
+                                                       packing=True) for row in b])
+    fixed = (max(len(r) for r in packed_rows), pack)
+
+    def to_device(b):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    return {"tokens": [sum(len(ids) for ids, _ in ex) for ex in data], "compile_shape": fixed,
+            "padded": [to_device(padded_batch(ex, 0)) for ex in data],
+            "packed": [to_device(collate(ex, rows, 0, packed=True)) for ex, rows in zip(data, packed_rows)],
+            "fixed": [to_device(collate(ex, rows, 0, packed=True, pad_to=fixed))
+                      for ex, rows in zip(data, packed_rows)]}
+
+
+class StepBench:
+    """Times full training steps (forward, backward, clip, AdamW) of each variant (name, loss_fn, batches)
+    on one model; a compiled variant that fails is reported in ``errors`` and dropped, the others stand."""
+
+    def __init__(self, model, device: torch.device, bf16: bool, variants: list):
+        self.model, self.device, self.variants, self.bf16 = model, device, variants, bf16
+        self.opt = adamw(model.parameters(), lr=1e-5, betas=(0.9, 0.95))  # the library's (fused where torch has it)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.errors, self.compile_s, self.first_loss = {}, {}, {}
+        self.times, self.cpu_times, self.peak = {}, {}, {}
+
+    def step(self, loss_fn, batch):
+        with self.autocast:
+            loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def first_losses(self, n: int):
+        """Loss on the first batch of the first ``n`` variants, without an update."""
+        with torch.no_grad(), self.autocast:
+            self.first_loss.update({name: float(fn(batches[0])) for name, fn, batches in self.variants[:n]})
+
+    def drop(self, variant, err):
+        traceback.print_exc()
+        self.errors[variant[0]] = f"{type(err).__name__}: {err}"
+        print(f"{variant[0]} failed: {self.errors[variant[0]]}", file=sys.stderr)
+        self.variants.remove(variant)
+        self.opt.zero_grad(set_to_none=True)
+
+    def compile(self, variants: list):
+        """The first forward + backward of each (compiled) variant, timed apart (no update: same weights);
+        its loss on the first batch goes beside the eager ones."""
+        for variant in variants:
+            name, fn, batches = variant
+            sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                with self.autocast:
+                    loss = fn(batches[0])
+                loss.backward()
+            except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
+                self.drop(variant, err)
+                continue
+            self.opt.zero_grad(set_to_none=True)
+            self.first_loss[name] = float(loss.detach())
+            sync(self.device)
+            self.compile_s[name] = time.perf_counter() - t0
+
+    def warm_up(self, compiled: set):
+        """Round 0 (CUDA graphs are recorded here): every variant steps through its batches once."""
+        for variant in list(self.variants):
+            name, fn, batches = variant
+            try:
+                for b in batches:
+                    self.step(fn, b)
+                sync(self.device)
+            except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
+                if name not in compiled:
+                    raise
+                self.drop(variant, err)
+
+    def time(self, rounds: int):
+        """Wall seconds, process CPU seconds and peak CUDA bytes per variant over ``rounds`` interleaved rounds."""
+        names = [v[0] for v in self.variants]
+        times, cpu_times, peak = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+        self.times, self.cpu_times, self.peak = times, cpu_times, peak
+        for _ in range(rounds):
+            for name, fn, batches in self.variants:
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(self.device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for b in batches:
+                    self.step(fn, b)
+                sync(self.device)
+                times[name] += time.perf_counter() - t0
+                cpu_times[name] += time.process_time() - c0
+                if self.device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
@@ -109,123 +232,40 @@ def main(argv=None) -> int:
         ["default", "reduce-overhead"] if device.type == "cuda" else ["default"])
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vocab = s["base_vocab"] + SID_TOKENS
-    vocab += (-vocab) % 64  # embeddings resized to a multiple of 64, as load_model_and_tokenizer does
-    cfg = transformers.Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
-                                   bos_token_id=None, use_cache=False, **s["model"])
-    cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = transformers.Qwen2ForCausalLM(cfg)
-    model.train()
-    opt = adamw(model.parameters(), lr=1e-5, betas=(0.9, 0.95))  # the library's optimizer (fused where torch has it)
+    model, vocab = build_model(s, device)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def step(loss_fn, batch):
-        with autocast:
-            loss = loss_fn(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    def baseline(batch):
-        return model(**batch, use_cache=False).loss
-
-    n_steps = s["steps"]
-    data = [make_examples(rng, s["batch"], s["max_len"], vocab, s["base_vocab"]) for _ in range(n_steps)]
-    tokens = [sum(len(ids) for ids, _ in ex) for ex in data]
-    base_batches = [{k: v.to(device) for k, v in padded_batch(ex, 0).items()} for ex in data]
-    pack = 2 * s["max_len"]
-    packed_rows = []
-    for ex in data:
-        lengths = [len(ids) for ids, _ in ex]
-        packed_rows.append([row for b in epoch_batches(lengths, 0, 0, batch_tokens=pack * len(ex), pack_length=pack,
-                                                       packing=True) for row in b])
-    # compiled: every batch padded to one [rows, pack] shape (SFTConfig.compile pads to batch_tokens // pack_length)
-    fixed = (max(len(r) for r in packed_rows), pack)
-
-    def to_device(b):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-
-    ours_batches = [to_device(collate(ex, rows, 0, packed=True)) for ex, rows in zip(data, packed_rows)]
-    fixed_batches = [to_device(collate(ex, rows, 0, packed=True, pad_to=fixed)) for ex, rows in zip(data, packed_rows)]
-    variants = [("HF padded, full-vocab CE", baseline, base_batches),
-                ("ours packed, response-only CE", ResponseLoss(model), ours_batches)]
+    batches = build_batches(s, vocab, device, rng)
+    variants = [("HF padded, full-vocab CE", lambda batch: model(**batch, use_cache=False).loss, batches["padded"]),
+                ("ours packed, response-only CE", ResponseLoss(model), batches["packed"])]
     variants += [(f"ours + torch.compile{'' if m == 'default' else f' ({m})'}",
-                  ResponseLoss(model, compile=True, compile_mode=None if m == "default" else m), fixed_batches)
+                  ResponseLoss(model, compile=True, compile_mode=None if m == "default" else m), batches["fixed"])
                  for m in modes]
+    bench = StepBench(model, device, bf16, variants)
     # same loss on the same examples (checked in fp32 on CPU by the tests; here a sanity check before timing)
-    with torch.no_grad(), autocast:
-        first_loss = {name: float(fn(batches[0])) for name, fn, batches in variants[:2]}
-
-    compile_s, errors = {}, {}
-
-    def drop(variant, err, *tables):  # a compiled variant that fails is reported, the others stand
-        traceback.print_exc()
-        errors[variant[0]] = f"{type(err).__name__}: {err}"
-        print(f"{variant[0]} failed: {errors[variant[0]]}", file=sys.stderr)
-        variants.remove(variant)
-        for table in tables:
-            table.pop(variant[0])
-        opt.zero_grad(set_to_none=True)
-
-    for variant in variants[2:]:  # the first forward + backward compiles (no update: same weights)
-        name, fn, batches = variant
-        sync(device)
-        t0 = time.perf_counter()
-        try:
-            with autocast:
-                loss = fn(batches[0])
-            loss.backward()
-        except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
-            drop(variant, err)
-            continue
-        opt.zero_grad(set_to_none=True)
-        first_loss[name] = float(loss.detach())
-        sync(device)
-        compile_s[name] = time.perf_counter() - t0
-    names = [v[0] for v in variants]
-    times, cpu_times, peak = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    bench.first_losses(2)
     compiled = {v[0] for v in variants[2:]}
-    for r in range(rounds + 1):  # round 0 is warm-up (CUDA graphs are recorded there)
-        for variant in list(variants):
-            name, fn, batches = variant
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            if r == 0 and name in compiled:
-                try:  # a compiled variant failing while its graphs are recorded is reported, the others stand
-                    for b in batches:
-                        step(fn, b)
-                    sync(device)
-                except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
-                    drop(variant, err, times, cpu_times, peak)
-                    names.remove(name)
-                continue
-            for b in batches:
-                step(fn, b)
-            sync(device)
-            if r > 0:
-                times[name] += time.perf_counter() - t0
-                cpu_times[name] += time.process_time() - c0
-                if device.type == "cuda":
-                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+    bench.compile(variants[2:])
+    bench.warm_up(compiled)
+    bench.time(rounds)
+    return report(bench, s, vocab, rounds, batches, args.json)
+
+
+def report(bench: StepBench, s: dict, vocab: int, rounds: int, batches: dict, json_path) -> int:
+    """Prints the table and the ratios, checks the first-batch losses and writes the JSON; the exit status."""
+    device, cfg, bf16, first_loss = bench.device, bench.model.config, bench.bf16, bench.first_loss
+    times, cpu_times, peak = bench.times, bench.cpu_times, bench.peak
+    n_steps, tokens = s["steps"], batches["tokens"]
+    names = [v[0] for v in bench.variants]
     total_tokens = sum(tokens) * rounds
     tps = {k: total_tokens / v for k, v in times.items()}
     tpc = {k: total_tokens / v for k, v in cpu_times.items()}
     base = names[0]
-    rows = []
-    for name, _, batches in variants:
-        rows.append({"step": name, "tokens/s": tps[name], "tokens/CPU-s": tpc[name],
-                     "ms/step": 1e3 * times[name] / (rounds * n_steps),
-                     "computed positions": sum(b["input_ids"].numel() for b in batches) / n_steps,
-                     "peak GiB": peak[name] / 2**30,
-                     "ratio": (tps if device.type == "cuda" else tpc)[name]
-                     / (tps if device.type == "cuda" else tpc)[base]})
-    # on CPU the headline ratio uses process CPU time, which other load on the machine does not inflate
+    by = tps if device.type == "cuda" else tpc  # on CPU process CPU time, which other load does not inflate
+    rows = [{"step": name, "tokens/s": tps[name], "tokens/CPU-s": tpc[name],
+             "ms/step": 1e3 * times[name] / (rounds * n_steps),
+             "computed positions": sum(b["input_ids"].numel() for b in batches_) / n_steps,
+             "peak GiB": peak[name] / 2**30, "ratio": by[name] / by[base]}
+            for name, _, batches_ in bench.variants]
     wall = {n: tps[n] / tps[base] for n in names[1:]}
     cpu = {n: tpc[n] / tpc[base] for n in names[1:]}
     print_table(rows, f"SFT step, {device.type}: {s['batch']} examples x <= {s['max_len']} tokens, "
@@ -235,11 +275,11 @@ def main(argv=None) -> int:
     print(f"\nratio = tokens per {'wall' if device.type == 'cuda' else 'process-CPU'} second over the baseline's")
     for n in names[1:]:
         print(f"  {n}: wall {wall[n]:.2f}x, CPU {cpu[n]:.2f}x")
-    for n, t in compile_s.items():
+    for n, t in bench.compile_s.items():
         print(f"  {n}: compile (first step, forward + backward) {t:.1f} s, not in the timings")
     print("  loss on the first batch: " + ", ".join(f"{n} {v:.4f}" for n, v in first_loss.items()))
     checks = Checks()
-    for name, err in errors.items():
+    for name, err in bench.errors.items():
         checks.error(name, "", err)
     ref = first_loss[base]
     loss_rel_diff = {n: abs(v - ref) / abs(ref) for n, v in first_loss.items() if n != base}
@@ -250,12 +290,12 @@ def main(argv=None) -> int:
         "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "bf16": bf16,
-        "setting": {**s, "vocab": vocab, "rounds": rounds, "compile_shape": fixed},
+        "setting": {**s, "vocab": vocab, "rounds": rounds, "compile_shape": batches["compile_shape"]},
         "real_tokens_per_step": sum(tokens) / n_steps, "ratio_by": "wall" if device.type == "cuda" else "cpu_time",
-        "wall_ratio": wall, "cpu_time_ratio": cpu, "compile_seconds": compile_s, "rows": rows,
+        "wall_ratio": wall, "cpu_time_ratio": cpu, "compile_seconds": bench.compile_s, "rows": rows,
         "loss_first_batch": first_loss, "loss_rel_diff_vs_baseline": loss_rel_diff,
-        **({"errors": errors} if errors else {}), **checks.payload(),
-    }, args.json)
+        **({"errors": bench.errors} if bench.errors else {}), **checks.payload(),
+    }, json_path)
     return checks.report()
 
 

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
@@ -53,6 +54,30 @@ def test_bench_decode_cpu_checks_pass(tmp_path, monkeypatch, capsys):
     summary = capsys.readouterr().out
     assert "| shared graphs/graphs" in summary and "| search graph/graphs" in summary
     assert "cpu_32x20_3k | float32" in summary and "n/a" in summary
+
+
+def test_a_crashing_fast_path_is_reported_and_the_others_timed(monkeypatch, capsys):
+    """A fast path (graph capture, shared prefix) that crashes in its warm-up is reported and left out; the
+    other methods are timed as usual; a crash of ours or of a baseline stops the bench."""
+    monkeypatch.syspath_prepend(str(BENCHES))
+    import bench_decode
+
+    calls = []
+
+    def boom():
+        raise RuntimeError("capture failed")
+
+    methods = {"ours": (lambda: calls.append("ours"), 2), "ours_graphs": (boom, 2)}
+    try:
+        times, errors = bench_decode.time_methods("s", methods, torch.device("cpu"))
+        assert list(times) == ["ours"] and len(times["ours"]) == 2 and calls == ["ours"] * 3  # warm-up + 2
+        assert errors == {"ours_graphs": "RuntimeError: capture failed"}
+        assert list(methods) == ["ours", "ours_graphs"]  # the caller's dict is left as it was
+        assert "s: ours_graphs failed: RuntimeError: capture failed" in capsys.readouterr().err
+        with pytest.raises(RuntimeError, match="capture failed"):
+            bench_decode.time_methods("s", {"ours": (boom, 1)}, torch.device("cpu"))
+    finally:
+        sys.modules.pop("bench_decode", None)
 
 
 def test_summary_reads_issue_14_targets_and_default_candidates(monkeypatch, tmp_path, capsys):
