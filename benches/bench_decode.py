@@ -37,7 +37,9 @@ see docs/decode.md); when (e) ran: graphs_same_ranking_as_ours == 1 in fp32, gra
 >= 0.99 in bf16; for (f)-(i): <key>_invalid_rate == 0 and, against (d), the same ranking in fp32 and in bf16
 >= 0.99 of the same SIDs (the shared-prefix ones run another attention kernel, where near-ties may round
 differently; not yet run on a GPU). A variant that crashes is
-FAILED and its columns are left out.
+FAILED and its columns are left out; a setting that crashes is FAILED and the next settings run. After each
+setting but the last the JSON holds the rows so far, marked "partial" with the "settings_left", so a run cut by
+a time cap still has a summary (which then says PARTIAL and exits 1).
 
 CPU setting: tiny random Qwen2, 32 users x 20 beams, 3k items. GPU settings (bf16, sdpa):
 Qwen2.5-0.5B shapes with random weights, prompt 128, 8 x 50 and 64 x 16 over 3.7k items,
@@ -396,13 +398,41 @@ def main(argv=None) -> int:
     spec = GPU_MODEL if device.type == "cuda" else CPU_MODEL
     if device.type == "cpu":  # one thread: stable numbers on a small shared CI box (same for every method)
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, setting_errors = [], {}
     t0 = time.perf_counter()
-    for name in names:
-        rows.append(run_setting(name, device, spec, args.emulate_graphs))
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for i, name in enumerate(names):
+        try:  # a setting that crashes (out of memory, say) is FAILED; the settings after it still run
+            rows.append(run_setting(name, device, spec, args.emulate_graphs))
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - printed, in the JSON, and the exit status is 1
+            setting_errors[name] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+            print(f"{name} failed: {setting_errors[name]}", file=sys.stderr)
+        if i + 1 < len(names):  # what a run cut short by its time cap leaves for the summary
+            payload, _ = run_payload(rows, setting_errors, names[i + 1:])
+            write_json("bench_decode", payload, args.json)
+    if rows:
+        print_table(table_rows(rows), title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    payload, checks = run_payload(rows, setting_errors, [])
+    write_json("bench_decode", payload, args.json)
+    return checks.report()
+
+
+def run_payload(rows: list, setting_errors: dict, left: list) -> tuple:
+    """(the JSON of the run so far, its checks): crashed settings are FAILED; ``left`` names the settings not
+    run yet (the JSON is then marked partial)."""
+    checks = check_rows(rows)
+    for name, err in setting_errors.items():
+        checks.error(name, "", err)
+    partial = {"partial": True, "settings_left": left} if left else {}
+    return {"bench": "decode", "rows": rows, **partial, **checks.payload()}, checks
+
+
+def table_rows(rows: list) -> list:
+    """The printed table: the baselines, ours, each fast path that ran, its ratios and SID agreement."""
     cols = ["setting", "users", "beams", "items", "hf_constrained_users_per_s", "hf_unconstrained_users_per_s",
             "floor_users_per_s", "floor_search_steps_users_per_s", "ours_users_per_s", "ours_sid_users_per_s",
             "ours_over_hf_constrained", "ours_over_floor", "ours_over_floor_search_steps", "same_ranking_as_hf",
@@ -418,12 +448,7 @@ def main(argv=None) -> int:
         cols += [f"{m}_over_hf_constrained"] + ([f"{m}_over_ours_graphs"] if "graphs" in m else []) + [
             f"{key}_same_ranking_as_ours", f"{key}_same_set_as_ours"]
     cols += ["roofline_ms"] + [f"pct_roofline_{m}" for m in ROOFLINE_METHODS if m == "ours" or m in ran]
-    print_table([{c: r.get(c, "-") for c in cols} for r in rows],
-                title=f"decode ({rows[0]['device']}, {rows[0]['dtype']})")
-    checks = check_rows(rows)
-    print(f"total {time.perf_counter() - t0:.1f}s")
-    write_json("bench_decode", {"bench": "decode", "rows": rows, **checks.payload()}, args.json)
-    return checks.report()
+    return [{c: r.get(c, "-") for c in cols} for r in rows]
 
 
 SUMMARY = (  # (column, key in a row) of the one-table summary
@@ -516,7 +541,9 @@ def print_summary(path: str) -> int:
         print_table(default_candidates(rows), title="default candidates (every GPU setting of this run)")
     for line in payload.get("failed", []):
         print(line)
-    return 1 if payload.get("failed") else 0
+    if payload.get("partial"):  # the bench was stopped (its time cap) before these settings ran
+        print(f"PARTIAL run: not run: {', '.join(payload['settings_left'])}")
+    return 1 if payload.get("failed") or payload.get("partial") else 0
 
 
 def check_rows(rows) -> Checks:

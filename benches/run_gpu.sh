@@ -32,7 +32,8 @@
 # Each bench also checks that ours computes what its baseline computes (same beams / SIDs / codes / loss
 # within its thresholds) and exits 1 with "FAILED <setting> <metric> = <value> (threshold: ...)" lines
 # when not. After a step that failed this prints "FAILED <step> (rc N)", or "TIMEOUT <step> (after N s)"
-# when its time cap cut it (timeout's rc 124), and the exit status is 1.
+# when its time cap cut it (timeout's rc 124), and the exit status is 1. A bench_decode cut by its cap still leaves
+# the settings it finished in its JSON (marked partial), and the summary shows them and says PARTIAL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

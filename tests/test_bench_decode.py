@@ -80,6 +80,50 @@ def test_a_crashing_fast_path_is_reported_and_the_others_timed(monkeypatch, caps
         sys.modules.pop("bench_decode", None)
 
 
+def test_a_crashing_setting_is_failed_and_a_cut_run_leaves_a_partial_json(monkeypatch, tmp_path, capsys):
+    """A setting that crashes is FAILED and the next ones still run; after each setting but the last the JSON holds
+    the rows so far, marked partial with the settings left, so a run its time cap cuts still has a summary (which
+    says PARTIAL and exits 1)."""
+    monkeypatch.syspath_prepend(str(BENCHES))
+    monkeypatch.delenv("OUT", raising=False)
+    import bench_decode
+
+    out = tmp_path / "decode.json"
+    settings = {f"cpu_{i}": ("cpu", 2, 2, 10, 4, 1, 1) for i in range(3)}
+    seen = []
+
+    def fake_run(name, device, spec, emulate):
+        seen.append((name, json.loads(out.read_text()) if out.exists() else None))
+        if name == "cpu_1":
+            raise torch.cuda.OutOfMemoryError("no room")
+        return dict(setting=name, device="cpu", dtype="float32", invalid_rate=0.0, same_ranking_as_hf=1.0,
+                    same_set_as_hf=1.0, users=2, beams=2, items=10)
+
+    monkeypatch.setattr(bench_decode, "SETTINGS", settings)
+    monkeypatch.setattr(bench_decode, "run_setting", fake_run)
+    threads = torch.get_num_threads()
+    try:
+        assert bench_decode.main(["--device", "cpu", "--json", str(out)]) == 1
+        assert [name for name, _ in seen] == ["cpu_0", "cpu_1", "cpu_2"]
+        assert seen[0][1] is None
+        after_0, after_1 = seen[1][1], seen[2][1]
+        assert [r["setting"] for r in after_0["rows"]] == ["cpu_0"] and after_0["partial"] is True
+        assert after_0["settings_left"] == ["cpu_1", "cpu_2"] and after_0["failed"] == []
+        assert after_1["settings_left"] == ["cpu_2"]
+        assert after_1["failed"] == ["FAILED cpu_1: OutOfMemoryError: no room"]
+        final = json.loads(out.read_text())
+        assert [r["setting"] for r in final["rows"]] == ["cpu_0", "cpu_2"] and "partial" not in final
+        assert final["failed"] == ["FAILED cpu_1: OutOfMemoryError: no room"]
+        assert "cpu_1 failed: OutOfMemoryError: no room" in capsys.readouterr().err
+        cut = tmp_path / "cut.json"
+        cut.write_text(json.dumps(after_0))
+        assert bench_decode.main(["--summary", str(cut)]) == 1
+        assert "PARTIAL run: not run: cpu_1, cpu_2" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("bench_decode", None)
+
+
 def test_summary_reads_issue_14_targets_and_default_candidates(monkeypatch, tmp_path, capsys):
     """The summary's targets table picks each GPU setting's fastest path over the graph path and says whether the
     speed, roofline and SID targets are met; a fast path is a default candidate only when faster with >= 99 % the
