@@ -61,6 +61,7 @@ from bench_decode import (  # noqa: E402
     build_model,
     hf_codes,
     hf_generate,
+    invalid_rate,
     prefix_dict,
     prompts,
     random_catalogue,
@@ -119,10 +120,8 @@ def run(device: torch.device) -> dict:
         """Our last rollout against HF's last one (no update in between: same weights)."""
         ours = state["res"].codes.cpu()
         hf = hf_codes(state["hf"].reshape(groups, beams, L), vocab, L)
-        flat = ours.reshape(-1, L)
-        valid = trie.contains(flat.numpy()) | (flat < 0).all(1).numpy()
         return {f"{prefix}same_set_groups_as_hf": same_set_prompts(ours, hf),
-                f"{prefix}same_set_as_hf": same_set(ours, hf), f"{prefix}invalid_rate": float(1.0 - valid.mean())}
+                f"{prefix}same_set_as_hf": same_set(ours, hf), f"{prefix}invalid_rate": invalid_rate(ours, trie)}
 
     def update(grouped=True):
         grpo_update(policy, reference, optimizer, ids, mask, state["res"], targets, vocab, reward_fn, grouped)
