@@ -71,12 +71,54 @@ def test_no_root_name_shadows_an_installed_package(tmp_path, how):
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
 
 
-def test_a_root_name_with_no_installed_package_is_not_found():
-    """Without site-packages (-S), ``import kernels`` from the root is ModuleNotFoundError: the folder
-    never becomes a package of that name."""
+def test_a_root_name_with_no_installed_package_is_an_empty_namespace():
+    """Without site-packages (-S), ``import kernels`` from the root gives what a folder without
+    ``__init__.py`` would: an empty namespace package (no file, no version, no submodule, no name), so
+    nothing of ours ever stands in for a package of that name."""
     for name in sorted(root_importables() - OWN):
-        r = _python(["-S", "-c", f"import {name}"])
-        assert r.returncode != 0 and f"No module named '{name}'" in r.stderr, (name, r.stderr[-2000:])
+        probe = (f"import importlib, {name} as m\n"
+                 "assert getattr(m, '__file__', None) is None and not hasattr(m, '__version__'), vars(m)\n"
+                 "assert list(m.__path__) == [] and m.__spec__.origin is None, m.__spec__\n"
+                 "for sub in ('rq', 'beam', 'sub'):\n"
+                 "    try:\n"
+                 f"        importlib.import_module('{name}.' + sub)\n"
+                 "    except ModuleNotFoundError:\n"
+                 "        pass\n"
+                 "    else:\n"
+                 "        raise AssertionError(sub)\n"
+                 "print('ok')\n")
+        r = _python(["-S", "-c", probe])
+        assert r.returncode == 0 and r.stdout.startswith("ok"), (name, r.stderr[-2000:])
+
+
+def _site_without(tmp_path, dist: str) -> Path:
+    """This interpreter's site-packages as links in one folder, the package ``dist`` and its metadata left
+    out: a machine where it is not installed (transformers 5.17 does not depend on Hugging Face's kernels)."""
+    site = tmp_path / f"site-without-{dist}"
+    site.mkdir()
+    for d in (Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()):
+        for entry in d.iterdir():
+            if entry.name == dist or entry.name.startswith((f"{dist}-", f"{dist}.")) or (site / entry.name).exists():
+                continue
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def test_model_code_and_cli_start_from_the_root_without_hugging_faces_kernels(tmp_path):
+    """With no Hugging Face ``kernels`` installed and the root as cwd, transformers' probe finds our folder,
+    imports it and must read it as not installed: its model code, ours and the CLI import."""
+    site = _site_without(tmp_path, "kernels")
+    code = (f"import site, sys; site.addsitedir({str(site)!r})\n"
+            "import kernels, runpy\n"
+            "assert kernels.__file__ is None, kernels.__file__\n"
+            "from transformers.utils import is_kernels_available\n"
+            "assert not is_kernels_available()\n"
+            "from transformers import Qwen2ForCausalLM, GPT2LMHeadModel\n"
+            "import genrec_fast.model, genrec_fast.decode\n"
+            "sys.argv = ['genrec-fast', '--version']\n"
+            "runpy.run_module('genrec_fast.cli', run_name='__main__')\n")
+    r = _python(["-S", "-c", code])
+    assert r.returncode == 0 and r.stdout.startswith("genrec-fast "), r.stderr[-3000:]
 
 
 def test_model_code_and_cli_start_from_the_root():
@@ -86,12 +128,8 @@ def test_model_code_and_cli_start_from_the_root():
             "import importlib.util, pathlib\n"
             "spec = importlib.util.find_spec('genrec_fast.kernels.rq')\n"
             f"assert pathlib.Path(spec.origin).resolve() == pathlib.Path({str(ROOT / 'kernels' / 'rq.py')!r})\n"
-            "try:\n"
-            "    import kernels\n"
-            "except ModuleNotFoundError:  # Hugging Face's kernels not installed: nothing to hand over to\n"
-            "    pass\n"
-            "else:\n"
-            "    assert not pathlib.Path(kernels.__file__).resolve().is_relative_to("
+            "import kernels  # Hugging Face's, or the empty namespace when it is not installed\n"
+            "assert kernels.__file__ is None or not pathlib.Path(kernels.__file__).resolve().is_relative_to("
             f"{str(ROOT / 'kernels')!r}), kernels.__file__\n")
     r = _python(["-c", code])
     assert r.returncode == 0, r.stderr[-3000:]
