@@ -25,9 +25,11 @@
 # tests/test_cascade_attention.py, tests/test_decode_shared_prefix.py and tests/test_decode_search_graph.py
 # (graph_scope="search": the whole search as one graph) have not run on a GPU; nor have bench_decode's shared-prefix
 # and search-graph columns (four more searches per setting, three of them captured).
-# The whole test suite and the CPU runs of bench_decode (--emulate-graphs), bench_rl and bench_beam also pass with the
-# image's transformers 5.17 and triton 3.6 on CPU (checked 2026-12-07, with torch 2.13; triton 3.6's interpreter
-# needs numpy < 2.4), and every Triton kernel of the decode compiles for sm_90 there (tests/sm90_aot.py).
+# The whole test suite and the CPU runs of bench_decode (--emulate-graphs), bench_rl and bench_beam also pass on CPU
+# with the image's Python 3.12, torch 2.11, triton 3.6, transformers 5.17 and accelerate 1.15, installed as this
+# script installs, and, as on the image, without Hugging Face's `kernels` (checked 2026-12-07; triton 3.6's
+# interpreter needs numpy < 2.4, the image's 2.5 only compiles), and every Triton kernel of the decode compiles for
+# sm_90 there (tests/sm90_aot.py).
 # benches/profile_decode.py --device cuda [--trace] splits one graph search into its parts.
 # Each bench also checks that ours computes what its baseline computes (same beams / SIDs / codes / loss
 # within its thresholds) and exits 1 with "FAILED <setting> <metric> = <value> (threshold: ...)" lines

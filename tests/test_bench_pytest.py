@@ -31,7 +31,9 @@ bench_rq.residual_quantize = wrong
 
 
 def _pytest(tmp_path, *args, pythonpath=""):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+    # PYTEST_XDIST_* (this run under pytest-xdist) would make the inner run a worker: no benchmark is saved
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", ENTRY, *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
