@@ -73,7 +73,7 @@ def test_no_root_name_shadows_an_installed_package(tmp_path, how):
 
 def test_a_root_name_with_no_installed_package_is_an_empty_namespace():
     """Without site-packages (-S), ``import kernels`` from the root gives what a folder without
-    ``__init__.py`` would: an empty namespace package (no file, no version, no submodule, no name), so
+    ``__init__.py`` would: an empty namespace package (no file, no version, nothing inside), so
     nothing of ours ever stands in for a package of that name."""
     for name in sorted(root_importables() - OWN):
         probe = (f"import importlib, {name} as m\n"
